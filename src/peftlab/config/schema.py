@@ -1,0 +1,139 @@
+"""The typed configuration: every field, its type, its allowed values and its default, written once.
+
+A config file is YAML with the sections below; every field is optional. `--set section.key=value`
+overrides any field. Validation happens here and only here.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    name: str | None = Field("bbc_news", description="built-in dataset (bbc_news) or a hub dataset (ag_news, imdb, owner/name)")
+    path: str | None = Field(None, description="a local file (csv, tsv, jsonl[.gz], parquet) or a directory holding train.*, validation.*, test.*; wins over name")
+    hub_subset: str | None = Field(None, description="configuration name of a hub dataset, e.g. sst2 for glue")
+    text_columns: list[str] = Field(["text"], description="one text column, or several joined with a space (e.g. [title, description])")
+    label_column: str = "label"
+    max_length: int = Field(128, ge=8, le=8192, description="tokens per text, truncated")
+    validation_fraction: float = Field(0.1, gt=0, lt=1, description="stratified share of train used for validation when there is no validation split")
+    test_fraction: float = Field(0.2, gt=0, lt=1, description="stratified share carved out for test when there is no test split")
+    max_train_samples: int | None = Field(None, ge=2, description="stratified subset of train, for quick runs")
+    max_eval_samples: int | None = Field(None, ge=2, description="stratified subset of validation and of test")
+    cache_dir: str | None = Field(None, description="tokenization cache; default ~/.cache/peftlab (or $PEFTLAB_CACHE)")
+
+    @field_validator("text_columns", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+
+class ModelConfig(Section):
+    name: str = Field("minilm-l6", description="hub id, local folder, built-in alias (minilm-l6), or random:SHAPE (random weights: speed and memory only)")
+    tokenizer: str | None = Field(None, description="tokenizer to use when it differs from the model (needed for random:SHAPE)")
+    gradient_checkpointing: bool = False
+
+
+class MethodConfig(Section):
+    name: str = Field("lora", description="a method from the registry: full, lora, qlora, ia3")
+    r: int = Field(16, ge=1, description="LoRA rank")
+    alpha: float = Field(32, gt=0, description="LoRA alpha (scaling = alpha / r)")
+    dropout: float = Field(0.1, ge=0, lt=1, description="LoRA dropout")
+    target_modules: list[str] | None = Field(None, description="module names to adapt; default: the architecture's (e.g. BERT [query, value])")
+    layers: list[int] | None = Field(None, description="adapt only these layer indices (LoRA, IA3)")
+    rank_pattern: dict[str, int] = Field({}, description="per-module-type rank, e.g. {attention.output.dense: 4}")
+    bits: Literal[4, 8] = Field(4, description="QLoRA backbone precision; falls back to 8-bit, then none, where it cannot run")
+
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _modules_list(cls, v: Any) -> Any:
+        return [m.strip() for m in v.split(",") if m.strip()] if isinstance(v, str) else v
+
+    @field_validator("layers", mode="before")
+    @classmethod
+    def _layers_list(cls, v: Any) -> Any:
+        if isinstance(v, int):
+            return [v]
+        if isinstance(v, str):
+            return [int(x) for x in v.split(",") if x.strip()]
+        return v
+
+
+class TrainConfig(Section):
+    epochs: float = Field(3, gt=0)
+    max_steps: int | None = Field(None, ge=1, description="optimizer steps; overrides epochs")
+    batch_size: int = Field(16, ge=1)
+    learning_rate: float | None = Field(None, gt=0, description="default: the method's own (full 5e-5, lora/qlora 1e-3, ia3 5e-3)")
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    seed: int = 42
+    early_stopping_patience: int | None = Field(None, ge=1, description="stop after this many epochs without a better validation metric")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16 on a GPU that has it, else fp32")
+    sampler: Literal["length_grouped", "random"] = Field("length_grouped", description="length_grouped: similar lengths share a batch (less padding)")
+    compile: bool = Field(False, description="torch.compile the model (GPU)")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    log_every: int = Field(10, ge=1, description="optimizer steps between loss readings (the only host syncs)")
+    checkpoint_every_epoch: bool = Field(True, description="save a resumable checkpoint at each epoch end")
+
+
+class EvalConfig(Section):
+    metric: Literal["macro_f1", "accuracy"] = Field("macro_f1", description="validation metric used to select the best epoch and the best sweep trial")
+    batch_size: int = Field(64, ge=1)
+    baseline: bool = Field(True, description="also evaluate the model before fine-tuning on test")
+
+
+class OutputConfig(Section):
+    dir: str | None = Field(None, description="run directory; default runs/<timestamp>-<method>")
+    plots: bool = True
+
+
+class DistillConfig(Section):
+    teacher: str | None = Field(None, description="a run directory (or model) whose logits teach the student")
+    alpha: float = Field(0.5, ge=0, le=1, description="weight of the hard-label loss; 1 - alpha goes to the teacher")
+    temperature: float = Field(2.0, gt=0)
+
+
+class BudgetConfig(Section):
+    max_trainable_params: int | None = Field(None, ge=1, description="skip configurations with more trainable parameters")
+
+
+class SearchDimension(Section):
+    type: Literal["int", "float", "categorical"]
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    choices: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "SearchDimension":
+        if self.type == "categorical" and not self.choices:
+            raise ValueError("a categorical dimension needs choices")
+        if self.type != "categorical" and (self.low is None or self.high is None):
+            raise ValueError("an int or float dimension needs low and high")
+        return self
+
+
+class SweepConfig(Section):
+    grid: dict[str, list[Any]] = Field({}, description="config keys mapped to the values to try; every combination runs")
+    space: dict[str, SearchDimension] = Field({}, description="config keys mapped to search dimensions (used with n_trials)")
+    n_trials: int | None = Field(None, ge=1)
+    seeds: list[int] = Field([], description="repeat every configuration with these train.seed values")
+    pruning: bool = Field(False, description="stop clearly bad trials early from per-epoch validation")
+
+
+class Config(Section):
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    method: MethodConfig = MethodConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    output: OutputConfig = OutputConfig()
+    distill: DistillConfig = DistillConfig()
+    budget: BudgetConfig = BudgetConfig()
+    sweep: SweepConfig = SweepConfig()
