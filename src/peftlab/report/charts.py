@@ -1,0 +1,148 @@
+"""The report's charts, each returned as a base64 PNG so the HTML stays one self-contained file."""
+from __future__ import annotations
+
+import base64
+import io
+from dataclasses import dataclass
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from peftlab.report.collect import Group, Report
+from peftlab.runs.plots import draw_confusion
+
+MIB = 2**20
+
+
+@dataclass
+class Chart:
+    title: str
+    png_base64: str
+    note: str = ""
+
+
+def _png(fig: Figure) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _barh_figure(groups: list[Group]) -> tuple[Figure, object, np.ndarray]:
+    """Horizontal bars, one row per configuration: long run names stay readable on the y axis."""
+    fig = Figure(figsize=(7.5, 1.2 + 0.45 * len(groups)), layout="constrained")
+    ax = fig.subplots()
+    y = np.arange(len(groups))
+    ax.set_yticks(y, [g.name for g in groups])
+    ax.invert_yaxis()  # same order as the table, top to bottom
+    ax.grid(axis="x", alpha=0.3)
+    return fig, ax, y
+
+
+def _nan(v):
+    """None -> NaN, which matplotlib leaves out (no bar, no zero-width error bar for a single seed)."""
+    return np.nan if v is None else v
+
+
+def scores_chart(groups: list[Group]) -> Chart:
+    fig, ax, y = _barh_figure(groups)
+    h = 0.38
+    for offset, key, label in ((-h / 2, "accuracy", "test accuracy"), (h / 2, "macro_f1", "test macro-F1")):
+        stats = [g.stat("test", key) for g in groups]
+        ax.barh(y + offset, [_nan(m) for m, _ in stats], h, label=label,
+                xerr=[_nan(s) for _, s in stats], capsize=3)
+    ax.set_xlabel("score (error bars: std over seeds)")
+    lows = [g.mean("test", k) for g in groups for k in ("accuracy", "macro_f1")]
+    lows = [v for v in lows if v is not None]
+    # Zoom in on the range the scores occupy; the differences between methods are often small.
+    ax.set_xlim(max(0.0, min(lows, default=0.0) - 0.05), 1.0)
+    ax.legend(loc="lower right")
+    return Chart("Test metrics by configuration", _png(fig))
+
+
+def params_chart(groups: list[Group]) -> Chart:
+    fig, ax, y = _barh_figure(groups)
+    ax.barh(y, [_nan(g.mean("params", "trainable")) for g in groups], color="tab:purple")
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters (log scale)")
+    return Chart("Trainable parameters", _png(fig))
+
+
+def time_chart(groups: list[Group]) -> Chart:
+    fig, ax, y = _barh_figure(groups)
+    ax.barh(y, [_nan(g.mean("efficiency", "train_seconds")) for g in groups],
+            xerr=[_nan(g.stat("efficiency", "train_seconds")[1]) for g in groups], capsize=3, color="tab:orange")
+    ax.set_xlabel("training time (s)")
+    return Chart("Training time", _png(fig))
+
+
+def memory_chart(groups: list[Group]) -> Chart:
+    fig, ax, y = _barh_figure(groups)
+    kinds = [g.first.value("efficiency", "peak_memory_kind") for g in groups]
+    colors = ["tab:red" if k == "gpu_max_allocated" else "tab:gray" for k in kinds]
+    values = [g.mean("efficiency", "peak_memory_bytes") for g in groups]
+    ax.barh(y, [np.nan if v is None else v / MIB for v in values], color=colors)
+    ax.set_xlabel("peak memory (MiB)")
+    note = ""
+    if len(set(kinds)) > 1:
+        note = "Red: GPU max allocated; grey: CPU peak RSS. The two are not comparable."
+    return Chart("Peak memory", _png(fig), note)
+
+
+def pareto_chart(groups: list[Group]) -> Chart:
+    fig = Figure(figsize=(7.5, 4.5), layout="constrained")
+    ax = fig.subplots()
+    pts = [(g.mean("params", "trainable"), g.stat("test", "accuracy"), g) for g in groups]
+    pts = [(p, s, g) for p, s, g in pts if p is not None and s[0] is not None]
+    for p, (acc, std), g in pts:
+        ax.errorbar(p, acc, yerr=_nan(std), fmt="o", capsize=3,
+                    color="tab:green" if g.on_pareto else "tab:gray", ms=8 if g.on_pareto else 6)
+        ax.annotate(g.name, (p, acc), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    front = sorted((p, s[0]) for p, s, g in pts if g.on_pareto)
+    if front:
+        ax.plot(*zip(*front), color="tab:green", lw=1.5, label="Pareto front")
+        ax.legend(loc="lower right")
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters (log scale)")
+    ax.set_ylabel("test accuracy")
+    ax.grid(alpha=0.3)
+    return Chart("Test accuracy vs trainable parameters", _png(fig),
+                 "Green: on the Pareto front (no other configuration is as accurate with fewer trainable parameters).")
+
+
+def curves_chart(groups: list[Group]) -> Chart | None:
+    fig = Figure(figsize=(7.5, 4.5), layout="constrained")
+    ax = fig.subplots()
+    colors = [f"C{i % 10}" for i in range(len(groups))]
+    drawn = False
+    for g, color in zip(groups, colors):
+        for i, run in enumerate(g.runs):  # every seed in its configuration's colour, labelled once
+            steps = [r for r in run.history if r.get("kind") == "step" and r.get("loss") is not None]
+            if steps:
+                ax.plot([r["step"] for r in steps], [r["loss"] for r in steps], color=color, lw=1.1,
+                        alpha=0.85, label=g.name if i == 0 else None)
+                drawn = True
+    if not drawn:
+        return None
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return Chart("Training loss", _png(fig))
+
+
+def confusion_chart(report: Report) -> Chart | None:
+    run = report.best_run
+    matrix, names = run.value("test", "confusion_matrix"), run.metrics.get("label_names")
+    if not matrix or not names:
+        return None
+    size = max(4.5, 0.45 * len(names) + 2.5)
+    fig = Figure(figsize=(size, size), layout="constrained")
+    draw_confusion(fig.subplots(), matrix, names)
+    return Chart(f"Test confusion matrix of the best run by validation ({run.name})", _png(fig))
+
+
+def all_charts(report: Report) -> list[Chart]:
+    g = report.groups
+    charts = [scores_chart(g), pareto_chart(g), params_chart(g), time_chart(g), memory_chart(g),
+              curves_chart(g), confusion_chart(report)]
+    return [c for c in charts if c is not None]

@@ -1,0 +1,208 @@
+"""Find runs below the given paths, group seed repeats, and work out the Pareto front and the best run.
+
+Everything the report shows is computed here once; the HTML and Markdown writers only format it.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from peftlab.errors import UserError
+from peftlab.runs.plots import read_history, read_json
+
+
+@dataclass
+class Run:
+    name: str
+    path: Path
+    metrics: dict
+    history: list[dict] = field(default_factory=list)
+
+    @property
+    def config(self) -> dict:
+        return self.metrics.get("config") or {}
+
+    def value(self, *keys: str) -> float | None:
+        """metrics[k1][k2]...; None where any level is missing."""
+        node = self.metrics
+        for k in keys:
+            if not isinstance(node, dict) or node.get(k) is None:
+                return None
+            node = node[k]
+        return node
+
+
+@dataclass
+class NotCompleted:
+    name: str
+    path: Path
+    status: str
+
+
+@dataclass
+class Group:
+    """Runs whose configs differ only in train.seed (and output.dir)."""
+    runs: list[Run]
+    on_pareto: bool = False
+
+    @property
+    def first(self) -> Run:
+        return self.runs[0]
+
+    @property
+    def n(self) -> int:
+        return len(self.runs)
+
+    @property
+    def name(self) -> str:
+        return self.first.name if self.n == 1 else f"{self.first.name} ×{self.n} seeds"
+
+    @property
+    def config(self) -> dict:
+        return self.first.config
+
+    def stat(self, *keys: str) -> tuple[float | None, float | None]:
+        """(mean, sample std) of a metrics.json value over the seeds; std is None when n == 1."""
+        values = [v for v in (r.value(*keys) for r in self.runs) if v is not None]
+        if not values:
+            return None, None
+        mean = statistics.fmean(values) if len(values) > 1 else values[0]
+        return mean, (statistics.stdev(values) if len(values) > 1 else None)
+
+    def mean(self, *keys: str) -> float | None:
+        return self.stat(*keys)[0]
+
+
+@dataclass
+class Report:
+    groups: list[Group]
+    not_completed: list[NotCompleted]
+    metric: str  # the validation metric used to pick the best
+    best: Group
+    best_run: Run  # the best group's seed with the best validation metric (for its confusion matrix)
+
+
+def _config_of(run_dir: Path, metrics: dict) -> dict:
+    if isinstance(metrics.get("config"), dict):
+        return metrics["config"]
+    try:  # older metrics.json without the config: the run's own config.yaml
+        return yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        return {}
+
+
+def find_runs(paths: list[Path]) -> tuple[list[Run], list[NotCompleted]]:
+    """Every directory at or below `paths` with a metrics.json (completed or not), plus directories
+    that have a history.jsonl but no metrics.json (a run killed before it finished)."""
+    dirs: dict[Path, bool] = {}  # run dir -> has metrics.json
+    for p in map(Path, paths):
+        if not p.exists():
+            raise UserError(f"report: {p} does not exist (give run or sweep directories)")
+        if p.is_file():
+            if p.name != "metrics.json":
+                raise UserError(f"report: {p} is a file; give run or sweep directories")
+            dirs[p.parent.resolve()] = True
+            continue
+        for m in p.rglob("metrics.json"):
+            dirs[m.parent.resolve()] = True
+        for h in p.rglob("history.jsonl"):
+            dirs.setdefault(h.parent.resolve(), False)
+
+    names = _unique_names(sorted(dirs))
+    runs, others = [], []
+    for d in sorted(dirs):
+        metrics = read_json(d / "metrics.json") if dirs[d] else None
+        if metrics is None:
+            others.append(NotCompleted(names[d], d, "unreadable metrics.json" if dirs[d] else "incomplete (no metrics.json)"))
+            continue
+        status = str(metrics.get("status", "unknown"))
+        if status != "completed":
+            others.append(NotCompleted(names[d], d, status))
+            continue
+        metrics = {**metrics, "config": _config_of(d, metrics)}
+        runs.append(Run(names[d], d, metrics, read_history(d)))
+    return runs, others
+
+
+def _unique_names(dirs: list[Path]) -> dict[Path, str]:
+    """The directory name, or where two runs share it, the path below their common parent."""
+    names = {d: d.name for d in dirs}
+    if len(set(names.values())) < len(names):
+        root = Path(os.path.commonpath([str(d) for d in dirs]))
+        clashes = {n for n in names.values() if list(names.values()).count(n) > 1}
+        for d in dirs:
+            if names[d] in clashes:
+                names[d] = d.relative_to(root).as_posix() if d != root else d.name
+    return names
+
+
+def group_key(config: dict) -> str:
+    """The config without the keys that seed repeats are allowed to differ in."""
+    c = copy.deepcopy(config)
+    (c.get("train") or {}).pop("seed", None)
+    (c.get("output") or {}).pop("dir", None)
+    return json.dumps(c, sort_keys=True, default=str)
+
+
+def group_runs(runs: list[Run]) -> list[Group]:
+    groups: dict[str, list[Run]] = {}
+    for r in sorted(runs, key=lambda r: r.name):
+        # A run without any config cannot be matched with others: it stays on its own.
+        key = group_key(r.config) if r.config else f"path:{r.path}"
+        groups.setdefault(key, []).append(r)
+    out = [Group(rs) for rs in groups.values()]
+    out.sort(key=lambda g: (str((g.config.get("method") or {}).get("name", "")),
+                            g.mean("params", "trainable") or 0, g.name))
+    return out
+
+
+def mark_pareto(groups: list[Group]) -> None:
+    """On the front: no other configuration is at least as accurate (test accuracy, mean over seeds)
+    with at most as many trainable parameters, and strictly better in one of the two."""
+    points = [(g.mean("params", "trainable"), g.mean("test", "accuracy")) for g in groups]
+    for g, (p, a) in zip(groups, points):
+        if p is None or a is None:
+            g.on_pareto = False
+            continue
+        g.on_pareto = not any(
+            q is not None and b is not None and q <= p and b >= a and (q < p or b > a)
+            for q, b in points
+        )
+
+
+def selection_metric(groups: list[Group]) -> str:
+    """eval.metric of the runs (they select their best epoch by it); macro_f1 where they disagree."""
+    chosen = {str((g.config.get("eval") or {}).get("metric", "macro_f1")) for g in groups}
+    return chosen.pop() if len(chosen) == 1 and chosen <= {"macro_f1", "accuracy"} else "macro_f1"
+
+
+def pick_best(groups: list[Group], metric: str) -> tuple[Group, Run]:
+    """Best configuration by mean VALIDATION metric (test is never used to choose); ties go to fewer
+    trainable parameters, then the name. Within it, the seed with the best validation metric."""
+    def validation(x: Group | Run) -> float:
+        v = x.mean("validation", metric) if isinstance(x, Group) else x.value("validation", metric)
+        return v if v is not None else float("-inf")
+    # max keeps the first of equals: sorting by name first makes ties go to the earlier name.
+    best = max(sorted(groups, key=lambda g: g.name),
+               key=lambda g: (validation(g), -(g.mean("params", "trainable") or 0)))
+    run = max(best.runs, key=validation)
+    return best, run
+
+
+def collect(paths: list[Path]) -> Report:
+    runs, others = find_runs(paths)
+    if not runs:
+        where = ", ".join(str(p) for p in paths)
+        extra = f" ({len(others)} failed or incomplete)" if others else ""
+        raise UserError(f"report: no completed runs (metrics.json with status 'completed') under {where}{extra}")
+    groups = group_runs(runs)
+    mark_pareto(groups)
+    metric = selection_metric(groups)
+    best, best_run = pick_best(groups, metric)
+    return Report(groups, others, metric, best, best_run)

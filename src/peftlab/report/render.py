@@ -1,0 +1,220 @@
+"""Format the collected report as one self-contained HTML page and as Markdown.
+
+Both writers take their cell text from `result_rows`, so the two files always show the same numbers,
+each formatted one way: metrics with 4 decimals, counts with thousands separators.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import html
+from pathlib import Path
+
+from peftlab.report.charts import Chart
+from peftlab.report.collect import Group, Report
+
+MIB = 2**20
+DASH = "–"
+# Methods without LoRA's rank/alpha/dropout: their columns show a dash rather than unused defaults.
+_NO_RANK = {"full", "ia3"}
+METRIC_LABEL = {"accuracy": "accuracy", "macro_f1": "macro-F1"}
+
+COLUMNS = ["run", "seeds", "method", "r", "alpha", "dropout", "targets", "val acc", "val F1",
+           "test acc", "test F1", "trainable params", "trainable %", "train time", "peak memory", "Pareto"]
+
+
+def fmt_metric(mean: float | None, std: float | None = None) -> str:
+    if mean is None:
+        return DASH
+    return f"{mean:.4f}" if std is None else f"{mean:.4f} ± {std:.4f}"
+
+
+def fmt_count(x: float | None) -> str:
+    return DASH if x is None else f"{round(x):,}"
+
+
+def fmt_pct(x: float | None) -> str:
+    return DASH if x is None else f"{x:.4f}%"
+
+
+def fmt_seconds(x: float | None) -> str:
+    return DASH if x is None else f"{x:,.1f} s"
+
+
+def fmt_memory(nbytes: float | None, kind: str | None) -> str:
+    if nbytes is None:
+        return DASH
+    where = {"gpu_max_allocated": "GPU", "cpu_peak_rss": "CPU RSS"}.get(kind or "", kind or "")
+    return f"{nbytes / MIB:,.1f} MiB" + (f" ({where})" if where else "")
+
+
+def _method_cell(g: Group) -> str:
+    text = str((g.config.get("method") or {}).get("name", DASH))
+    q = g.first.metrics.get("quantization") or {}
+    if q.get("requested") and q.get("used") != q.get("requested"):
+        text += f" (quantization {q['requested']} requested, {q.get('used') or 'none'} used)"
+    elif q.get("used"):
+        text += f" ({q['used']})"
+    if g.first.metrics.get("distill"):
+        text += " + distillation"
+    return text
+
+
+def _targets_cell(method: dict) -> str:
+    if method.get("name") == "full":
+        return "all weights"
+    modules = ",".join(method.get("target_modules") or []) or "default modules"
+    layers = method.get("layers")
+    text = f"{modules}; " + (f"layers {','.join(map(str, layers))}" if layers else "all layers")
+    if method.get("rank_pattern"):
+        text += "; ranks " + ",".join(f"{k}={v}" for k, v in method["rank_pattern"].items())
+    return text
+
+
+def _hyper(method: dict, key: str) -> str:
+    if method.get("name") in _NO_RANK or method.get(key) is None:
+        return DASH
+    return f"{method[key]:g}"
+
+
+def result_rows(report: Report) -> list[dict[str, str]]:
+    rows = []
+    for g in report.groups:
+        method = g.config.get("method") or {}
+        rows.append({
+            "run": g.name,
+            "seeds": str(g.n),
+            "method": _method_cell(g),
+            "r": _hyper(method, "r"),
+            "alpha": _hyper(method, "alpha"),
+            "dropout": _hyper(method, "dropout"),
+            "targets": _targets_cell(method),
+            "val acc": fmt_metric(*g.stat("validation", "accuracy")),
+            "val F1": fmt_metric(*g.stat("validation", "macro_f1")),
+            "test acc": fmt_metric(*g.stat("test", "accuracy")),
+            "test F1": fmt_metric(*g.stat("test", "macro_f1")),
+            "trainable params": fmt_count(g.mean("params", "trainable")),
+            "trainable %": fmt_pct(g.mean("params", "trainable_pct")),
+            "train time": fmt_seconds(g.mean("efficiency", "train_seconds")),
+            "peak memory": fmt_memory(g.mean("efficiency", "peak_memory_bytes"),
+                                      g.first.value("efficiency", "peak_memory_kind")),
+            "Pareto": "yes" if g.on_pareto else "",
+        })
+    return rows
+
+
+def best_summary(report: Report) -> str:
+    """One plain-text paragraph: the best configuration by validation, and its test figures."""
+    g, label = report.best, METRIC_LABEL.get(report.metric, report.metric)
+    text = (f"Best by validation {label}: {g.name} (validation {label} "
+            f"{fmt_metric(*g.stat('validation', report.metric))}). "
+            f"Its test accuracy is {fmt_metric(*g.stat('test', 'accuracy'))} and test macro-F1 "
+            f"{fmt_metric(*g.stat('test', 'macro_f1'))}.")
+    base_acc = g.first.value("baseline", "test", "accuracy")
+    if base_acc is not None:
+        text += (f" Before fine-tuning the model scored test accuracy {fmt_metric(base_acc)}, macro-F1 "
+                 f"{fmt_metric(g.first.value('baseline', 'test', 'macro_f1'))}.")
+    if g.n > 1:
+        text += f" Its confusion matrix is that of seed run {report.best_run.name}, the best of its seeds by validation."
+    return text
+
+
+NOTES = [
+    "Runs whose configs differ only in train.seed (and output.dir) are one row: mean ± sample standard "
+    "deviation over the seeds (std only when there are several).",
+    "The best run is chosen by the validation metric; test figures are reported, never used to choose.",
+    "Pareto: no other configuration reaches at least the same test accuracy (mean) with fewer trainable parameters.",
+    "Peak memory: GPU = torch max allocated; CPU RSS = peak resident memory of the process.",
+]
+
+
+# ---------------------------------------------------------------- HTML
+
+_CSS = """
+body { font-family: system-ui, -apple-system, Segoe UI, sans-serif; margin: 2rem; color: #222; }
+h1 { margin-bottom: .2rem; } .meta { color: #666; font-size: .9rem; }
+.best { background: #eef7ee; border-left: 4px solid #3a3; padding: .6rem 1rem; }
+.scroll { overflow-x: auto; }
+table { border-collapse: collapse; font-size: .85rem; margin: .5rem 0 1rem; }
+th, td { border: 1px solid #ccc; padding: .3rem .5rem; text-align: right; white-space: nowrap; }
+th { background: #f2f2f2; } .text { text-align: left; }
+td.wrap { white-space: normal; min-width: 9rem; }
+tr.best-row td { background: #eef7ee; font-weight: 600; }
+figure { display: inline-block; margin: .5rem 1rem 1.5rem 0; vertical-align: top; }
+figure img { max-width: 100%; border: 1px solid #ddd; }
+figcaption { font-weight: 600; margin-bottom: .3rem; } .note { color: #555; font-size: .85rem; }
+"""
+
+_TEXT_COLUMNS = {"run", "method", "targets", "status", "path"}  # left-aligned
+_WRAP_COLUMNS = {"targets"}  # long free text: let it wrap so the table fits the page
+
+
+def _e(x: object) -> str:
+    return html.escape(str(x), quote=True)
+
+
+def _cell_class(column: str) -> str:
+    return " ".join(c for c, on in (("text", column in _TEXT_COLUMNS), ("wrap", column in _WRAP_COLUMNS)) if on)
+
+
+def _table(columns: list[str], rows: list[dict[str, str]], highlight: int | None = None) -> str:
+    head = "".join(f'<th class="{_cell_class(c)}">{_e(c)}</th>' for c in columns)
+    body = []
+    for i, row in enumerate(rows):
+        cls = ' class="best-row"' if i == highlight else ""
+        cells = "".join(f'<td class="{_cell_class(c)}">{_e(row[c])}</td>' for c in columns)
+        body.append(f"<tr{cls}>{cells}</tr>")
+    return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
+
+
+def _figure(c: Chart) -> str:
+    note = f'<div class="note">{_e(c.note)}</div>' if c.note else ""
+    return (f"<figure><figcaption>{_e(c.title)}</figcaption>"
+            f'<img src="data:image/png;base64,{c.png_base64}" alt="{_e(c.title)}">{note}</figure>')
+
+
+def render_html(report: Report, charts: list[Chart], inputs: list[Path]) -> str:
+    best_index = report.groups.index(report.best)
+    others = ""
+    if report.not_completed:
+        rows = [{"run": r.name, "status": r.status, "path": str(r.path)} for r in report.not_completed]
+        others = ("<h2>Failed or incomplete runs</h2><p>Not included in the tables or charts.</p>"
+                  + _table(["run", "status", "path"], rows))
+    n_runs = sum(g.n for g in report.groups)
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>peftlab report</title>
+<meta name="viewport" content="width=device-width, initial-scale=1"><style>{_CSS}</style></head>
+<body>
+<h1>peftlab report</h1>
+<p class="meta">{n_runs} completed run(s) in {len(report.groups)} configuration(s) from {_e(", ".join(map(str, inputs)))}
+· generated {_e(_dt.datetime.now().strftime("%Y-%m-%d %H:%M"))}</p>
+<p class="best" id="best">{_e(best_summary(report))}</p>
+<h2>Results</h2>
+{_table(COLUMNS, result_rows(report), best_index)}
+<ul class="note">{"".join(f"<li>{_e(n)}</li>" for n in NOTES)}</ul>
+<h2>Charts</h2>
+{"".join(_figure(c) for c in charts)}
+{others}
+</body></html>
+"""
+
+
+# ---------------------------------------------------------------- Markdown
+
+def _md_cell(x: str) -> str:
+    return str(x).replace("|", "\\|").replace("\n", " ")
+
+
+def _md_table(columns: list[str], rows: list[dict[str, str]]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(_md_cell(r[c]) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def render_markdown(report: Report) -> str:
+    parts = ["# peftlab report", "", best_summary(report), "", "## Results", "",
+             _md_table(COLUMNS, result_rows(report)), ""]
+    parts += [f"- {n}" for n in NOTES] + [""]
+    if report.not_completed:
+        rows = [{"run": r.name, "status": r.status, "path": str(r.path)} for r in report.not_completed]
+        parts += ["## Failed or incomplete runs", "", _md_table(["run", "status", "path"], rows), ""]
+    return "\n".join(parts)
