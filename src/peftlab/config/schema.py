@@ -72,6 +72,7 @@ class TrainConfig(Section):
     weight_decay: float = Field(0.01, ge=0)
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
+    max_grad_norm: float | None = Field(1.0, gt=0, description="clip the gradient norm; null: no clipping")
     seed: int = 42
     early_stopping_patience: int | None = Field(None, ge=1, description="stop after this many epochs without a better validation metric")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16 on a GPU that has it, else fp32")

@@ -1,0 +1,44 @@
+"""`peftlab COMMAND ...`: one module per command in this folder, each with add_parser() and run().
+
+Bad input (UserError) prints one line and exits 2; --debug shows the traceback instead."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from peftlab.errors import UserError
+
+COMMANDS = ("train", "predict")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="peftlab", description="Fine-tune transformer text classifiers with "
+                                     "parameter-efficient methods, and measure what each method buys.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    modules = {}
+    for name in COMMANDS:
+        module = importlib.import_module(f"peftlab.cli.{name}")
+        module.add_parser(sub).set_defaults(command_module=module)
+        modules[name] = module
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return args.command_module.run(args) or 0
+    except UserError as e:
+        if args.debug:
+            raise
+        print(f"peftlab {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"peftlab {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def add_config_arguments(p: argparse.ArgumentParser) -> None:
+    """The config options every config-driven command shares."""
+    p.add_argument("config", nargs="?", help="YAML config file (every field optional; defaults in peftlab/config/schema.py)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config field, e.g. --set method.r=8 --set method.target_modules=[query,value]")

@@ -1,0 +1,53 @@
+"""Batches: which examples go together, and padding only to the longest one in each batch.
+
+Length grouping cuts padding without biasing training: examples are shuffled, then sorted by length
+only inside windows of `window` batches, and the resulting batches are shuffled again, so every batch
+is still a random draw of labels (transformers 5.x's group_by_length trained to chance here; a test
+checks ours trains like random batches).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from peftlab.data.tokenize import Encoded
+
+
+def batch_order(lengths: np.ndarray, batch_size: int, seed: int, epoch: int,
+                strategy: str = "length_grouped", window: int = 50) -> list[np.ndarray]:
+    """Index arrays, one per batch, for one epoch; deterministic in (seed, epoch)."""
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(lengths))
+    if strategy == "length_grouped":
+        span = batch_size * window
+        chunks = [order[i:i + span] for i in range(0, len(order), span)]
+        # stable sort on the shuffled order: ties stay random
+        order = np.concatenate([c[np.argsort(-lengths[c], kind="stable")] for c in chunks])
+    elif strategy != "random":
+        raise ValueError(f"unknown batching strategy {strategy!r}")
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    if strategy == "length_grouped":
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+    return batches
+
+
+def collate(data: Encoded, index: np.ndarray, pad_id: int, pad_to_multiple: int = 8,
+            pad_to: int | None = None) -> dict[str, torch.Tensor]:
+    """input_ids, attention_mask and labels for the examples in index, padded to the batch's longest
+    (rounded up to a multiple, which keeps the number of distinct shapes small) or to pad_to."""
+    lengths = data.lengths[index]
+    width = pad_to or int(-(-lengths.max() // pad_to_multiple) * pad_to_multiple)
+    ids = np.full((len(index), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(index), width), dtype=np.int64)
+    for row, (i, n) in enumerate(zip(index, lengths)):
+        ids[row, :n] = data.ids[data.offsets[i]:data.offsets[i] + n]
+        mask[row, :n] = 1
+    return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask),
+            "labels": torch.from_numpy(data.labels[index])}
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    if device.type == "cuda":
+        # pinned host memory lets the copy run asynchronously with the previous step's compute
+        return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+    return batch

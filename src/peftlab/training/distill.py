@@ -1,0 +1,42 @@
+"""Knowledge distillation: teacher logits computed once on the training set, then
+loss = alpha * CE(student, labels) + (1 - alpha) * T^2 * KL(softmax(teacher / T) || softmax(student / T))."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from peftlab.config.schema import DistillConfig
+from peftlab.data.tokenize import encode
+from peftlab.errors import UserError
+from peftlab.evaluation.predict import predict_logits
+
+
+def distill_loss(student_logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor,
+                 alpha: float, temperature: float) -> torch.Tensor:
+    student_logits = student_logits.float()
+    hard = F.cross_entropy(student_logits, labels)
+    soft = F.kl_div(F.log_softmax(student_logits / temperature, dim=-1),
+                    F.log_softmax(teacher_logits.float() / temperature, dim=-1),
+                    reduction="batchmean", log_target=True)
+    return alpha * hard + (1 - alpha) * temperature ** 2 * soft
+
+
+def teacher_logits(cfg: DistillConfig, texts: list[str], label_names: list[str], device: torch.device,
+                   cache_dir: str | None, batch_size: int = 64) -> np.ndarray:
+    """Logits of the teacher run for the training texts (in their order), computed once per run."""
+    from peftlab.runs.trained import load_trained
+
+    if not (Path(cfg.teacher) / "config.yaml").exists():
+        raise UserError(f"distill.teacher {cfg.teacher!r}: not a peftlab run directory (train the teacher "
+                        f"with peftlab train first and pass its run directory)")
+    teacher = load_trained(cfg.teacher, device)
+    if teacher.label_names != label_names:
+        raise UserError(f"distill.teacher {cfg.teacher!r} was trained on labels {teacher.label_names}, "
+                        f"the student's are {label_names}: use a teacher trained on the same dataset")
+    data = encode(teacher.tokenizer, texts, np.zeros(len(texts), np.int64), teacher.config.data.max_length, cache_dir)
+    logits = predict_logits(teacher.model, data, teacher.tokenizer.pad_token_id, device, batch_size=batch_size)
+    del teacher
+    return logits
