@@ -1,4 +1,5 @@
-"""`peftlab COMMAND ...`: one module per command in this folder, each with add_parser() and run().
+"""`peftlab COMMAND ...`: one module per command in this folder, each with add_parser() and run();
+a new command is a new module here (found automatically).
 
 Bad input (UserError) prints one line and exits 2; --debug shows the traceback instead."""
 from __future__ import annotations
@@ -10,7 +11,12 @@ import sys
 
 from peftlab.errors import UserError
 
-COMMANDS = ("train", "predict")
+
+
+def command_names() -> list[str]:
+    import pkgutil
+
+    return sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     modules = {}
-    for name in COMMANDS:
+    for name in command_names():
         module = importlib.import_module(f"peftlab.cli.{name}")
         module.add_parser(sub).set_defaults(command_module=module)
         modules[name] = module

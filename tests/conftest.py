@@ -1,0 +1,74 @@
+"""Shared fixtures: a tiny randomly initialised BERT saved as a local model folder (the real
+all-MiniLM-L6-v2 tokenizer, 2 layers of width 32), a small learnable text dataset, and an
+isolated tokenization cache."""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("PEFTLAB_CACHE", str(tmp_path_factory.getbasetemp() / "tokcache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from peftlab.models.loading import load_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny-bert")
+    torch.manual_seed(0)
+    tokenizer = load_tokenizer("minilm-l6")
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128)
+    BertForSequenceClassification(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+WORDS = {
+    "sport": ["match", "goal", "team", "coach", "league", "score", "player", "season"],
+    "tech": ["software", "chip", "computer", "network", "phone", "data", "internet", "robot"],
+    "food": ["recipe", "bread", "cheese", "soup", "kitchen", "flavour", "dinner", "salad"],
+}
+FILLER = ["the", "a", "today", "new", "big", "small", "people", "said", "was", "very", "and", "then"]
+
+
+def make_rows(n: int, seed: int = 0) -> list[dict]:
+    """Texts of varied length whose class shows in topic words: learnable by a tiny model in a few steps."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = list(WORDS)[i % len(WORDS)]
+        words = [rng.choice(WORDS[label]) if rng.random() < 0.4 else rng.choice(FILLER)
+                 for _ in range(rng.randint(4, 40))]
+        rows.append({"text": " ".join(words), "label": label})
+    return rows
+
+
+@pytest.fixture(scope="session")
+def topic_data_dir(tmp_path_factory) -> Path:
+    """A directory with train/validation/test JSON Lines files (string labels)."""
+    path = tmp_path_factory.mktemp("topics")
+    for split, n, seed in (("train", 240, 1), ("validation", 60, 2), ("test", 60, 3)):
+        with open(path / f"{split}.jsonl", "w") as f:
+            for row in make_rows(n, seed):
+                f.write(json.dumps(row) + "\n")
+    return path
+
+
+@pytest.fixture
+def tiny_overrides(tiny_model_dir, topic_data_dir) -> list[str]:
+    """--set overrides for a fast real run of the tiny model on the topic data."""
+    return [f"model.name={tiny_model_dir}", f"data.path={topic_data_dir}", "data.max_length=48",
+            "train.epochs=2", "train.batch_size=16", "train.learning_rate=0.005", "output.plots=false"]
