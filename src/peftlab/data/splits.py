@@ -1,0 +1,75 @@
+"""Stratified splits: carve a missing validation/test split out of train, and take small subsets.
+
+Everything is driven by the seed, so the same config always gives the same rows. Returned indices are
+sorted, so every split keeps the order of its source (easier to inspect; the trainer shuffles anyway).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from peftlab.errors import UserError
+
+
+def percent(fraction: float) -> str:
+    return f"{fraction * 100:g}%"
+
+
+def carve(labels: np.ndarray, fraction: float, seed: int, *, purpose: str, where: str,
+          label_names: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Split row indices into (kept, carved), `fraction` of them carved, every class in the same share.
+
+    `purpose` is "validation" or "test": it names the split in error messages and the setting to change.
+    Stratifying needs every class on both sides, so tiny classes or tiny fractions are errors, explained.
+    """
+    n = len(labels)
+    counts = np.bincount(labels, minlength=len(label_names))
+    present = np.flatnonzero(counts)
+    lonely = [label_names[c] for c in present if counts[c] < 2]
+    if lonely:
+        raise UserError(
+            f"{where}: class {lonely[0]!r} has only 1 row, too few to carve a stratified {percent(fraction)} "
+            f"{purpose} split (every class needs at least 2 rows); add rows of that class, remove it, "
+            f"or supply a {purpose} file")
+    n_carved = math.ceil(fraction * n)  # the sizes sklearn uses for a float test_size
+    if n_carved < len(present):
+        raise UserError(
+            f"{where}: a {percent(fraction)} {purpose} split of {n} rows has {n_carved} rows, fewer than the "
+            f"{len(present)} classes, so it cannot hold every class; raise data.{purpose}_fraction or add rows")
+    if n - n_carved < len(present):
+        raise UserError(
+            f"{where}: a {percent(fraction)} {purpose} split of {n} rows leaves {n - n_carved} rows, fewer than "
+            f"the {len(present)} classes; lower data.{purpose}_fraction or add rows")
+    from sklearn.model_selection import train_test_split  # imported here: it costs ~2 s at startup
+
+    kept, carved = train_test_split(np.arange(n), test_size=fraction, random_state=seed, stratify=labels)
+    return np.sort(kept), np.sort(carved)
+
+
+def subsample(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """Indices of a stratified subset of `n` rows (all rows when n is not smaller).
+
+    Unlike carve this never fails: it is for quick runs, where a rough subset beats an error.
+    Every class keeps at least one row when n allows it.
+    """
+    if n >= len(labels):
+        return np.arange(len(labels))
+    classes, counts = np.unique(labels, return_counts=True)
+    quota = _allocate(counts, n)
+    rng = np.random.default_rng(seed)
+    picks = [rng.permutation(np.flatnonzero(labels == c))[:q] for c, q in zip(classes, quota)]
+    return np.sort(np.concatenate(picks))
+
+
+def _allocate(counts: np.ndarray, n: int) -> np.ndarray:
+    """Rows per class for a subset of n: one for each class first (the largest, when n is too small for all),
+    then the rest in proportion to what each class has left, rounded by largest remainder."""
+    quota = np.zeros(len(counts), dtype=np.int64)
+    quota[np.argsort(-counts, kind="stable")[: min(n, len(counts))]] = 1
+    rest = n - quota.sum()
+    exact = (counts - quota) * rest / (counts - quota).sum()
+    share = np.floor(exact).astype(np.int64)
+    # The rows lost to rounding go to the largest remainders (ties: the earlier class, for determinism).
+    share[np.argsort(-(exact - share), kind="stable")[: rest - share.sum()]] += 1
+    return quota + share
