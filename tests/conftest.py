@@ -4,10 +4,18 @@ isolated tokenization cache."""
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
 import pytest
+
+# Tiny models gain nothing from intra-op threads, and when several processes share 2 cores, OpenMP
+# threads that spin-wait for each other slow each step down by orders of magnitude.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"

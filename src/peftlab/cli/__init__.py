@@ -8,6 +8,7 @@ import argparse
 import importlib
 import os
 import sys
+import warnings
 
 from peftlab.errors import UserError
 
@@ -31,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
         modules[name] = module
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # library deprecation chatter (e.g. transformers 5 renames) is not the user's business
+    warnings.filterwarnings("ignore", category=FutureWarning)
     try:
         return args.command_module.run(args) or 0
     except UserError as e:

@@ -88,7 +88,9 @@ def load_classifier(model_name: str, label_names: list[str], extra_kwargs: dict 
     if is_random(model_name):
         return AutoModelForSequenceClassification.from_config(config)
     try:
-        return AutoModelForSequenceClassification.from_pretrained(resolve(model_name), config=config, **(extra_kwargs or {}))
+        # a checkpoint may carry a head for other labels: ours replaces it (hence ignore_mismatched_sizes)
+        return AutoModelForSequenceClassification.from_pretrained(resolve(model_name), config=config,
+                                                                  ignore_mismatched_sizes=True, **(extra_kwargs or {}))
     except UserError:
         raise
     except (OSError, ValueError) as e:

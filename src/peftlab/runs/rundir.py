@@ -83,16 +83,20 @@ class RunDir:
 
     def truncate_history(self, upto_step: int) -> None:
         """On resume, drop rows written after the checkpoint we go back to."""
-        if not self.history_file.exists():
-            return
-        rows = [json.loads(line) for line in self.history_file.read_text().splitlines() if line.strip()]
-        kept = [r for r in rows if r["step"] <= upto_step]
+        kept = [r for r in self.history() if r["step"] <= upto_step]
         atomic_write_text(self.history_file, "".join(json.dumps(r) + "\n" for r in kept))
 
     def history(self) -> list[dict]:
+        """Rows of history.jsonl; a line torn by a kill mid-write is skipped."""
         if not self.history_file.exists():
             return []
-        return [json.loads(line) for line in self.history_file.read_text().splitlines() if line.strip()]
+        rows = []
+        for line in self.history_file.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                continue
+        return rows
 
     def write_metrics(self, metrics: dict) -> None:
         atomic_write_text(self.metrics_file, json.dumps(metrics, indent=2) + "\n")

@@ -1,0 +1,32 @@
+# Two entry points: `make demo` and `make test`. Both create .venv/ on first use.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test bench-cpu clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# the CPU build of torch (a plain `pip install torch` would pull the multi-GB CUDA build)
+	$(BIN)/python -m pip install -q "torch==2.13.0" || $(BIN)/python -m pip install -q torch
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/peftlab train configs/demo.yaml --output-dir runs/demo-$$(date +%Y%m%d-%H%M%S)
+
+test: $(STAMP)
+	@# the report test renders the page in headless Chromium; install it when we may
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+		(apt-get install -y -q chromium >/dev/null 2>&1 || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1)) ; } || \
+		echo "chromium not installed: the browser check of the report will be skipped"
+	$(BIN)/python -m pytest -q
+
+bench-cpu: $(STAMP)
+	$(BIN)/peftlab bench --scenario cpu-sst2
+	$(BIN)/peftlab bench --scenario cpu-imdb
+
+clean:
+	rm -rf $(VENV) .pytest_cache
