@@ -224,7 +224,7 @@ def test_hub_dataset_uses_classlabel_names_and_drops_unlabelled_test(monkeypatch
                                            "label": [i % 2 if labelled else -1 for i in range(n)]}, features=features)
     fake = datasets.DatasetDict({"train": split(40), "validation": split(10), "test": split(10, labelled=False)})
     calls = []
-    monkeypatch.setattr(sources, "_hub_unreachable", lambda: False)
+    monkeypatch.setattr(sources, "hub_unreachable", lambda: False)
     monkeypatch.setattr(datasets, "load_dataset", lambda *a: calls.append(a) or fake)
     data = load_data(cfg(name="glue", hub_subset="sst2", text_columns="sentence"), seed=0)
     assert calls == [("glue", "sst2")]
@@ -235,7 +235,7 @@ def test_hub_dataset_uses_classlabel_names_and_drops_unlabelled_test(monkeypatch
 
 
 def test_hub_unreachable_is_one_fast_line(monkeypatch):
-    monkeypatch.setattr(sources, "_hub_unreachable", lambda: True)
+    monkeypatch.setattr(sources, "hub_unreachable", lambda: True)
     message = user_error(cfg(name="ag_news"))
     assert "cannot reach the Hugging Face hub to load 'ag_news'" in message and "data.path" in message
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import json
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +19,7 @@ import pandas as pd
 from peftlab.config.schema import DataConfig
 from peftlab.data.splits import carve, percent, subsample
 from peftlab.errors import UserError
+from peftlab.hub import hub_unreachable
 
 FORMATS = {".csv": "CSV", ".tsv": "TSV", ".jsonl": "JSON Lines", ".json": "JSON Lines", ".parquet": "Parquet"}
 SUPPORTED = ".csv, .tsv, .jsonl, .json, .parquet (the first four may also end in .gz)"
@@ -254,7 +253,7 @@ def _read_hub(name: str, subset: str | None, cfg: DataConfig) -> _Raw:
     offline = (f"cannot reach the Hugging Face hub to load {label!r} (offline, or not in the local cache); "
                "put the data in local files and set data.path (a csv/tsv/jsonl/parquet file, or a directory "
                "with train.* and test.*)")
-    if _hub_unreachable():  # without this check datasets retries for ~25 s before giving up
+    if hub_unreachable():  # without this check datasets retries for ~25 s before giving up
         raise UserError(offline)
     import datasets  # slow to import; only hub datasets need it
 
@@ -285,21 +284,6 @@ def _read_hub(name: str, subset: str | None, cfg: DataConfig) -> _Raw:
     names = list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
     return _Raw(name=label, frames=frames, where=where, source=source, text_columns=cfg.text_columns,
                 label_column=cfg.label_column, label_names=names)
-
-
-def _hub_unreachable(timeout: float = 5.0) -> bool:
-    """True when the hub does not answer. In offline mode (HF_HUB_OFFLINE=1) datasets reads its cache: go ahead."""
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
-        return False
-    try:
-        urllib.request.urlopen(urllib.request.Request(constants.ENDPOINT, method="HEAD"), timeout=timeout)
-    except urllib.error.HTTPError:
-        return False  # an HTTP error status is still an answer
-    except (OSError, ValueError):
-        return True
-    return False
 
 
 # ---------------------------------------------------------------------------------------------- checks

@@ -10,6 +10,7 @@ import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, BertConfig
 
 from peftlab.errors import UserError
+from peftlab.hub import hub_unreachable
 
 # Random-weight shapes: for speed and memory measurements only, never accuracy.
 RANDOM_SHAPES = {
@@ -33,6 +34,11 @@ def resolve(name: str) -> str:
     return ALIASES[name]() if name in ALIASES else name
 
 
+def _hub_kwargs(name: str) -> dict:
+    """A hub id while the hub is unreachable: use the local cache only (fast failure if not cached)."""
+    return {"local_files_only": True} if not Path(name).exists() and hub_unreachable() else {}
+
+
 def is_random(name: str) -> bool:
     return name.startswith("random:")
 
@@ -47,11 +53,13 @@ def _quiet_transformers() -> None:
 
 
 def _not_found(what: str, name: str, err: Exception) -> UserError:
-    where = "no such local folder" if not Path(name).exists() else f"the folder could not be read ({err})"
-    return UserError(
-        f"{what} {name!r} could not be loaded: {where}, and the Hugging Face hub could not provide it "
-        f"(offline?). Use a local model folder, or the built-in 'minilm-l6'"
-    )
+    if Path(name).exists():
+        return UserError(f"{what} {name!r} could not be loaded from that folder ({str(err).splitlines()[0]}): "
+                         f"point model.name at a folder written by save_pretrained")
+    hub = "the Hugging Face hub is unreachable and it is not in the local cache" if hub_unreachable() \
+        else "the Hugging Face hub does not know it"
+    return UserError(f"{what} {name!r} could not be loaded: no such local folder, and {hub}. "
+                     f"Use a local model folder, or the built-in 'minilm-l6'")
 
 
 def load_tokenizer(model_name: str, tokenizer_name: str | None = None):
@@ -60,7 +68,7 @@ def load_tokenizer(model_name: str, tokenizer_name: str | None = None):
         tokenizer_name = "minilm-l6"  # any BERT WordPiece vocabulary will do for random weights
     name = resolve(tokenizer_name or model_name)
     try:
-        return AutoTokenizer.from_pretrained(name)
+        return AutoTokenizer.from_pretrained(name, **_hub_kwargs(name))
     except Exception as e:  # noqa: BLE001 - hub/IO errors come in many types
         raise _not_found("tokenizer", name, e) from None
 
@@ -76,7 +84,7 @@ def model_config(model_name: str, label_names: list[str]):
         return BertConfig(vocab_size=30522, **RANDOM_SHAPES[shape], **labels)
     name = resolve(model_name)
     try:
-        return AutoConfig.from_pretrained(name, **labels)
+        return AutoConfig.from_pretrained(name, **labels, **_hub_kwargs(name))
     except Exception as e:  # noqa: BLE001
         raise _not_found("model", name, e) from None
 

@@ -51,7 +51,11 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, devic
 def peak_memory(device: torch.device) -> tuple[int, str]:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device)), "gpu_max_allocated"
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "cpu_peak_rss"
+    try:  # VmHWM: the peak RSS, which a sweep resets between the runs it trains in one process
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:")), "cpu_peak_rss"
+    except (OSError, StopIteration, ValueError):
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "cpu_peak_rss"
 
 
 def _scores(logits: np.ndarray, labels: np.ndarray, label_names: list[str]) -> dict:
@@ -82,8 +86,8 @@ def train(cfg: Config, run: RunDir, resume: bool = False, progress: bool = True,
         save_config(cfg, run.config_file)
 
     # --- data ---------------------------------------------------------------------------------
+    tokenizer = load_tokenizer(cfg.model.name, cfg.model.tokenizer)  # first: a wrong model name fails fast
     data = load_data(cfg.data, cfg.train.seed)
-    tokenizer = load_tokenizer(cfg.model.name, cfg.model.tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     enc = {s: encode(tokenizer, getattr(data, s).texts, getattr(data, s).labels, cfg.data.max_length, cfg.data.cache_dir)
            for s in ("train", "validation", "test")}
