@@ -126,6 +126,17 @@ class SweepConfig(Section):
     n_trials: int | None = Field(None, ge=1)
     seeds: list[int] = Field([], description="repeat every configuration with these train.seed values")
     pruning: bool = Field(False, description="stop clearly bad trials early from per-epoch validation")
+    teacher: dict[str, Any] | None = Field(None, description="overrides of a teacher run trained first in the sweep "
+                                           "(e.g. {method.name: full}); distill.teacher: teacher then points to it")
+    sampler_seed: int = Field(0, description="seed of the TPE sampler (sweep.space)")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> "SweepConfig":
+        if self.grid and self.space:
+            raise ValueError("give sweep.grid or sweep.space, not both")
+        if self.space and not self.n_trials:
+            raise ValueError("sweep.space needs sweep.n_trials (how many configurations to sample)")
+        return self
 
 
 class Config(Section):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,7 +62,12 @@ class Group:
 
     @property
     def name(self) -> str:
-        return self.first.name if self.n == 1 else f"{self.first.name} ×{self.n} seeds"
+        if self.n == 1:
+            return self.first.name
+        base = self.first.name
+        if all(re.search(r"-seed\d+$", r.name) for r in self.runs):  # sweep runs: name-seedN -> name
+            base = re.sub(r"-seed\d+$", "", base)
+        return f"{base} ×{self.n} seeds"
 
     @property
     def config(self) -> dict:
