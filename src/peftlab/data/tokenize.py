@@ -41,9 +41,17 @@ def default_cache_dir() -> Path:
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
-    """Identifies the tokenizer by what it does (its full serialized state), not by its name."""
+    """Identifies the tokenizer by what it does (its full serialized state), not by its name. The
+    truncation and padding settings are left out: every call rewrites them (max_length is part of the
+    cache key anyway), so including them made the key depend on what the tokenizer did last."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    state = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    if backend is not None:
+        state = json.loads(backend.to_str())
+        state.pop("truncation", None)
+        state.pop("padding", None)
+        state = json.dumps(state, sort_keys=True)
+    else:
+        state = json.dumps(tokenizer.get_vocab(), sort_keys=True)
     return hashlib.sha256(f"{type(tokenizer).__name__}\0{state}".encode()).hexdigest()
 
 

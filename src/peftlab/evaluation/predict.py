@@ -123,16 +123,18 @@ def predict_logits(model: torch.nn.Module, data: Encoded, pad_id: int, device: t
     logits = np.zeros((len(data), model.config.num_labels), dtype=np.float32)
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     multiple = pad_multiple(device)
+    outs = []
     try:
         with merged_lora(model), first_token_context(model):
             for index in tqdm(batches, desc="predict", disable=not progress, leave=False):
                 batch = to_device(collate(data, index, pad_id, multiple), device)
                 batch.pop("labels")
                 with autocast(device, dtype):
-                    out = model(**batch).logits
-                logits[index] = out.float().cpu().numpy()
+                    outs.append(model(**batch).logits.float())  # stays on the device: no sync per batch
     finally:
         model.train(was_training)
+    if outs:
+        logits[order] = torch.cat(outs).cpu().numpy()
     return logits
 
 

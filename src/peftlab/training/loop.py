@@ -18,10 +18,10 @@ from transformers import get_linear_schedule_with_warmup
 
 from peftlab.config import Config, save_config
 from peftlab.data import load_data
-from peftlab.data.batching import batch_order, collate, to_device
+from peftlab.data.batching import batch_order, collate, pad_multiple, to_device
 from peftlab.data.tokenize import encode
 from peftlab.evaluation.metrics import classification_metrics
-from peftlab.evaluation.predict import autocast, cross_entropy, predict_logits, softmax
+from peftlab.evaluation.predict import autocast, cross_entropy, first_token_only, predict_logits, softmax
 from peftlab.models.build import build_model, count_parameters
 from peftlab.models.loading import load_tokenizer, pick_device, pick_precision
 from peftlab.runs.rundir import RunDir
@@ -97,7 +97,9 @@ def train(cfg: Config, run: RunDir, resume: bool = False, progress: bool = True,
     built = build_model(cfg, data.label_names, device)
     model = built.model
     params = count_parameters(model)
+    first_token_only(model)  # last layer only where the head reads it: same loss and gradients, less work
     forward = torch.compile(model) if cfg.train.compile else model
+    multiple = pad_multiple(device, cfg.train.compile, cfg.data.max_length)
 
     state = run.load_checkpoint("last") if resume else None
     if state is None and resume:
@@ -166,7 +168,7 @@ def train(cfg: Config, run: RunDir, resume: bool = False, progress: bool = True,
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
         for i, index in enumerate(batches):
-            batch = to_device(collate(train_set, index, pad_id), device)
+            batch = to_device(collate(train_set, index, pad_id, multiple), device)
             labels = batch.pop("labels")
             with autocast(device, dtype):
                 logits = forward(**batch).logits

@@ -1,0 +1,81 @@
+"""peftlab bench --scenario NAME [--output-dir DIR]: peftlab vs the Trainer + PEFT baseline, same run."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from peftlab.errors import UserError
+
+
+def add_parser(sub):
+    p = sub.add_parser("bench", help="benchmark the training path against the Trainer + PEFT baseline",
+                       description="Runs, in one invocation, `peftlab train` and the reference baseline "
+                       "(../shared/bench/hf_trainer_baseline.py, --style seed and --style tuned) on the same "
+                       "model, rows, hyper-parameters and steps, and writes <output-dir>/<scenario>.json. "
+                       "See docs/benchmarks.md.")
+    p.add_argument("--scenario", help="scenario name (see --list)")
+    p.add_argument("--scenarios", metavar="FILE", help="scenarios file (default bench/scenarios.yaml)")
+    p.add_argument("--output-dir", help="where NAME.json goes (default: results/ beside the scenarios file)")
+    p.add_argument("--list", action="store_true", help="list the scenarios and exit")
+    p.add_argument("--repeats", type=int, help="run every contender this many times (rotated order; medians)")
+    p.add_argument("--only", help="comma-separated contenders to run, e.g. peftlab,tuned (ratios need seed/tuned)")
+    p.add_argument("--threads", type=int, help="OMP_NUM_THREADS for every contender (default: torch's own choice)")
+    p.add_argument("--max-train", type=int, help="override the scenario's training rows (quick checks)")
+    p.add_argument("--max-test", type=int, help="override the scenario's test rows (quick checks)")
+    p.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak, when the built-in table lacks it")
+    p.add_argument("--keep-work", action="store_true", help="keep the temporary data, logs and run directories")
+    return p
+
+
+def run(args) -> int:
+    from peftlab.bench import scenarios
+    from peftlab.bench.runner import run_scenario
+
+    source = Path(args.scenarios) if args.scenarios else scenarios.default_scenarios_file()
+    if args.list:
+        tree = scenarios.read_file(source)
+        for name, spec in tree["scenarios"].items():
+            print(f"{name:<12} {(spec or {}).get('device', '?'):<5} {(spec or {}).get('description', '')}")
+        return 0
+    if not args.scenario:
+        raise UserError(f"--scenario is required (one of: {', '.join(scenarios.names(source))})")
+    for flag in ("repeats", "threads", "max_train", "max_test"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise UserError(f"--{flag.replace('_', '-')} must be at least 1")
+    scenario = scenarios.load(args.scenario, source)
+    output_dir = Path(args.output_dir) if args.output_dir else source.parent / "results"
+    only = [c.strip() for c in args.only.split(",") if c.strip()] if args.only else None
+    result = run_scenario(scenario, output_dir, repeats=args.repeats, only=only, threads=args.threads,
+                          max_train=args.max_train, max_test=args.max_test, keep_work=args.keep_work,
+                          peak_tflops=args.peak_tflops)
+    print(summary(result))
+    print(f"results: {result['path']}")
+    failed = [f"{p['name']}/{n}" for p in result["parts"] for n, c in p["contenders"].items() if not c.get("ok")]
+    if failed:
+        print(f"failed contenders: {', '.join(failed)}")
+        return 1
+    return 0
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def summary(result: dict) -> str:
+    lines = [f"scenario {result['scenario']} on {result['device']} "
+             f"(load before/after {result['host']['load_average_before']} / {result['host']['load_average_after']})"]
+    for part in result["parts"]:
+        lines.append(f"  part {part['name']}: {part['model']}, {part['data']['train_rows']:,} train rows x "
+                     f"{part['settings']['epochs']} epoch(s), {part['data']['test_rows']:,} test rows")
+        lines.append(f"    {'contender':<16}{'real tok/s':>12}{'samples/s':>11}{'peak MiB':>10}{'test acc':>10}"
+                     f"{'macro-F1':>10}{'MFU':>8}{'vs seed':>9}{'vs tuned':>9}")
+        for name, c in part["contenders"].items():
+            if not c.get("ok"):
+                lines.append(f"    {name:<16}FAILED")
+                continue
+            r = part["ratios"].get(name, {})
+            mem = c["peak_memory_bytes"] / 2**20 if c["peak_memory_bytes"] else None
+            lines.append(f"    {name:<16}{_fmt(c['real_tokens_per_second'], ',.0f'):>12}{_fmt(c['samples_per_second'], ',.1f'):>11}"
+                         f"{_fmt(mem, ',.0f'):>10}{_fmt(c['test_accuracy'], '.4f'):>10}{_fmt(c['test_macro_f1'], '.4f'):>10}"
+                         f"{_fmt(c['mfu'], '.1%'):>8}{_fmt(r.get('ratio_vs_seed'), '.2f'):>9}{_fmt(r.get('ratio_vs_tuned'), '.2f'):>9}")
+    return "\n".join(lines)
