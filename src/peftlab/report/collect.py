@@ -133,6 +133,13 @@ def find_runs(paths: list[Path]) -> tuple[list[Run], list[NotCompleted]]:
             continue
         metrics = {**metrics, "config": _config_of(d, metrics)}
         runs.append(Run(names[d], d, metrics, read_history(d)))
+    # configurations a sweep skipped for its parameter budget have no run directory: list them too
+    for p in map(Path, paths):
+        for summary in (p.rglob("sweep.json") if p.is_dir() else []):
+            for s in (read_json(summary) or {}).get("skipped") or []:
+                others.append(NotCompleted(str(s.get("name")), summary.parent.resolve(),
+                                           f"skipped: over budget ({s.get('trainable', 0):,} trainable parameters "
+                                           f"> {s.get('budget', 0):,})"))
     return runs, others
 
 

@@ -1,0 +1,67 @@
+"""peftlab params [CONFIG] [--set k=v ...] [--num-labels N]"""
+from __future__ import annotations
+
+from peftlab.cli import add_config_arguments
+from peftlab.config import load_config
+from peftlab.errors import UserError
+
+
+def add_parser(sub):
+    p = sub.add_parser("params", help="exact trainable-parameter count of a configuration, without training",
+                       description="Build the configured model on the meta device (no weights read) with its method "
+                                   "applied and print the exact trainable count: adapter, classification head, other.")
+    add_config_arguments(p)
+    p.add_argument("--num-labels", type=int, metavar="N", help="number of classes (default: read from the dataset)")
+    return p
+
+
+def describe_method(m) -> str:
+    if m.name == "full":
+        return "full (every weight trains)"
+    targets = ",".join(m.target_modules) if m.target_modules else "default modules"
+    layers = ",".join(map(str, m.layers)) if m.layers else "all"
+    text = f"{m.name}  targets {targets}  layers {layers}"
+    if m.name in ("lora", "qlora"):
+        text += f"  r={m.r} alpha={m.alpha:g}"
+        if m.rank_pattern:
+            text += "  ranks " + ",".join(f"{k}={v}" for k, v in m.rank_pattern.items())
+    return text
+
+
+def labels_arg(n: int | None) -> list[str] | None:
+    if n is None:
+        return None
+    if n < 2:
+        raise UserError("--num-labels must be at least 2")
+    return [str(i) for i in range(n)]
+
+
+def run(args) -> int:
+    from peftlab.sweep.budget import count_config
+
+    cfg = load_config(args.config, args.overrides)
+    c = count_config(cfg, labels_arg(args.num_labels))
+    shape = " (shape from peftlab's copy of its config: the hub was not reachable)" if c.offline_shape else ""
+    rows = [("model", f"{cfg.model.name} ({c.model_type}, {c.num_layers} layers){shape}"),
+            ("labels", f"{c.num_labels}"),
+            ("method", describe_method(cfg.method))]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"  {k:<{width}}  {v}")
+    print("trainable parameters (exact; model built on the meta device, no weights loaded):")
+    adapter_name = {"lora": "adapter (LoRA)", "qlora": "adapter (LoRA)", "ia3": "adapter (IA3)"}.get(cfg.method.name, "adapter")
+    lines = [(adapter_name, c.adapter), ("classification head", c.head), ("other trainable", c.other),
+             ("total trainable", c.trainable)]
+    for k, v in lines:
+        extra = f"   {c.trainable_pct:.4f}% of {c.total:,}" if k == "total trainable" else ""
+        print(f"  {k:<21} {v:>13,}{extra}")
+    if c.per_module:
+        print("adapter parameters per module type:")
+        for k, v in sorted(c.per_module.items()):
+            print(f"  {k:<32} {v:>11,}")
+    budget = cfg.budget.max_trainable_params
+    if budget is not None:
+        verdict = f"fits ({budget - c.trainable:,} to spare)" if c.trainable <= budget else \
+            f"over by {c.trainable - budget:,}: a sweep skips it"
+        print(f"budget {budget:,}: {verdict}")
+    return 0
