@@ -103,6 +103,9 @@ def test_sweep_cli_user_errors(tmp_path, tiny_overrides, capsys):
     assert "no sweep block" in capsys.readouterr().err
     assert main(["sweep"]) == 2
     assert main(["sweep", str(plain), "--set", "sweep.seeds=[1]", "--n-trials", "0"]) == 2
+    assert main(["sweep", str(plain), "--set", "sweep.seeds=[1]", "--storage", "nosuchdb://x",
+                 "--output-dir", str(tmp_path / "y")]) == 2
+    assert "not a database URL" in capsys.readouterr().err
 
 
 # --- in-process sweeps ---------------------------------------------------------------------------

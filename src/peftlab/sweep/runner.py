@@ -165,15 +165,17 @@ class Sweep:
         sampler = optuna.samplers.TPESampler(seed=self.cfg.sweep.sampler_seed)
         pruner = (optuna.pruners.PercentilePruner(25.0, n_startup_trials=3, n_warmup_steps=0)
                   if self.cfg.sweep.pruning else optuna.pruners.NopPruner())
+        from sqlalchemy.exc import ArgumentError
+
         last = None
-        for i in range(10):  # processes starting together race to create the tables: try again
+        for i in range(6):  # processes starting together race to create the tables: try again
             try:
                 storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
                 self.study = optuna.create_study(storage=storage, study_name=self.study_name, direction="maximize",
                                                  sampler=sampler, pruner=pruner, load_if_exists=True)
                 break
-            except (ImportError, ValueError) as e:
-                raise UserError(f"--storage {storage_display(url)!r}: {e}") from None
+            except (ImportError, ValueError, ArgumentError) as e:
+                raise UserError(f"--storage {storage_display(url)!r}: not a database URL Optuna can use ({e})") from None
             except Exception as e:  # noqa: BLE001 - sqlalchemy errors while another process sets up
                 last = e
                 time.sleep(0.5 * (i + 1))
