@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 
+from peftlab.config.load import read_yaml
 from peftlab.errors import UserError
 
 # keys a scenario or a part may set, with the type they must have (None: any)
@@ -67,15 +67,9 @@ def default_scenarios_file() -> Path:
 
 
 def read_file(path: str | Path) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"scenarios file {str(p)!r} not found: pass one with --scenarios (see bench/scenarios.yaml)")
-    try:
-        tree = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise UserError(f"scenarios file {str(p)!r} is not valid YAML ({getattr(e, 'problem', e)})") from None
-    if not isinstance(tree, dict) or not isinstance(tree.get("scenarios"), dict) or not tree["scenarios"]:
-        raise UserError(f"scenarios file {str(p)!r}: expected a mapping with a non-empty 'scenarios:' section")
+    tree = read_yaml(path, "scenarios file", "pass one with --scenarios (see bench/scenarios.yaml)")
+    if not isinstance(tree.get("scenarios"), dict) or not tree["scenarios"]:
+        raise UserError(f"scenarios file {str(path)!r}: expected a mapping with a non-empty 'scenarios:' section")
     return tree
 
 

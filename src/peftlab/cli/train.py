@@ -1,7 +1,6 @@
 """peftlab train [CONFIG] [--set k=v ...] [--output-dir DIR] | --resume RUN_DIR"""
 from __future__ import annotations
 
-import json
 import traceback
 
 from peftlab.cli import add_config_arguments

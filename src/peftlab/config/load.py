@@ -65,18 +65,21 @@ def set_in(tree: dict, parts: list[str], value: Any) -> None:
     tree[parts[-1]] = value
 
 
-def read_yaml(path: str | Path) -> dict:
+def read_yaml(path: str | Path, what: str = "config file",
+              hint: str = "pass an existing YAML file (examples in configs/)") -> dict:
+    """A YAML mapping from a file, or a one-line UserError naming `what` the file is for."""
     p = Path(path)
     if not p.is_file():
-        raise UserError(f"config file {str(p)!r} not found: pass an existing YAML file (examples in configs/)")
+        raise UserError(f"{what} {str(p)!r} not found: {hint}")
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
-        raise UserError(f"config file {str(p)!r}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+        raise UserError(f"{what} {str(p)!r}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
     if not isinstance(data, dict):
-        raise UserError(f"config file {str(p)!r}: expected a mapping of sections (data:, model:, method:, ...)")
+        raise UserError(f"{what} {str(p)!r}: expected a mapping of sections (data:, model:, method:, ...)"
+                        if what == "config file" else f"{what} {str(p)!r}: expected a YAML mapping")
     return data
 
 
