@@ -1,7 +1,6 @@
 """`peftlab serve`: a real server on 127.0.0.1, two adapters over one frozen tiny BERT."""
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess
