@@ -103,7 +103,7 @@ def train(cfg: Config, run: RunDir, resume: bool = False, progress: bool = True,
 
     state = run.load_checkpoint("last") if resume else None
     if state is None and resume:
-        run.path.joinpath("history.jsonl").unlink(missing_ok=True)  # killed before the first epoch ended
+        run.history_file.unlink(missing_ok=True)  # killed before the first epoch ended
     eval_bs = cfg.eval.batch_size
     if state is not None:
         baseline = state["baseline"]
@@ -211,7 +211,8 @@ def train(cfg: Config, run: RunDir, resume: bool = False, progress: bool = True,
         improved = current > best
         if improved:
             best, best_epoch, stale = current, epoch + 1, 0
-            run.save_checkpoint("best", {"trainable": trainable_state(model), "epoch": epoch + 1})
+            run.save_checkpoint("best", {"trainable": trainable_state(model), "epoch": epoch + 1,
+                                         "validation": {k: validation[k] for k in ("accuracy", "macro_f1", "loss")}})
         else:
             stale += 1
         train_loss = epoch_loss_sum / max(epoch_loss_count, 1)
@@ -237,8 +238,7 @@ def train(cfg: Config, run: RunDir, resume: bool = False, progress: bool = True,
     # --- final evaluation with the best epoch's weights ---------------------------------------
     best_state = run.load_checkpoint("best")
     model.load_state_dict(best_state["trainable"], strict=False)
-    val_logits = predict_logits(model, enc["validation"], pad_id, device, dtype, eval_bs)
-    validation = _scores(val_logits, enc["validation"].labels, data.label_names)
+    validation = best_state["validation"]  # measured on these weights when they were saved
     test_logits = predict_logits(model, enc["test"], pad_id, device, dtype, eval_bs)
     test_probs = softmax(test_logits)
     test = classification_metrics(enc["test"].labels, test_probs, data.label_names)
