@@ -9,6 +9,10 @@ A running claim carries its owner (host/pid/process start time) and a heartbeat.
 its owner is a dead process on this host, or when its heartbeat is older than `stale_after` seconds;
 marking it stale is a conditional UPDATE, so one process does it, and the unit's next attempt is
 claimed like the first: exactly one re-run per interrupted attempt.
+
+Every timestamp in the table is written by the database's clock (`db_now_ms()` in the SQL), and a
+heartbeat's age is computed in SQL against that same clock: workers on machines whose clocks disagree
+never see a live claim as stale, nor a dead one as fresh.
 """
 from __future__ import annotations
 
@@ -21,6 +25,8 @@ from dataclasses import dataclass
 
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.expression import FunctionElement
 
 RUNNING, DONE, PRUNED, FAILED, STALE, SKIPPED = "running", "done", "pruned", "failed", "stale", "skipped"
 FINISHED = {DONE, PRUNED, SKIPPED}
@@ -41,7 +47,36 @@ claims_table = sa.Table(
 
 
 def now_ms() -> int:
+    """This machine's clock (for local bookkeeping only; the claims table uses db_now_ms())."""
     return int(time.time() * 1000)
+
+
+class db_now_ms(FunctionElement):
+    """Milliseconds since the Unix epoch by the database server's clock, evaluated in the statement."""
+    type = sa.BigInteger()
+    inherit_cache = True
+
+
+@compiles(db_now_ms, "sqlite")
+def _sqlite_now(element, compiler, **kw):
+    return "CAST(ROUND((julianday('now') - 2440587.5) * 86400000.0) AS INTEGER)"
+
+
+@compiles(db_now_ms, "postgresql")
+def _postgres_now(element, compiler, **kw):
+    return "CAST(EXTRACT(EPOCH FROM now()) * 1000 AS BIGINT)"
+
+
+@compiles(db_now_ms, "mysql")
+@compiles(db_now_ms, "mariadb")
+def _mysql_now(element, compiler, **kw):
+    return "CAST(UNIX_TIMESTAMP(NOW(3)) * 1000 AS SIGNED)"
+
+
+@compiles(db_now_ms)
+def _other_now(element, compiler, **kw):
+    raise sa_exc.CompileError(f"peftlab sweep: no database clock for {compiler.dialect.name!r} "
+                              f"(use SQLite, PostgreSQL or MySQL storage)")
 
 
 def _process_start(pid: int) -> str:
@@ -86,6 +121,7 @@ class Claim:
     started_ms: int
     finished_ms: int | None
     payload: dict
+    age_ms: int = 0  # database now - heartbeat, when it was read
 
     @property
     def key(self) -> tuple[str, int]:
@@ -93,12 +129,14 @@ class Claim:
 
 
 def _retrying(fn, *args, tries: int = 30, **kwargs):
-    """SQLite under several writers answers 'database is locked' now and then: wait and try again."""
+    """SQLite under several writers answers 'database is locked' now and then, and a database server's
+    connection can drop (restart, network): wait and try again."""
     for i in range(tries):
         try:
             return fn(*args, **kwargs)
         except sa_exc.OperationalError as e:
-            if "locked" not in str(e).lower() and "busy" not in str(e).lower() or i == tries - 1:
+            transient = e.connection_invalidated or any(w in str(e).lower() for w in ("locked", "busy"))
+            if not transient or i == tries - 1:
                 raise
             time.sleep(0.2 + 0.1 * i)
 
@@ -127,10 +165,18 @@ class Claims:
     # --- reading -----------------------------------------------------------------------------
     def all(self) -> list[Claim]:
         def read():
+            age = (db_now_ms() - claims_table.c.heartbeat_ms).label("age_ms")
             with self.engine.connect() as c:
-                rows = c.execute(sa.select(claims_table).where(claims_table.c.study == self.study)).mappings().all()
+                rows = c.execute(sa.select(claims_table, age).where(claims_table.c.study == self.study)).mappings().all()
             return [Claim(r["unit"], r["attempt"], r["owner"], r["state"], r["heartbeat_ms"], r["started_ms"],
-                          r["finished_ms"], json.loads(r["payload"]) if r["payload"] else {}) for r in rows]
+                          r["finished_ms"], json.loads(r["payload"]) if r["payload"] else {}, r["age_ms"]) for r in rows]
+        return _retrying(read)
+
+    def now_ms(self) -> int:
+        """The database's clock, the one every timestamp in the claims table comes from."""
+        def read():
+            with self.engine.connect() as c:
+                return int(c.execute(sa.select(db_now_ms())).scalar_one())
         return _retrying(read)
 
     def latest(self) -> dict[str, Claim]:
@@ -148,13 +194,12 @@ class Claims:
 
     # --- claiming ----------------------------------------------------------------------------
     def try_claim(self, unit: str, attempt: int, payload: dict | None = None) -> bool:
-        t = now_ms()
-
         def insert():
             with self.engine.begin() as c:
                 c.execute(claims_table.insert().values(
                     study=self.study, unit=unit, attempt=attempt, owner=self.owner, state=RUNNING,
-                    heartbeat_ms=t, started_ms=t, finished_ms=None, payload=json.dumps(payload or {})))
+                    heartbeat_ms=db_now_ms(), started_ms=db_now_ms(), finished_ms=None,
+                    payload=json.dumps(payload or {})))
         try:
             _retrying(insert)
         except sa_exc.IntegrityError:
@@ -178,7 +223,7 @@ class Claims:
         self._update_mine(unit, attempt, payload=json.dumps(payload))
 
     def finish(self, unit: str, attempt: int, state: str, payload: dict | None = None) -> None:
-        values = {"state": state, "finished_ms": now_ms()}
+        values = {"state": state, "finished_ms": db_now_ms()}
         if payload is not None:
             values["payload"] = json.dumps(payload)
         self._update_mine(unit, attempt, **values)
@@ -191,20 +236,24 @@ class Claims:
 
     # --- staleness ---------------------------------------------------------------------------
     def is_stale(self, claim: Claim) -> bool:
+        """Its owner is gone: a dead process on this host, or no heartbeat for stale_after seconds by the
+        database's clock (claim.age_ms was computed in SQL; this machine's clock plays no part)."""
         if claim.state != RUNNING or claim.owner == self.owner:
             return False
-        return owner_is_dead(claim.owner) or now_ms() - claim.heartbeat_ms > self.stale_after_ms
+        return owner_is_dead(claim.owner) or claim.age_ms > self.stale_after_ms
 
     def mark_stale(self, claim: Claim) -> bool:
-        """Conditional on the claim being unchanged since we read it: True for exactly one caller."""
+        """Conditional on the claim being unchanged since we read it (and, unless its process is dead
+        here, on its heartbeat being old by the database's clock now): True for exactly one caller."""
         t = claims_table.c
+        cond = ((t.study == self.study) & (t.unit == claim.unit) & (t.attempt == claim.attempt)
+                & (t.state == RUNNING) & (t.heartbeat_ms == claim.heartbeat_ms))
+        if not owner_is_dead(claim.owner):
+            cond = cond & (t.heartbeat_ms < db_now_ms() - self.stale_after_ms)
 
         def update():
             with self.engine.begin() as c:
-                return c.execute(claims_table.update().where(
-                    (t.study == self.study) & (t.unit == claim.unit) & (t.attempt == claim.attempt)
-                    & (t.state == RUNNING) & (t.heartbeat_ms == claim.heartbeat_ms)
-                ).values(state=STALE, finished_ms=now_ms())).rowcount
+                return c.execute(claims_table.update().where(cond).values(state=STALE, finished_ms=db_now_ms())).rowcount
         return _retrying(update) == 1
 
     # --- heartbeat ---------------------------------------------------------------------------
@@ -213,7 +262,7 @@ class Claims:
             held = list(self._held)
         for unit, attempt in held:
             try:
-                self._update_mine(unit, attempt, heartbeat_ms=now_ms())
+                self._update_mine(unit, attempt, heartbeat_ms=db_now_ms())
             except sa_exc.SQLAlchemyError:
                 pass  # the next beat will try again
 
