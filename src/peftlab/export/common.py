@@ -1,0 +1,168 @@
+"""What both export formats share: the run's model as a plain transformers model, a staged output
+directory, and the check against the run's own test predictions (predictions.csv)."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from peftlab.errors import UserError
+
+# config.json fields that would make a loader expect quantized weights or a peft wrapper
+_STALE_CONFIG_FIELDS = ("quantization_config", "_pre_quantization_dtype")
+
+
+@dataclass
+class Source:
+    """A trained run ready to export: a plain (peft-free) fp32 model with the run's labels."""
+    run_dir: Path
+    model: torch.nn.Module
+    tokenizer: object
+    label_names: list[str]
+    max_length: int
+    metrics: dict
+    notes: list[str] = field(default_factory=list)
+
+    def info(self) -> dict:
+        return {"run_dir": str(self.run_dir.resolve()), "method": self.metrics.get("method"), "model": self.metrics.get("model"),
+                "label_names": self.label_names, "max_length": self.max_length,
+                "run_test_accuracy": (self.metrics.get("test") or {}).get("accuracy"), "notes": self.notes}
+
+
+def check_output(output: str | Path) -> Path:
+    """Refuse before any work is done: an existing non-empty --output is never overwritten."""
+    out = Path(output)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"--output {str(out)!r} already exists and is not empty: choose a new directory, or remove it first")
+    return out
+
+
+@contextlib.contextmanager
+def staged(out: Path):
+    """Yield a fresh directory beside `out`, renamed to `out` only when the block succeeds: a failed
+    or killed export leaves no folder that looks complete (at most a hidden .tmp one)."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.parent / f".{out.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
+        tmp.mkdir()
+    except OSError as e:
+        raise UserError(f"--output {str(out)!r} cannot be created ({e.strerror}): choose a writable location") from None
+    try:
+        yield tmp
+        check_output(out)  # another process may have filled it meanwhile
+        os.replace(tmp, out)  # an empty existing directory is replaced atomically too
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _quiet_transformers() -> None:
+    # progress bars for loading and writing a few files are noise in a command's output
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def _read_metrics(run_dir: Path) -> dict | None:
+    try:
+        return json.loads((run_dir / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return None  # load_trained says what is wrong with the run
+
+
+def load_source(run_dir: str | Path) -> Source:
+    """The run's model with its adapter merged in, as a plain transformers model. The one call into
+    peftlab.runs is load_trained; the rest reads the run directory's documented files."""
+    from peftlab.runs.trained import load_trained
+
+    run_dir = Path(run_dir)
+    metrics = _read_metrics(run_dir)
+    if metrics and str(metrics.get("model", "")).startswith("random:") and (run_dir / "adapter").is_dir():
+        raise UserError(f"run {str(run_dir)!r} trained an adapter on random weights ({metrics['model']}) that were "
+                        f"never saved, so there is no base to merge it into: export a run of a real model "
+                        f"(a local folder, hub id or minilm-l6), or a full fine-tuning run")
+    _quiet_transformers()
+    trained = load_trained(run_dir, torch.device("cpu"), merge=True)
+    metrics = metrics or {}
+    model = trained.model
+    if hasattr(model, "peft_config") or any(hasattr(m, "base_layer") for m in model.modules()):
+        raise RuntimeError(f"run {run_dir}: the adapter was not merged into the base model ({type(model).__name__})")
+    notes = []
+    if metrics.get("method") == "qlora":
+        used = (metrics.get("quantization") or {}).get("used", "none")
+        notes.append("qlora run: its LoRA adapter is merged into the fp32 base model" + (
+            " (the run trained on the unquantized model, so the merge is exact)" if used == "none" else
+            f" (the run trained over a {used} base, so probabilities can differ slightly from the run's: see the check)"))
+    return Source(run_dir, plain_model(model, trained.label_names), trained.tokenizer, trained.label_names,
+                  trained.config.data.max_length, metrics, notes)
+
+
+def plain_model(model: torch.nn.Module, label_names: list[str]) -> torch.nn.Module:
+    """fp32, eval, labels from the run (not whatever the base checkpoint carried: peft #1486), single-label
+    softmax, and no leftover quantization fields in its config."""
+    model = model.float().eval()
+    config = model.config
+    config.num_labels = len(label_names)
+    config.id2label = dict(enumerate(label_names))
+    config.label2id = {n: i for i, n in enumerate(label_names)}
+    config.problem_type = "single_label_classification"  # so pipeline() applies softmax, as the run did
+    config.architectures = [type(model).__name__]
+    for name in _STALE_CONFIG_FIELDS:
+        if hasattr(config, name):
+            delattr(config, name)
+    return model
+
+
+def save_tokenizer(source: Source, directory: Path) -> None:
+    # truncation=True then cuts where the run did (pipeline(..., truncation=True) included)
+    source.tokenizer.model_max_length = source.max_length
+    source.tokenizer.save_pretrained(directory)
+
+
+@dataclass
+class TestSet:
+    texts: list[str]
+    labels: np.ndarray  # label indices
+    probs: np.ndarray   # the run's probabilities, prob_<label> columns in label order
+
+
+def test_set(source: Source) -> TestSet | None:
+    """The run's test rows from predictions.csv, or None (with a note) when it has none."""
+    import pandas as pd
+
+    path = source.run_dir / "predictions.csv"
+    columns = [f"prob_{n}" for n in source.label_names]
+    try:
+        frame = pd.read_csv(path, dtype={"text": str, "label": str}, keep_default_na=False)
+    except (OSError, ValueError):
+        frame = None
+    if frame is None or not {"text", "label", *columns} <= set(frame.columns):
+        source.notes.append(f"no readable {path.name} with prob_* columns: the export was not checked against the run")
+        return None
+    index = {n: i for i, n in enumerate(source.label_names)}
+    return TestSet(frame["text"].tolist(), frame["label"].map(index).to_numpy(), frame[columns].to_numpy(np.float64))
+
+
+def compare(probs: np.ndarray, test: TestSet) -> dict:
+    """How the exported model's probabilities on the run's test rows compare with the run's own."""
+    return {"rows": len(test.texts), "max_abs_diff_vs_run": float(np.abs(probs - test.probs).max()),
+            "accuracy": float((probs.argmax(1) == test.labels).mean()),
+            "agreement_with_run": float((probs.argmax(1) == test.probs.argmax(1)).mean())}
+
+
+def encoded(source: Source, texts: list[str]):
+    """Texts tokenized exactly as the run tokenized them (same function, same max_length)."""
+    from peftlab.data.tokenize import encode
+
+    return encode(source.tokenizer, texts, np.zeros(len(texts), np.int64), source.max_length)
+
+
+def write_info(directory: Path, info: dict) -> None:
+    (directory / "export_info.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")

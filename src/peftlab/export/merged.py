@@ -1,0 +1,51 @@
+"""`merged`: a plain Hugging Face model folder (adapter folded into the weights, trained head, the run's
+labels, tokenizer) that AutoModelForSequenceClassification and pipeline() load without peft or peftlab."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from peftlab.export.common import Source, check_output, compare, encoded, load_source, save_tokenizer, staged, \
+    test_set, write_info
+
+
+def save_merged(source: Source, directory: Path) -> None:
+    source.model.save_pretrained(directory)
+    save_tokenizer(source, directory)
+
+
+def reload_checked(directory: Path) -> torch.nn.Module:
+    """Load the folder the way users will, and refuse one whose weights do not all load: a missing head
+    would otherwise come back silently random (peft #577, #1070)."""
+    from transformers import AutoModelForSequenceClassification
+
+    model, loading = AutoModelForSequenceClassification.from_pretrained(directory, output_loading_info=True)
+    bad = {k: v for k, v in loading.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+    if bad:
+        raise RuntimeError(f"the exported model in {directory} does not load cleanly: {bad}")
+    return model.eval()
+
+
+def torch_probabilities(model: torch.nn.Module, source: Source, texts: list[str]):
+    from peftlab.evaluation.predict import predict_logits, softmax
+
+    return softmax(predict_logits(model, encoded(source, texts), source.tokenizer.pad_token_id, torch.device("cpu")))
+
+
+def export_merged(run_dir: str | Path, output: str | Path) -> dict:
+    """Write the merged model folder to `output`; returns what export_info.json records."""
+    out = check_output(output)
+    start = time.perf_counter()
+    source = load_source(run_dir)
+    with staged(out) as tmp:
+        save_merged(source, tmp)
+        files = sorted(p.name for p in tmp.iterdir())
+        model = reload_checked(tmp)
+        test = test_set(source)
+        check = None if test is None else compare(torch_probabilities(model, source, test.texts), test)
+        info = {"format": "merged", **source.info(), "files": files, "check": check,
+                "seconds": round(time.perf_counter() - start, 2)}
+        write_info(tmp, info)
+    return {**info, "output": str(out)}
