@@ -30,6 +30,10 @@ class Source:
     metrics: dict
     notes: list[str] = field(default_factory=list)
 
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+
     def info(self) -> dict:
         return {"run_dir": str(self.run_dir.resolve()), "method": self.metrics.get("method"), "model": self.metrics.get("model"),
                 "label_names": self.label_names, "max_length": self.max_length,

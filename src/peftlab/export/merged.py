@@ -29,9 +29,12 @@ def reload_checked(directory: Path) -> torch.nn.Module:
 
 
 def torch_probabilities(model: torch.nn.Module, source: Source, texts: list[str]):
-    from peftlab.evaluation.predict import predict_logits, softmax
+    from scipy.special import softmax
 
-    return softmax(predict_logits(model, encoded(source, texts), source.tokenizer.pad_token_id, torch.device("cpu")))
+    from peftlab.evaluation.predict import predict_logits
+
+    logits = predict_logits(model, encoded(source, texts), source.pad_id, torch.device("cpu"))
+    return softmax(logits, axis=1)
 
 
 def export_merged(run_dir: str | Path, output: str | Path) -> dict:

@@ -78,8 +78,9 @@ def session(path: Path):
 def onnx_probabilities(sess, source: Source, texts: list[str], batch_size: int = 64) -> np.ndarray:
     """Class probabilities from an onnxruntime session, on the run's own tokenization; batches mix lengths
     (sorted, padded to the longest), as a real caller's would."""
+    from scipy.special import softmax
+
     from peftlab.data.batching import collate
-    from peftlab.evaluation.predict import softmax
 
     data = encoded(source, texts)
     wanted = {i.name for i in sess.get_inputs()}
@@ -87,12 +88,12 @@ def onnx_probabilities(sess, source: Source, texts: list[str], batch_size: int =
     logits = np.zeros((len(texts), len(source.label_names)), np.float32)
     for start in range(0, len(order), batch_size):
         index = order[start:start + batch_size]
-        batch = collate(data, index, source.tokenizer.pad_token_id, pad_to_multiple=1)
+        batch = collate(data, index, source.pad_id, pad_to_multiple=1)
         feed = {"input_ids": batch["input_ids"].numpy(), "attention_mask": batch["attention_mask"].numpy()}
         if "token_type_ids" in wanted:  # single texts: segment 0 throughout, as the tokenizer gives
             feed["token_type_ids"] = np.zeros_like(feed["input_ids"])
         logits[index] = sess.run(["logits"], feed)[0]
-    return softmax(logits)
+    return softmax(logits, axis=1)
 
 
 def quantize_int8(source_path: Path, target: Path) -> None:
