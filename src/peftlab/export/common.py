@@ -28,6 +28,7 @@ class Source:
     label_names: list[str]
     max_length: int
     metrics: dict
+    cache_dir: str | None = None  # the run's tokenization cache
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -104,8 +105,9 @@ def load_source(run_dir: str | Path) -> Source:
         notes.append("qlora run: its LoRA adapter is merged into the fp32 base model" + (
             " (the run trained on the unquantized model, so the merge is exact)" if used == "none" else
             f" (the run trained over a {used} base, so probabilities can differ slightly from the run's: see the check)"))
+    data = trained.config.data
     return Source(run_dir, plain_model(model, trained.label_names), trained.tokenizer, trained.label_names,
-                  trained.config.data.max_length, metrics, notes)
+                  data.max_length, metrics, data.cache_dir, notes)
 
 
 def plain_model(model: torch.nn.Module, label_names: list[str]) -> torch.nn.Module:
@@ -165,7 +167,7 @@ def encoded(source: Source, texts: list[str]):
     """Texts tokenized exactly as the run tokenized them (same function, same max_length)."""
     from peftlab.data.tokenize import encode
 
-    return encode(source.tokenizer, texts, np.zeros(len(texts), np.int64), source.max_length)
+    return encode(source.tokenizer, texts, np.zeros(len(texts), np.int64), source.max_length, source.cache_dir)
 
 
 def write_info(directory: Path, info: dict) -> None:
