@@ -1,4 +1,5 @@
-"""Fabricate run directories that follow the trainer's run-directory contract, without training.
+"""Fabricate run directories that follow the trainer's run-directory contract, without training:
+metrics.json is a real RunRecord, so a renamed or retyped field breaks these fixtures too.
 
 Test metrics come from `classification_metrics` on made-up predictions (so they are internally
 consistent); validation figures are given directly so tests can steer the best-by-validation choice.
@@ -14,6 +15,7 @@ import yaml
 
 from peftlab.config.schema import Config
 from peftlab.evaluation.metrics import classification_metrics
+from peftlab.runs.record import Baseline, Efficiency, FullScores, Params, Quantization, RunRecord, Scores
 
 LABELS = ["business", "sport", "tech"]
 N_TEST = 100
@@ -60,21 +62,21 @@ def make_run(root: Path, name: str, *, method: str = "lora", r: int = 8, seed: i
         for i, (y, p) in enumerate(zip(labels, probs)):
             w.writerow([f"text, number {i}", LABELS[y], LABELS[int(p.argmax())], float(p.max())] + list(map(float, p)))
 
-    metrics = {
-        "status": status, "method": method, "model": cfg["model"]["name"], "dataset": "bbc_news",
-        "run_dir": str(run), "config": cfg,
-        "params": {"trainable": trainable, "total": total, "trainable_pct": 100 * trainable / total,
-                   "adapter_bytes": trainable * 4},
-        "validation": {"accuracy": val_acc, "macro_f1": val_f1}, "best_epoch": 3, "test": test,
-        "label_names": LABELS, "baseline": {"test": {"accuracy": 0.3333, "macro_f1": 0.1667}},
-        "efficiency": {"train_seconds": seconds, "train_samples_per_second": 80.0,
-                       "train_tokens_per_second": 9000.0, "peak_memory_bytes": peak,
-                       "peak_memory_kind": "cpu_peak_rss", "device": "cpu"},
-        "quantization": {"requested": None, "used": None, "reason": None}, "distill": None,
-    }
-    if status != "completed":  # a failed run stops before evaluation
-        metrics = {k: metrics[k] for k in ("status", "method", "model", "dataset", "run_dir", "config")}
-    (run / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+    if status == "completed":
+        record = RunRecord(
+            status=status, method=method, model=cfg["model"]["name"], dataset="bbc_news", run_dir=str(run),
+            config=cfg, label_names=LABELS,
+            params=Params(trainable=trainable, total=total, trainable_pct=100 * trainable / total,
+                          adapter_bytes=trainable * 4),
+            validation=Scores(accuracy=val_acc, macro_f1=val_f1), best_epoch=3, test=FullScores(**test),
+            baseline=Baseline(test=Scores(accuracy=0.3333, macro_f1=0.1667)),
+            efficiency=Efficiency(train_seconds=seconds, train_samples_per_second=80.0, train_tokens_per_second=9000.0,
+                                  peak_memory_bytes=peak, peak_memory_kind="cpu_peak_rss", device="cpu"),
+            quantization=Quantization())
+    else:  # a failed run stops before evaluation
+        record = RunRecord(status=status, method=method, model=cfg["model"]["name"], run_dir=str(run), config=cfg,
+                           error="RuntimeError: made up")
+    record.write(run / "metrics.json")
     return run
 
 

@@ -10,9 +10,10 @@ import torch
 from peftlab.cli import main
 from peftlab.config import load_config
 from peftlab.errors import UserError
-from peftlab.models.build import build_model, count_parameters
-from peftlab.sweep.budget import count_config, label_names_for
-from peftlab.sweep.plan import plan
+from peftlab.models.build import build_model
+from peftlab.models.params import count_parameters
+from peftlab.models.params import count_config, label_names_for
+from peftlab.models.plan import plan
 
 TARGETED = ["method.layers=[0]", "method.target_modules=[query,key,attention.output.dense]",
             "method.rank_pattern={attention.output.dense: 2}"]

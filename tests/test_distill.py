@@ -14,6 +14,7 @@ from peftlab.cli import main
 from peftlab.config import load_config
 from peftlab.errors import UserError
 from peftlab.runs.rundir import RunDir
+from peftlab.runtime import Runtime
 from peftlab.training.distill import distill_loss
 
 
@@ -45,7 +46,7 @@ def test_loss_equals_hand_computation():
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory, tiny_model_dir, topic_data_dir) -> Path:
     """A full fine-tuning run of the tiny model: the teacher."""
-    from peftlab.training.loop import train
+    from peftlab.training.trainer import train
 
     out = tmp_path_factory.mktemp("teacher") / "teacher"
     cfg = load_config(None, [f"model.name={tiny_model_dir}", f"data.path={topic_data_dir}", "data.max_length=48",
@@ -61,15 +62,15 @@ def _student(tiny_overrides, teacher: Path, out: Path, method: str, *extra: str)
 
 
 def test_teacher_logits_computed_once_and_cached(tmp_path, tiny_overrides, teacher_dir, monkeypatch):
-    import peftlab.training.loop as loop
+    import peftlab.training.trainer as trainer
 
     calls = []
-    real = loop.teacher_logits
+    real = trainer.teacher_logits
 
     def counting(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
-    monkeypatch.setattr(loop, "teacher_logits", counting)
+    monkeypatch.setattr(trainer, "teacher_logits", counting)
 
     out = tmp_path / "student"
     cfg = _student(tiny_overrides, teacher_dir, out, "lora", "train.epochs=3")
@@ -78,35 +79,38 @@ def test_teacher_logits_computed_once_and_cached(tmp_path, tiny_overrides, teach
     class Stop(Exception):
         pass
 
-    def stop_after_first(epoch, value):
-        if epoch == 1:
-            raise Stop
+    class StopAfterFirst:
+        def on_epoch_end(self, trainer, epoch, scores):
+            if epoch == 1:
+                raise Stop
     with pytest.raises(Stop):  # interrupted after epoch 1: the cache survives in checkpoints/
-        loop.train(cfg, run, progress=False, on_epoch=stop_after_first)
+        trainer.train(cfg, run, progress=False, callbacks=[StopAfterFirst()])
     assert len(calls) == 1
     cached = np.load(run.checkpoints / "teacher_logits.npy")
     assert cached.shape == (240, 3)
-    metrics = loop.train(cfg, run, resume=True, progress=False)
+    metrics = trainer.train(cfg, run, resume=True, progress=False)
     assert len(calls) == 1  # three epochs, one resume: the teacher ran once
-    assert metrics["status"] == "completed" and metrics["distill"] == {"teacher": str(teacher_dir), "alpha": 0.3,
-                                                                         "temperature": 2.0}
+    assert [r["epoch"] for r in run.history() if r["kind"] == "epoch"] == [1, 2, 3]  # resumed after epoch 1
+    assert metrics.status == "completed" and metrics.distill.model_dump() == {
+        "teacher": str(teacher_dir), "alpha": 0.3, "temperature": 2.0}
     # the cached logits are the teacher's own predictions on the training texts
     from peftlab.data import load_data
     from peftlab.training.distill import teacher_logits
 
     data = load_data(cfg.data, cfg.train.seed)
-    again = teacher_logits(cfg.distill, data.train.texts, data.label_names, torch.device("cpu"), cfg.data.cache_dir)
+    again = teacher_logits(cfg.distill, data.train.texts, data.label_names, Runtime(torch.device("cpu"), torch.float32),
+                           cfg.data.cache_dir)
     np.testing.assert_allclose(cached, again, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("method", ["ia3", "full"])
 def test_any_student_method_distills(method, tmp_path, tiny_overrides, teacher_dir):
-    from peftlab.training.loop import train
+    from peftlab.training.trainer import train
 
     out = tmp_path / method
     metrics = train(_student(tiny_overrides, teacher_dir, out, method), RunDir(out).create(), progress=False)
-    assert metrics["status"] == "completed" and metrics["method"] == method
-    assert metrics["distill"]["teacher"] == str(teacher_dir)
+    assert metrics.status == "completed" and metrics.method == method
+    assert metrics.distill.teacher == str(teacher_dir)
     losses = [r["train_loss"] for r in RunDir(out).history() if r["kind"] == "epoch"]
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
 

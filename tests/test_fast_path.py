@@ -15,11 +15,12 @@ import torch.nn.functional as F
 from peftlab.config import load_config
 from peftlab.data.batching import batch_order, collate, pad_multiple
 from peftlab.data.tokenize import Encoded, encode
-from peftlab.evaluation.predict import first_token_only, merged_lora, predict_logits
+from peftlab.evaluation.predict import predict_logits
 from peftlab.models.build import build_model
 from peftlab.models.loading import load_tokenizer
+from peftlab.models.speed import first_token_only, merged_lora
 from peftlab.runs.rundir import RunDir
-from peftlab.training.loop import train
+from peftlab.training.trainer import train
 from tests.conftest import make_rows
 
 CPU = torch.device("cpu")
@@ -121,7 +122,7 @@ def test_length_grouped_trains_like_random_batches(tmp_path, tiny_model_dir, top
                                  "train.epochs=6", "train.batch_size=16", "train.learning_rate=0.05",
                                  f"train.sampler={sampler}", "output.plots=false", "eval.baseline=false"])
         run = RunDir(tmp_path / sampler).create()
-        results[sampler] = train(cfg, run, progress=False)
+        results[sampler] = train(cfg, run, progress=False).model_dump()
         history = [json.loads(line) for line in run.history_file.read_text().splitlines()]
         results[sampler]["last_train_loss"] = [r for r in history if r["kind"] == "epoch"][-1]["train_loss"]
     grouped, plain = results["length_grouped"], results["random"]
@@ -212,6 +213,6 @@ def test_compiled_training_on_gpu_matches_eager(tmp_path, tiny_overrides):
         cfg = load_config(None, tiny_overrides + ["train.device=cuda", "train.precision=fp32",
                                                   f"train.compile={str(compiled).lower()}", "eval.baseline=false"])
         m = train(cfg, RunDir(tmp_path / str(compiled)).create(), progress=False)
-        assert m["status"] == "completed"
-        losses[compiled] = m["validation"]["loss"]
+        assert m.status == "completed"
+        losses[compiled] = m.validation.loss
     assert abs(losses[True] - losses[False]) < 0.05

@@ -17,7 +17,8 @@ import torch
 from peftlab.cli import main
 from peftlab.runs.rundir import RunDir
 from peftlab.config import load_config
-from peftlab.models.build import build_model, count_parameters
+from peftlab.models.build import build_model
+from peftlab.models.params import count_parameters
 
 METHODS = ["full", "lora", "qlora", "ia3"]
 

@@ -31,8 +31,6 @@ PEAK_BF16_TFLOPS: list[tuple[str, float]] = [
     ("L4", 121.0),
 ]
 
-FROZEN_BACKBONE = {"lora", "qlora", "ia3"}
-
 
 def peak_bf16_flops(device_name: str) -> float | None:
     """FLOP/s for a CUDA device name, or None when unknown (CPUs included)."""
@@ -57,7 +55,9 @@ def non_embedding_params(model_name: str, num_labels: int = 2) -> int:
 
 
 def flops_per_token(params: int, method: str) -> float:
-    return float((4 if method in FROZEN_BACKBONE else 6) * params)
+    from peftlab.models.methods import registry
+
+    return registry.get(method).flops_per_token(params)
 
 
 def mfu(tokens_per_second: float | None, flops_token: float, peak: float | None) -> float | None:

@@ -35,6 +35,7 @@ import yaml
 from peftlab.bench import flops
 from peftlab.bench.scenarios import Part, Scenario
 from peftlab.errors import UserError
+from peftlab.runs.record import RunRecord
 
 BASELINE_STYLES = ("seed", "tuned")
 PEFTLAB_MAIN = "peftlab"
@@ -188,24 +189,23 @@ def run_peftlab(name: str, part: Part, scenario: Scenario, data: dict, overrides
     cmd = [sys.executable, "-c", "import sys; from peftlab.cli import main; sys.exit(main())",
            "train", str(cfg_file), "--output-dir", str(work / "run"), "--no-progress"]
     code, _, rss, seconds = _spawn(cmd, env, work / "log", timeout)
-    metrics_file = work / "run" / "metrics.json"
-    metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
-    if code != 0 or metrics.get("status") != "completed":
+    record = RunRecord.read_or_none(work / "run" / "metrics.json")
+    if code != 0 or record is None or not record.completed:
         return {"contender": name, "ok": False, "error": f"exit {code}: {_tail(work / 'log.err')}",
                 "process_seconds": round(seconds, 1)}
-    eff = metrics["efficiency"]
-    gpu = eff["peak_memory_kind"] == "gpu_max_allocated"
+    eff = record.efficiency
+    gpu = eff.peak_memory_kind == "gpu_max_allocated"
     return {
         "contender": name, "ok": True, "kind": "peftlab", "method": cfg["method"]["name"],
         "overrides": {**part.peftlab, **overrides},
-        "precision": eff["precision"], "padding": "dynamic (length-grouped)", "sampler": cfg["train"].get("sampler", "length_grouped"),
-        "optimizer_steps": eff["optimizer_steps"], "train_seconds": eff["train_seconds"],
-        "real_tokens_per_second": eff["train_tokens_per_second"],
-        "samples_per_second": eff["train_samples_per_second"],
-        "peak_memory_bytes": eff["peak_memory_bytes"] if gpu else rss,
+        "precision": eff.precision, "padding": "dynamic (length-grouped)", "sampler": cfg["train"].get("sampler", "length_grouped"),
+        "optimizer_steps": eff.optimizer_steps, "train_seconds": eff.train_seconds,
+        "real_tokens_per_second": eff.train_tokens_per_second,
+        "samples_per_second": eff.train_samples_per_second,
+        "peak_memory_bytes": eff.peak_memory_bytes if gpu else rss,
         "peak_memory_kind": "gpu_max_allocated" if gpu else "cpu_process_peak_rss",
-        "test_accuracy": round(metrics["test"]["accuracy"], 4), "test_macro_f1": round(metrics["test"]["macro_f1"], 4),
-        "device": eff["device"], "process_seconds": round(seconds, 1),
+        "test_accuracy": round(record.test.accuracy, 4), "test_macro_f1": round(record.test.macro_f1, 4),
+        "device": eff.device, "process_seconds": round(seconds, 1),
     }
 
 

@@ -16,12 +16,18 @@ def add_parser(sub):
 
 
 def describe_method(m) -> str:
-    if m.name == "full":
-        return "full (every weight trains)"
-    targets = ",".join(m.target_modules) if m.target_modules else "default modules"
-    layers = ",".join(map(str, m.layers)) if m.layers else "all"
-    text = f"{m.name}  targets {targets}  layers {layers}"
-    if m.name in ("lora", "qlora"):
+    """The method and the settings that apply to it (the method says which)."""
+    from peftlab.models.methods import registry
+
+    facts = registry.get(m.name)
+    if not facts.hyperparameters:
+        return f"{m.name} ({facts.summary})"
+    text = m.name
+    if "target_modules" in facts.hyperparameters:
+        text += f"  targets {','.join(m.target_modules) if m.target_modules else 'default modules'}"
+    if "layers" in facts.hyperparameters:
+        text += f"  layers {','.join(map(str, m.layers)) if m.layers else 'all'}"
+    if facts.has_rank:
         text += f"  r={m.r} alpha={m.alpha:g}"
         if m.rank_pattern:
             text += "  ranks " + ",".join(f"{k}={v}" for k, v in m.rank_pattern.items())
@@ -37,7 +43,8 @@ def labels_arg(n: int | None) -> list[str] | None:
 
 
 def run(args) -> int:
-    from peftlab.sweep.budget import count_config
+    from peftlab.models.methods import registry
+    from peftlab.models.params import count_config
 
     cfg = load_config(args.config, args.overrides)
     c = count_config(cfg, labels_arg(args.num_labels))
@@ -49,7 +56,8 @@ def run(args) -> int:
     for k, v in rows:
         print(f"  {k:<{width}}  {v}")
     print("trainable parameters (exact; model built on the meta device, no weights loaded):")
-    adapter_name = {"lora": "adapter (LoRA)", "qlora": "adapter (LoRA)", "ia3": "adapter (IA3)"}.get(cfg.method.name, "adapter")
+    kind = registry.get(cfg.method.name).adapter_kind
+    adapter_name = f"adapter ({kind})" if kind else "adapter"
     lines = [(adapter_name, c.adapter), ("classification head", c.head), ("other trainable", c.other),
              ("total trainable", c.trainable)]
     for k, v in lines:

@@ -20,7 +20,7 @@ def add_parser(sub):
 
 
 def run(args) -> int:
-    from peftlab.sweep.plan import plan
+    from peftlab.models.plan import plan
 
     cfg = load_config(args.config, args.overrides)
     budget = args.budget if args.budget is not None else cfg.budget.max_trainable_params

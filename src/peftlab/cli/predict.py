@@ -5,9 +5,8 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from peftlab.errors import UserError
+from peftlab.runs.rundir import RunDir
 
 
 def add_parser(sub):
@@ -32,48 +31,34 @@ def read_texts(path: str, text_columns: list[str]) -> list[str]:
     return frame[columns].fillna("").astype(str).agg(" ".join, axis=1).tolist()
 
 
-def predict_texts(trained, texts: list[str], device, batch_size: int = 64, progress: bool = False) -> np.ndarray:
-    from peftlab.data.tokenize import encode
-    from peftlab.evaluation.predict import predict_logits, softmax
+def write_rows(path: str | None, texts: list[str], rows: list[dict], names: list[str]) -> None:
+    """JSON Lines (stdout when no path), or CSV when the path ends in .csv."""
+    if path and path.endswith(".csv"):
+        import pandas as pd
 
-    data = encode(trained.tokenizer, texts, np.zeros(len(texts), np.int64), trained.config.data.max_length,
-                  trained.config.data.cache_dir)
-    logits = predict_logits(trained.model, data, trained.tokenizer.pad_token_id, device,
-                            batch_size=batch_size, progress=progress)
-    return softmax(logits)
-
-
-def rows(texts: list[str], probs: np.ndarray, names: list[str]) -> list[dict]:
-    return [{"text": t, "label": names[int(p.argmax())], "confidence": float(p.max()),
-             "probabilities": {n: float(v) for n, v in zip(names, p)}} for t, p in zip(texts, probs)]
+        frame = pd.DataFrame({"text": texts, "label": [r["label"] for r in rows],
+                              "confidence": [r["confidence"] for r in rows]})
+        for name in names:
+            frame[f"prob_{name}"] = [r["probabilities"][name] for r in rows]
+        frame.to_csv(path, index=False)
+        return
+    lines = "".join(json.dumps({"text": t, **r}) + "\n" for t, r in zip(texts, rows))
+    if path:
+        Path(path).write_text(lines, encoding="utf-8")
+    else:
+        sys.stdout.write(lines)
 
 
 def run(args) -> int:
-    import torch
-
-    from peftlab.runs.trained import load_trained
+    from peftlab.runs.trained import load_predictor
 
     if not args.text and not args.input:
         raise UserError("nothing to predict: pass --text \"...\" (repeatable) or --input FILE")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    trained = load_trained(args.run_dir, device)
-    texts = list(args.text) + (read_texts(args.input, trained.config.data.text_columns) if args.input else [])
-    probs = predict_texts(trained, texts, device, args.batch_size, progress=len(texts) > 1000)
-    out = rows(texts, probs, trained.label_names)
-    if args.output and args.output.endswith(".csv"):
-        import pandas as pd
-
-        frame = pd.DataFrame({"text": texts, "label": [r["label"] for r in out],
-                              "confidence": [r["confidence"] for r in out]})
-        for j, name in enumerate(trained.label_names):
-            frame[f"prob_{name}"] = probs[:, j]
-        frame.to_csv(args.output, index=False)
-    else:
-        lines = "".join(json.dumps(r) + "\n" for r in out)
-        if args.output:
-            Path(args.output).write_text(lines, encoding="utf-8")
-        else:
-            sys.stdout.write(lines)
+    predictor = load_predictor(args.run_dir, batch_size=args.batch_size)
+    text_columns = RunDir(args.run_dir).config().data.text_columns
+    texts = list(args.text) + (read_texts(args.input, text_columns) if args.input else [])
+    rows = predictor.predict(texts, progress=len(texts) > 1000)
+    write_rows(args.output, texts, rows, predictor.label_names)
     if args.output:
-        print(f"{len(out)} predictions written to {args.output}", file=sys.stderr)
+        print(f"{len(rows)} predictions written to {args.output}", file=sys.stderr)
     return 0

@@ -76,6 +76,14 @@ def _tokenize(tokenizer, texts: list[str], max_length: int) -> tuple[np.ndarray,
     return np.concatenate(ids), np.asarray(offsets, dtype=np.int64)
 
 
+def tokenize_texts(tokenizer, texts: list[str], labels: np.ndarray, max_length: int) -> Encoded:
+    """Token ids for texts, without the disk cache (one-off inputs such as a server's requests)."""
+    labels = np.asarray(labels, dtype=np.int64)
+    if not texts:
+        return Encoded(np.zeros(0, np.int32), np.zeros(1, np.int64), labels)
+    return Encoded(*_tokenize(tokenizer, texts, max_length), labels)
+
+
 def encode(tokenizer, texts: list[str], labels: np.ndarray, max_length: int,
            cache_dir: str | Path | None = None) -> Encoded:
     """Token ids for texts, from the disk cache when the same tokenizer saw the same texts before."""

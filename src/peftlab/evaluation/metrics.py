@@ -49,3 +49,20 @@ def classification_metrics(labels: np.ndarray, probs: np.ndarray, label_names: l
             "share_ge_0_9": float((confidence >= 0.9).mean()),
         },
     }
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> float:
+    z = logits - logits.max(axis=1, keepdims=True)
+    log_probs = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    return float(-log_probs[np.arange(len(labels)), labels].mean())
+
+
+def score_logits(logits: np.ndarray, labels: np.ndarray, label_names: list[str]) -> dict:
+    """classification_metrics of the logits' probabilities, plus the mean cross-entropy loss."""
+    return {**classification_metrics(labels, softmax(logits), label_names), "loss": cross_entropy(logits, labels)}

@@ -1,121 +1,26 @@
-"""Batched inference: sorted by length (little padding), large batches, inference mode, LoRA merged
-into the weights, and the last layer computed only where the classification head reads it."""
+"""The one inference path, for evaluation during training, `peftlab predict`, `peftlab serve`,
+distillation teachers and the Python API: tokenize, sort by length (little padding), large batches,
+inference mode, LoRA merged into the weights, the last layer only where the head reads it."""
 from __future__ import annotations
 
 import contextlib
-import re
+import threading
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from peftlab.data.batching import collate, pad_multiple, to_device
-from peftlab.data.tokenize import Encoded
-
-# Architectures whose sequence-classification head reads only the first token's final hidden state
-# (BERT's pooler, the RoBERTa/ELECTRA classification heads: features[:, 0]).
-FIRST_TOKEN_HEADS = {"bert", "roberta", "xlm-roberta", "camembert", "electra"}
-_LAST_ATTENTION_OUTPUT = re.compile(r"(?:^|\.)encoder\.layer\.(\d+)\.attention\.output$")
-
-
-def _base(model: torch.nn.Module) -> torch.nn.Module:
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def _keep_first_token(module, args):
-    # (attention output, residual input), each [batch, seq, hidden] -> [batch, 1, hidden]
-    if len(args) == 2 and all(isinstance(a, torch.Tensor) and a.dim() == 3 for a in args):
-        return args[0][:, :1], args[1][:, :1]
-    return None
-
-
-def first_token_only(model: torch.nn.Module) -> torch.utils.hooks.RemovableHandle | None:
-    """Compute the last encoder layer's attention-output projection, feed-forward block and layer
-    norms for the first token only, where the classification head reads them: the other positions'
-    final states are never used, so logits, loss and every gradient are unchanged (keys and values of
-    the last layer still see every token). Saves ~1/num_layers of the work of training and inference
-    on the architectures in FIRST_TOKEN_HEADS; does nothing (returns None) on any other model.
-    Returns the hook's handle: .remove() restores the full computation."""
-    base = _base(model)
-    config = getattr(base, "config", None)
-    if (config is None or getattr(config, "model_type", None) not in FIRST_TOKEN_HEADS
-            or not type(base).__name__.endswith("ForSequenceClassification")):
-        return None
-    last, index = None, -1
-    for name, module in base.named_modules():
-        m = _LAST_ATTENTION_OUTPUT.search(name)
-        if m and int(m.group(1)) > index and type(module).__name__.endswith("SelfOutput"):
-            last, index = module, int(m.group(1))
-    if last is None or getattr(last, "_peftlab_first_token", False):
-        return None
-    handle = last.register_forward_pre_hook(_keep_first_token)
-    last._peftlab_first_token = True
-
-    class _Handle:
-        def remove(self):
-            handle.remove()
-            last._peftlab_first_token = False
-
-    return _Handle()
-
-
-@contextlib.contextmanager
-def first_token_context(model: torch.nn.Module):
-    handle = first_token_only(model)
-    try:
-        yield
-    finally:
-        if handle is not None:
-            handle.remove()
-
-
-def _mergeable_lora_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """LoRA layers whose adapter can be folded into a plain floating-point base weight (not quantized
-    ones, where merging is lossy), provided no adapter is merged already."""
-    if getattr(model, "peft_type", None) is None or str(getattr(model.peft_type, "value", model.peft_type)) != "LORA":
-        return []
-    try:
-        from peft.tuners.lora import LoraLayer
-    except ImportError:
-        return []
-    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
-    for layer in layers:
-        base = layer.get_base_layer()
-        if (type(base) is not torch.nn.Linear or not base.weight.dtype.is_floating_point
-                or getattr(layer, "merged_adapters", None)):
-            return []
-    return layers
-
-
-@contextlib.contextmanager
-def merged_lora(model: torch.nn.Module):
-    """LoRA folded into the base weights for inference (one matmul instead of three per adapted
-    layer); on exit the exact original weights are restored, bit for bit (unmerging alone would leave
-    rounding residue, which would accumulate over a run's evaluations). No-op for other models."""
-    layers = _mergeable_lora_layers(model)
-    if not layers:
-        yield
-        return
-    saved = [(layer.get_base_layer().weight, layer.get_base_layer().weight.detach().clone()) for layer in layers]
-    model.merge_adapter()
-    try:
-        yield
-    finally:
-        model.unmerge_adapter()
-        with torch.no_grad():
-            for weight, original in saved:
-                weight.copy_(original)
-
-
-def autocast(device: torch.device, dtype: torch.dtype):
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+from peftlab.data.tokenize import Encoded, encode, tokenize_texts
+from peftlab.evaluation.metrics import softmax
+from peftlab.models.speed import first_token_context, merged_lora
+from peftlab.runtime import Runtime, autocast
 
 
 @torch.inference_mode()
 def predict_logits(model: torch.nn.Module, data: Encoded, pad_id: int, device: torch.device,
-                   dtype: torch.dtype = torch.float32, batch_size: int = 64, progress: bool = False) -> np.ndarray:
+                   dtype: torch.dtype = torch.float32, batch_size: int = 64, progress: bool = False,
+                   merge_lora: bool = True) -> np.ndarray:
     """Logits (float32) for every example, in the original order."""
     was_training = model.training
     model.eval()
@@ -125,7 +30,7 @@ def predict_logits(model: torch.nn.Module, data: Encoded, pad_id: int, device: t
     multiple = pad_multiple(device)
     outs = []
     try:
-        with merged_lora(model), first_token_context(model):
+        with (merged_lora(model) if merge_lora else contextlib.nullcontext()), first_token_context(model):
             for index in tqdm(batches, desc="predict", disable=not progress, leave=False):
                 batch = to_device(collate(data, index, pad_id, multiple), device)
                 batch.pop("labels")
@@ -138,13 +43,47 @@ def predict_logits(model: torch.nn.Module, data: Encoded, pad_id: int, device: t
     return logits
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
+class Predictor:
+    """A classifier ready for texts: `probabilities(texts)`, `predict(texts)`.
 
+    `adapter` names one of several adapters on a shared model (serve); `lock` serialises the
+    activation of that adapter and the forward pass, since the active adapter is model state.
+    `merge_lora` folds LoRA into the weights per call: worth it for large inputs, not for one request.
+    """
 
-def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> float:
-    z = logits - logits.max(axis=1, keepdims=True)
-    log_probs = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-    return float(-log_probs[np.arange(len(labels)), labels].mean())
+    def __init__(self, model: torch.nn.Module, tokenizer, label_names: list[str], max_length: int,
+                 runtime: Runtime | None = None, batch_size: int = 64, cache_dir: str | None = None,
+                 adapter: str | None = None, lock: threading.Lock | None = None, merge_lora: bool = True):
+        self.model, self.tokenizer, self.label_names = model, tokenizer, list(label_names)
+        self.max_length, self.batch_size, self.cache_dir = max_length, batch_size, cache_dir
+        self.runtime = runtime or Runtime(next(model.parameters()).device, torch.float32)
+        self.adapter, self.lock, self.merge_lora = adapter, lock or threading.Lock(), merge_lora
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    def encode(self, texts: list[str], cache: bool = True) -> Encoded:
+        labels = np.zeros(len(texts), np.int64)
+        if cache:  # the disk cache pays for repeated inputs (evaluation sets, teacher texts)
+            return encode(self.tokenizer, texts, labels, self.max_length, self.cache_dir)
+        return tokenize_texts(self.tokenizer, texts, labels, self.max_length)
+
+    def logits_of(self, data: Encoded, progress: bool = False) -> np.ndarray:
+        with self.lock:
+            if self.adapter is not None:
+                self.model.set_adapter(self.adapter)
+            return predict_logits(self.model, data, self.pad_id, self.runtime.device, self.runtime.dtype,
+                                  self.batch_size, progress, self.merge_lora)
+
+    def logits(self, texts: list[str], progress: bool = False, cache: bool = True) -> np.ndarray:
+        return self.logits_of(self.encode(list(texts), cache), progress)
+
+    def probabilities(self, texts: list[str], progress: bool = False, cache: bool = True) -> np.ndarray:
+        return softmax(self.logits(texts, progress, cache))
+
+    def predict(self, texts: list[str], progress: bool = False, cache: bool = True) -> list[dict]:
+        """One {label, confidence, probabilities} per text, in order."""
+        return self.rows(self.probabilities(texts, progress, cache))
+
+    def rows(self, probs: np.ndarray) -> list[dict]:
+        names = self.label_names
+        return [{"label": names[int(p.argmax())], "confidence": float(p.max()),
+                 "probabilities": {n: float(v) for n, v in zip(names, p)}} for p in probs]

@@ -18,9 +18,21 @@ class Architecture:
     lora_targets: tuple[str, ...]
     ia3_targets: tuple[str, ...]
     ia3_feedforward: tuple[str, ...]
+    # the sequence-classification head reads only the first token's final hidden state (BERT's pooler,
+    # the RoBERTa/ELECTRA heads: features[:, 0]), and the last layer's attention output is a *SelfOutput
+    first_token_head: bool = False
+    # LoRA placements `peftlab plan` tries, from least to most; empty: one per linear layer name
+    plan_module_sets: tuple[tuple[str, ...], ...] = ()
 
 
-_BERT_LIKE = Architecture(("query", "value"), ("key", "value", "output.dense"), ("output.dense",))
+# module sets for BERT-like encoders (output.dense also matches attention.output.dense)
+_BERT_MODULE_SETS = (
+    ("query",), ("value",), ("query", "value"), ("query", "key"), ("query", "key", "value"),
+    ("query", "key", "attention.output.dense"), ("query", "key", "value", "attention.output.dense"),
+    ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"),
+)
+_BERT_LIKE = Architecture(("query", "value"), ("key", "value", "output.dense"), ("output.dense",),
+                          first_token_head=True, plan_module_sets=_BERT_MODULE_SETS)
 
 ARCHITECTURES: dict[str, Architecture] = {
     "bert": _BERT_LIKE,
@@ -33,6 +45,12 @@ ARCHITECTURES: dict[str, Architecture] = {
     "mpnet": Architecture(("q", "v"), ("k", "v", "output.dense"), ("output.dense",)),
     "modernbert": Architecture(("Wqkv", "Wo"), ("Wqkv", "mlp.Wo"), ("mlp.Wo",)),
 }
+
+
+def architecture_facts(model: torch.nn.Module) -> Architecture | None:
+    """What peftlab knows about this model's architecture, or None."""
+    config = getattr(model, "config", None)
+    return ARCHITECTURES.get(getattr(config, "model_type", None))
 
 
 def linear_layer_names(model: torch.nn.Module) -> list[str]:

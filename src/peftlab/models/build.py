@@ -17,23 +17,6 @@ class BuiltModel:
     quantization: dict
 
 
-def count_parameters(model: torch.nn.Module) -> dict:
-    """Trainable and total parameter counts. 4-bit weights are packed two per byte; counting their
-    storage elements would halve the total (peft #1020), so they are counted by their real shape."""
-    trainable = total = 0
-    for name, p in model.named_parameters():
-        if ".original_module." in name:
-            continue  # peft keeps a frozen copy of the head beside the trained one; not part of the model
-        n = p.numel()
-        quant_state = getattr(p, "quant_state", None)
-        if quant_state is not None and hasattr(quant_state, "shape"):
-            n = int(torch.Size(quant_state.shape).numel())
-        total += n
-        if p.requires_grad:
-            trainable += n
-    return {"trainable": trainable, "total": total, "trainable_pct": round(100.0 * trainable / max(total, 1), 4)}
-
-
 def build_model(cfg: Config, label_names: list[str], device: torch.device) -> BuiltModel:
     method = registry.get(cfg.method.name)
     extra, quantization = method.load_kwargs(cfg.method, device)

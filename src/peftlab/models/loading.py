@@ -3,10 +3,8 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 from pathlib import Path
 
-import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, BertConfig
 
 from peftlab.errors import UserError
@@ -113,21 +111,3 @@ def load_classifier(model_name: str, label_names: list[str], extra_kwargs: dict 
         raise
 
 
-def pick_device(choice: str) -> torch.device:
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise UserError("train.device is 'cuda' but no CUDA device is available: use train.device=auto or cpu")
-    if choice == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(choice)
-
-
-def pick_precision(choice: str, device: torch.device) -> torch.dtype:
-    if choice == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    if choice in ("bf16", "fp16") and device.type != "cuda":
-        raise UserError(f"train.precision={choice} needs a CUDA device here: use train.precision=auto or fp32")
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[choice]
-
-
-def cpu_threads() -> int:
-    return int(os.environ.get("PEFTLAB_THREADS", "0")) or torch.get_num_threads()

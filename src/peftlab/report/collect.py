@@ -16,26 +16,26 @@ import yaml
 
 from peftlab.errors import UserError
 from peftlab.runs.plots import read_history, read_json
+from peftlab.runs.record import RunRecord
+from peftlab.runs.select import pick_best as select_best
 
 
 @dataclass
 class Run:
     name: str
     path: Path
-    metrics: dict
+    metrics: RunRecord
     history: list[dict] = field(default_factory=list)
 
     @property
     def config(self) -> dict:
-        return self.metrics.get("config") or {}
+        return self.metrics.config or {}
 
     def value(self, *keys: str) -> float | None:
-        """metrics[k1][k2]...; None where any level is missing."""
+        """metrics.k1.k2...; None where any level is missing."""
         node = self.metrics
         for k in keys:
-            if not isinstance(node, dict) or node.get(k) is None:
-                return None
-            node = node[k]
+            node = node.get(k) if node is not None else None
         return node
 
 
@@ -94,9 +94,9 @@ class Report:
     best_run: Run  # the best group's seed with the best validation metric (for its confusion matrix)
 
 
-def _config_of(run_dir: Path, metrics: dict) -> dict:
-    if isinstance(metrics.get("config"), dict):
-        return metrics["config"]
+def _config_of(run_dir: Path, record: RunRecord) -> dict:
+    if record.config:
+        return record.config
     try:  # older metrics.json without the config: the run's own config.yaml
         return yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError):
@@ -123,16 +123,19 @@ def find_runs(paths: list[Path]) -> tuple[list[Run], list[NotCompleted]]:
     names = _unique_names(sorted(dirs))
     runs, others = [], []
     for d in sorted(dirs):
-        metrics = read_json(d / "metrics.json") if dirs[d] else None
-        if metrics is None:
-            others.append(NotCompleted(names[d], d, "unreadable metrics.json" if dirs[d] else "incomplete (no metrics.json)"))
+        if not dirs[d]:
+            others.append(NotCompleted(names[d], d, "incomplete (no metrics.json)"))
             continue
-        status = str(metrics.get("status", "unknown"))
-        if status != "completed":
-            others.append(NotCompleted(names[d], d, status))
+        try:
+            record = RunRecord.read(d / "metrics.json")
+        except UserError as e:
+            others.append(NotCompleted(names[d], d, f"unreadable metrics.json ({str(e).split('(', 1)[-1].rstrip(')')}"))
             continue
-        metrics = {**metrics, "config": _config_of(d, metrics)}
-        runs.append(Run(names[d], d, metrics, read_history(d)))
+        if not record.completed:
+            others.append(NotCompleted(names[d], d, record.status))
+            continue
+        record.config = _config_of(d, record)
+        runs.append(Run(names[d], d, record, read_history(d)))
     # configurations a sweep skipped for its parameter budget have no run directory: list them too
     for p in map(Path, paths):
         for summary in (p.rglob("sweep.json") if p.is_dir() else []):
@@ -198,13 +201,9 @@ def selection_metric(groups: list[Group]) -> str:
 def pick_best(groups: list[Group], metric: str) -> tuple[Group, Run]:
     """Best configuration by mean VALIDATION metric (test is never used to choose); ties go to fewer
     trainable parameters, then the name. Within it, the seed with the best validation metric."""
-    def validation(x: Group | Run) -> float:
-        v = x.mean("validation", metric) if isinstance(x, Group) else x.value("validation", metric)
-        return v if v is not None else float("-inf")
-    # max keeps the first of equals: sorting by name first makes ties go to the earlier name.
-    best = max(sorted(groups, key=lambda g: g.name),
-               key=lambda g: (validation(g), -(g.mean("params", "trainable") or 0)))
-    run = max(best.runs, key=validation)
+    best = select_best(groups, lambda g: g.mean("validation", metric), lambda g: g.mean("params", "trainable"),
+                       lambda g: g.name)
+    run = select_best(best.runs, lambda r: r.value("validation", metric), lambda r: 0, lambda r: r.name)
     return best, run
 
 

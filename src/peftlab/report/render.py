@@ -9,13 +9,12 @@ import datetime as _dt
 import html
 from pathlib import Path
 
+from peftlab.models.methods import registry
 from peftlab.report.charts import Chart
 from peftlab.report.collect import Group, Report
 
 MIB = 2**20
 DASH = "–"
-# Methods without LoRA's rank/alpha/dropout: their columns show a dash rather than unused defaults.
-_NO_RANK = {"full", "ia3"}
 METRIC_LABEL = {"accuracy": "accuracy", "macro_f1": "macro-F1"}
 
 COLUMNS = ["run", "seeds", "method", "r", "alpha", "dropout", "targets", "val acc", "val F1",
@@ -49,18 +48,24 @@ def fmt_memory(nbytes: float | None, kind: str | None) -> str:
 
 def _method_cell(g: Group) -> str:
     text = str((g.config.get("method") or {}).get("name", DASH))
-    q = g.first.metrics.get("quantization") or {}
-    if q.get("requested") and q.get("used") != q.get("requested"):
-        text += f" (quantization {q['requested']} requested, {q.get('used') or 'none'} used)"
-    elif q.get("used"):
-        text += f" ({q['used']})"
-    if g.first.metrics.get("distill"):
+    q = g.first.metrics.quantization
+    if q and q.requested and q.used != q.requested:
+        text += f" (quantization {q.requested} requested, {q.used or 'none'} used)"
+    elif q and q.used:
+        text += f" ({q.used})"
+    if g.first.metrics.distill:
         text += " + distillation"
     return text
 
 
+def _applies(method: dict, key: str) -> bool:
+    """Whether a method.* setting means anything for this run's method (the method says)."""
+    known = registry.find(str(method.get("name")))
+    return known is None or key in known.hyperparameters
+
+
 def _targets_cell(method: dict) -> str:
-    if method.get("name") == "full":
+    if not _applies(method, "target_modules"):
         return "all weights"
     modules = ",".join(method.get("target_modules") or []) or "default modules"
     layers = method.get("layers")
@@ -71,7 +76,7 @@ def _targets_cell(method: dict) -> str:
 
 
 def _hyper(method: dict, key: str) -> str:
-    if method.get("name") in _NO_RANK or method.get(key) is None:
+    if not _applies(method, key) or method.get(key) is None:
         return DASH
     return f"{method[key]:g}"
 

@@ -14,6 +14,8 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from peftlab.runs.record import RunRecord
+
 
 def read_history(run_dir: Path) -> list[dict]:
     """Rows of history.jsonl; a torn last line (run killed mid-write) is skipped, not fatal."""
@@ -96,10 +98,9 @@ def _validation_plot(history: list[dict], out: Path) -> Path | None:
     return out
 
 
-def _confusion_plot(metrics: dict | None, predictions: pd.DataFrame | None, out: Path) -> Path | None:
-    test = (metrics or {}).get("test") or {}
-    names = (metrics or {}).get("label_names")
-    matrix = test.get("confusion_matrix")
+def _confusion_plot(record: RunRecord | None, predictions: pd.DataFrame | None, out: Path) -> Path | None:
+    names = record.label_names if record is not None else None
+    matrix = record.test.confusion_matrix if record is not None and record.test is not None else None
     if (matrix is None or not names) and predictions is not None:
         # No metrics.json yet (or an older one): count from the predictions themselves.
         names = names or sorted(set(predictions["label"]) | set(predictions["predicted"]))
@@ -146,21 +147,22 @@ def _read_predictions(run_dir: Path) -> pd.DataFrame | None:
     return df if {"label", "predicted"} <= set(df.columns) else None
 
 
-def write_plots(run_dir: Path) -> list[Path]:
-    """Write loss.png, validation.png, confusion_matrix.png, confidence.png into run_dir/plots/.
+def write_plots(run_dir: Path, record: RunRecord | None = None) -> list[Path]:
+    """Write loss.png, validation.png, confusion_matrix.png, confidence.png into run_dir/plots/, from
+    `record` (default: the run's metrics.json), history.jsonl and predictions.csv.
 
     A plot whose data is missing is skipped; the written paths are returned.
     """
     run_dir = Path(run_dir)
     history = read_history(run_dir)
-    metrics = read_json(run_dir / "metrics.json")
+    record = record or RunRecord.read_or_none(run_dir / "metrics.json")
     predictions = _read_predictions(run_dir)
     out = run_dir / "plots"
     out.mkdir(parents=True, exist_ok=True)
     written = [
         _loss_plot(history, out / "loss.png"),
         _validation_plot(history, out / "validation.png"),
-        _confusion_plot(metrics, predictions, out / "confusion_matrix.png"),
+        _confusion_plot(record, predictions, out / "confusion_matrix.png"),
         _confidence_plot(predictions, out / "confidence.png"),
     ]
     return [p for p in written if p is not None]

@@ -13,13 +13,19 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
+import traceback
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 
+from peftlab.config import Config, save_config
+from peftlab.config.load import build_config
 from peftlab.errors import UserError
+from peftlab.runs.record import RunRecord
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -44,8 +50,12 @@ class RunDir:
     checkpoints = property(lambda self: self.path / "checkpoints")
     plots = property(lambda self: self.path / "plots")
 
-    def weights_dir(self, saves_adapter: bool) -> Path:
-        return self.path / ("adapter" if saves_adapter else "model")
+    def weights_dir(self, name: str) -> Path:
+        """adapter/ or model/: the method says which (Method.weights_dir)."""
+        return self.path / name
+
+    def saved_weights(self) -> Path | None:
+        return next((p for p in (self.path / "model", self.path / "adapter") if p.is_dir()), None)
 
     # --- lifecycle ---------------------------------------------------------------------------
     def create(self) -> "RunDir":
@@ -73,8 +83,37 @@ class RunDir:
             return None
         try:
             return json.loads(self.metrics_file.read_text()).get("status")
-        except (OSError, ValueError):
+        except (OSError, ValueError, AttributeError):
             return None
+
+    def config(self) -> Config:
+        if not self.config_file.exists():
+            raise UserError(f"{self.config_file}: missing, so {str(self.path)!r} is not a complete peftlab run "
+                            f"directory; retrain it")
+        return build_config(self.config_tree(), str(self.config_file))
+
+    def start(self, cfg: Config | None = None, resume: bool = False) -> tuple[Config, bool]:
+        """Open the directory for training: a new run (created, config saved) or the continuation of
+        an interrupted one (its saved config). Returns (config, whether to resume from a checkpoint)."""
+        if resume:
+            self.require_resumable()
+            return self.config(), True
+        if cfg is None:
+            raise ValueError("a new run needs its config")
+        cfg.output.dir = str(self.path)
+        self.create()
+        save_config(cfg, self.config_file)
+        return cfg, False
+
+    def start_or_continue(self, cfg: Config) -> bool:
+        """For a worker that may have been killed (sweeps): continue from the last checkpoint where there
+        is one, else start over in a clean directory. Returns whether it resumes."""
+        if self.config_file.exists() and (self.checkpoints / "last.pt").exists() and self.status() in (None, "finishing"):
+            return True
+        if self.path.exists():
+            shutil.rmtree(self.path)
+        self.start(cfg)
+        return False
 
     # --- records -----------------------------------------------------------------------------
     def append_history(self, row: dict) -> None:
@@ -98,11 +137,33 @@ class RunDir:
                 continue
         return rows
 
-    def write_metrics(self, metrics: dict) -> None:
-        atomic_write_text(self.metrics_file, json.dumps(metrics, indent=2) + "\n")
+    def write_record(self, record: RunRecord) -> None:
+        record.write(self.metrics_file)
 
-    def metrics(self) -> dict:
-        return json.loads(self.metrics_file.read_text())
+    def record(self) -> RunRecord:
+        return RunRecord.read(self.metrics_file)
+
+    def record_failure(self, error: BaseException, cfg: Config | None = None) -> None:
+        """A run that stopped must never look complete: say why, with status "failed"."""
+        if self.status() == "completed":
+            return
+        what = "interrupted" if isinstance(error, KeyboardInterrupt) else f"{type(error).__name__}: {error}"
+        self.write_record(RunRecord(status="failed", error=what, traceback=traceback.format_exc(),
+                                    run_dir=str(self.path), method=cfg.method.name if cfg else None,
+                                    config=cfg.model_dump(mode="json") if cfg else None))
+
+    def write_predictions(self, texts: list[str], labels: np.ndarray, probs: np.ndarray, names: list[str]) -> None:
+        """predictions.csv: each test text with its label, the prediction, its confidence, every probability."""
+        import pandas as pd
+
+        predicted = probs.argmax(1)
+        frame = pd.DataFrame({"text": texts, "label": [names[i] for i in labels],
+                              "predicted": [names[i] for i in predicted], "confidence": probs.max(1)})
+        for j, name in enumerate(names):
+            frame[f"prob_{name}"] = probs[:, j]
+        tmp = self.predictions_file.with_name(f".{self.predictions_file.name}.tmp")
+        frame.to_csv(tmp, index=False)
+        tmp.replace(self.predictions_file)
 
     def config_tree(self) -> dict:
         return yaml.safe_load(self.config_file.read_text())
@@ -117,4 +178,13 @@ class RunDir:
 
     def load_checkpoint(self, name: str) -> dict | None:
         path = self.checkpoints / f"{name}.pt"
-        return torch.load(path, map_location="cpu", weights_only=False) if path.exists() else None
+        if not path.exists():
+            return None
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:  # noqa: BLE001 - truncated or foreign files fail in many ways
+            raise UserError(f"{path}: unreadable checkpoint ({type(e).__name__}); delete it to restart that part "
+                            f"of the run, or retrain") from None
+
+    def remove_checkpoints(self) -> None:
+        shutil.rmtree(self.checkpoints, ignore_errors=True)

@@ -1,4 +1,5 @@
-"""Reload a finished run's model for inference: predict, serve, and distillation teachers use this."""
+"""Reload a finished run's model for inference: predict, serve, export, distillation teachers and the
+Python API come through here. A damaged run directory is named in one line, never a traceback."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -7,10 +8,12 @@ from pathlib import Path
 import torch
 
 from peftlab.config import Config
-from peftlab.config.load import build_config
 from peftlab.errors import UserError
+from peftlab.evaluation.predict import Predictor
 from peftlab.models.loading import is_random, load_classifier
+from peftlab.runs.record import RunRecord
 from peftlab.runs.rundir import RunDir
+from peftlab.runtime import Runtime
 
 
 @dataclass
@@ -20,32 +23,65 @@ class Trained:
     label_names: list[str]
     config: Config
     run: RunDir
+    record: RunRecord
+
+    def predictor(self, runtime: Runtime | None = None, batch_size: int = 64) -> Predictor:
+        return Predictor(self.model, self.tokenizer, self.label_names, self.config.data.max_length,
+                         runtime, batch_size, self.config.data.cache_dir)
 
 
-def load_trained(run_dir: str | Path, device: torch.device, merge: bool = True) -> Trained:
-    """The run's model with its trained adapter (merged into the weights when that is exact and faster)."""
+def completed_run(run_dir: str | Path, what: str = "run") -> tuple[RunDir, RunRecord, Config]:
+    """The run's directory, record and config, checked: complete, with its weights on disk."""
+    run = RunDir(run_dir)
+    if not run.path.is_dir():
+        raise UserError(f"{what} directory {str(run.path)!r} not found: pass a directory written by peftlab train")
+    if not run.metrics_file.exists():
+        raise UserError(f"{what} {str(run.path)!r} is not complete (no metrics.json): finish it with "
+                        f"peftlab train --resume {run.path}, or pick a completed run")
+    record = run.record()
+    if not record.completed:
+        raise UserError(f"{what} {str(run.path)!r} did not complete (status {record.status}"
+                        f"{': ' + record.error.splitlines()[0] if record.error else ''}): pick a completed run")
+    cfg = run.config()
+    weights = run.saved_weights()
+    files = list(weights.glob("*.safetensors")) + list(weights.glob("*.bin")) if weights else []
+    if not files:
+        raise UserError(f"{what} {str(run.path)!r}: its trained weights (adapter/ or model/) are missing; "
+                        f"retrain the run")
+    return run, record, cfg
+
+
+def load_trained(run_dir: str | Path, device: torch.device, merge: bool = True, what: str = "run",
+                 adapter_name: str = "default") -> Trained:
+    """The run's model with its trained adapter (merged into the weights when `merge`: exact, and one
+    matmul per layer instead of two at inference)."""
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    run = RunDir(run_dir)
-    if not run.path.is_dir():
-        raise UserError(f"run directory {str(run.path)!r} not found: pass a directory written by peftlab train")
-    if run.status() != "completed":
-        raise UserError(f"run {str(run.path)!r} is not complete (no completed metrics.json): finish it with "
-                        f"peftlab train --resume {run.path}, or pick a completed run")
-    metrics = run.metrics()
-    cfg = build_config(run.config_tree(), str(run.config_file))
-    labels = metrics["label_names"]
-    if (run.path / "model").is_dir():
-        weights = run.path / "model"
-        model = AutoModelForSequenceClassification.from_pretrained(weights)
-    else:
-        weights = run.path / "adapter"
-        if is_random(cfg.model.name):
-            raise UserError(f"run {str(run.path)!r} used random weights ({cfg.model.name}): it is for speed "
-                            f"measurements only and cannot be reloaded for predictions")
-        model = PeftModel.from_pretrained(load_classifier(cfg.model.name, labels), weights)
-        if merge:
-            model = model.merge_and_unload()  # one matmul per layer instead of two at inference
-    tokenizer = AutoTokenizer.from_pretrained(weights)
-    return Trained(model.to(device).eval(), tokenizer, labels, cfg, run)
+    run, record, cfg = completed_run(run_dir, what)
+    weights = run.saved_weights()
+    try:
+        if weights.name == "model":
+            model = AutoModelForSequenceClassification.from_pretrained(weights)
+        else:
+            if is_random(cfg.model.name):
+                raise UserError(f"{what} {str(run.path)!r} used random weights ({cfg.model.name}): it is for speed "
+                                f"measurements only and cannot be reloaded for predictions")
+            model = PeftModel.from_pretrained(load_classifier(cfg.model.name, record.label_names), weights,
+                                              adapter_name=adapter_name)
+            if merge:
+                model = model.merge_and_unload()
+        tokenizer = AutoTokenizer.from_pretrained(weights)
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - truncated safetensors, bad JSON, ... come in many types
+        raise UserError(f"{what} {str(run.path)!r}: its weights in {weights} cannot be loaded "
+                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); retrain the run") from None
+    return Trained(model.to(device).eval(), tokenizer, record.label_names, cfg, run, record)
+
+
+def load_predictor(run_dir: str | Path, device: torch.device | None = None, batch_size: int = 64,
+                   what: str = "run") -> Predictor:
+    """A Predictor for the run (fp32 on `device`, default: the GPU when there is one)."""
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return load_trained(run_dir, device, what=what).predictor(Runtime(device, torch.float32), batch_size)

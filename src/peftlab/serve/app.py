@@ -15,13 +15,14 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from pydantic import BaseModel, Field
 
 from peftlab.errors import UserError
+from peftlab.evaluation.predict import Predictor
 from peftlab.models.loading import load_classifier
-from peftlab.runs.trained import load_trained
+from peftlab.runs.trained import completed_run, load_trained
+from peftlab.runtime import Runtime
 
 
 class PredictRequest(BaseModel):
@@ -43,64 +44,48 @@ class Served:
     run_dir: Path
     method: str
     base: str
-    label_names: list[str]
-    tokenizer: object
-    max_length: int
     group: Group
+    predictor: Predictor
+
+    @property
+    def label_names(self) -> list[str]:
+        return self.predictor.label_names
 
 
 def load_runs(run_dirs: list[str], device: torch.device) -> dict[str, Served]:
     from peft import PeftModel
+    from transformers import AutoTokenizer
 
-    from peftlab.config.load import build_config
-    from peftlab.runs.rundir import RunDir
-
+    runtime = Runtime(device, torch.float32)
     served: dict[str, Served] = {}
     groups: dict[tuple, Group] = {}
     for path in run_dirs:
-        run = RunDir(path)
+        run, record, cfg = completed_run(path)
         name = run.path.resolve().name
         if name in served:
             raise UserError(f"two runs are named {name!r}: serve runs whose directory names differ")
-        if (run.path / "adapter").is_dir() and run.status() == "completed":
-            metrics = run.metrics()
-            cfg = build_config(run.config_tree(), str(run.config_file))
-            labels = metrics["label_names"]
-            peft_type = json.loads((run.path / "adapter" / "adapter_config.json").read_text())["peft_type"]
-            key = (cfg.model.name, len(labels), peft_type)
+        # peft adapter names must be valid module attribute names; served names are free text
+        adapter = f"adapter{len(served)}"
+        weights = run.saved_weights()
+        if weights.name == "adapter":
+            peft_type = json.loads((weights / "adapter_config.json").read_text())["peft_type"]
+            key = (cfg.model.name, len(record.label_names), peft_type)
             if key not in groups:
-                base = load_classifier(cfg.model.name, labels)
-                model = PeftModel.from_pretrained(base, run.path / "adapter", adapter_name=name)
+                base = load_classifier(cfg.model.name, record.label_names)
+                model = PeftModel.from_pretrained(base, weights, adapter_name=adapter)
                 groups[key] = Group(model.to(device).eval(), len(groups))
             else:
-                groups[key].model.load_adapter(run.path / "adapter", adapter_name=name)
+                groups[key].model.load_adapter(weights, adapter_name=adapter)
                 groups[key].model.to(device)
-            from transformers import AutoTokenizer
-
-            served[name] = Served(name, run.path, cfg.method.name, cfg.model.name, labels,
-                                  AutoTokenizer.from_pretrained(run.path / "adapter"), cfg.data.max_length, groups[key])
-        else:  # full fine-tuning, or an incomplete run (load_trained says which)
-            t = load_trained(run.path, device, merge=False)
-            served[name] = Served(name, run.path, t.config.method.name, t.config.model.name, t.label_names,
-                                  t.tokenizer, t.config.data.max_length, Group(t.model, len(groups)))
-            groups[(name,)] = served[name].group
+            group = groups[key]
+            predictor = Predictor(group.model, AutoTokenizer.from_pretrained(weights), record.label_names,
+                                  cfg.data.max_length, runtime, adapter=adapter, lock=group.lock, merge_lora=False)
+        else:  # full fine-tuning: a model of its own
+            trained = load_trained(run.path, device)
+            group = groups[(name,)] = Group(trained.model, len(groups))
+            predictor = trained.predictor(runtime)
+        served[name] = Served(name, run.path, cfg.method.name, cfg.model.name, group, predictor)
     return served
-
-
-@torch.inference_mode()
-def predict(entry: Served, texts: list[str], device: torch.device, batch_size: int = 64) -> np.ndarray:
-    from peft import PeftModel
-
-    probs = []
-    with entry.group.lock:
-        if isinstance(entry.group.model, PeftModel):
-            entry.group.model.set_adapter(entry.name)
-        for start in range(0, len(texts), batch_size):
-            enc = entry.tokenizer(texts[start:start + batch_size], truncation=True, max_length=entry.max_length,
-                                  padding=True, return_tensors="pt").to(device)
-            enc.pop("token_type_ids", None)
-            probs.append(entry.group.model(**enc).logits.float().softmax(-1).cpu().numpy())
-    return np.concatenate(probs) if probs else np.zeros((0, len(entry.label_names)))
 
 
 def create_app(run_dirs: list[str], device: torch.device | None = None):
@@ -124,10 +109,6 @@ def create_app(run_dirs: list[str], device: torch.device | None = None):
         name = req.adapter or (next(iter(served)) if len(served) == 1 else None)
         if name not in served:
             raise HTTPException(404, f"unknown adapter {req.adapter!r}; served: {', '.join(served)}")
-        entry = served[name]
-        probs = predict(entry, req.texts, device)
-        return {"adapter": name, "predictions": [
-            {"label": entry.label_names[int(p.argmax())], "confidence": float(p.max()),
-             "probabilities": dict(zip(entry.label_names, map(float, p)))} for p in probs]}
+        return {"adapter": name, "predictions": served[name].predictor.predict(req.texts, cache=False)}
 
     return app

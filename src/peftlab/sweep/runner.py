@@ -13,7 +13,6 @@ pruner, state), so the study can be inspected with Optuna's own tools.
 from __future__ import annotations
 
 import json
-import shutil
 import statistics
 import sys
 import time
@@ -21,11 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from peftlab.config import Config, save_config
+from peftlab.config import Config
 from peftlab.config.load import build_config, set_in
 from peftlab.errors import UserError
+from peftlab.runs.record import RunRecord
 from peftlab.runs.rundir import RunDir, atomic_write_text
 from peftlab.sweep import claims as C
+from peftlab.sweep.summary import METRICS, summarize, table, write_summary
 from peftlab.sweep.expand import (TEACHER_UNIT, Run, Unit, distributions, encode_choice, expand_grid,
                                   plan_fingerprint, space_unit)
 
@@ -45,24 +46,6 @@ class Options:
     poll: float = 2.0  # seconds between looks at the study while others hold the remaining work
     config_path: Path | None = None
     echo: Callable[[str], None] = field(default=lambda s: print(s, flush=True))
-
-
-def reset_peak_rss() -> None:
-    """Start a fresh CPU peak-memory reading for the next run in this process (Linux: VmHWM): first
-    hand the previous run's freed memory back to the system, so that it does not count again."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
 
 
 def storage_display(url: str) -> str:
@@ -136,7 +119,7 @@ class Sweep:
 
     def _count(self, unit: Unit) -> int:
         if unit.group not in self.counts:
-            from peftlab.sweep.budget import count_config
+            from peftlab.models.params import count_config
 
             cfg = build_config(unit.runs[0].tree, f"sweep configuration {unit.group!r}")
             self.counts[unit.group] = count_config(cfg).trainable
@@ -189,6 +172,8 @@ class Sweep:
                             f"(other configurations, seeds or settings): use another --output-dir (or --study-name) "
                             f"for this one, or run the original config to finish that sweep")
         self.claims = C.Claims(url, self.study_name, self.opts.stale_after, self.opts.heartbeat_every)
+        # claims' finished_ms come from the database's clock: compare against the same clock (--retry-failed)
+        self.started_ms = self.claims.now_ms()
         tree = self.cfg.model_dump(mode="json")
         atomic_write_text(self.dir / "sweep.yaml", __import__("yaml").safe_dump(tree, sort_keys=False))
 
@@ -358,10 +343,12 @@ class Sweep:
             for i, run in enumerate(unit.runs):
                 self.opts.echo(f"[sweep] {run.name}: training{again}")
                 m = self.train_one(run, trial if i == 0 and self.cfg.sweep.pruning else None)
+                if m.status == "pruned":
+                    raise optuna.TrialPruned(m.reason)
                 results.append(m)
-                self.opts.echo(f"[sweep] {run.name}: validation {self.metric} {m['validation'][self.metric]:.4f}, "
-                               f"test accuracy {m['test']['accuracy']:.4f} ({m['efficiency']['train_seconds']:.1f} s)")
-            value = statistics.fmean(m["validation"][self.metric] for m in results)
+                self.opts.echo(f"[sweep] {run.name}: validation {self.metric} {m.validation.get(self.metric):.4f}, "
+                               f"test accuracy {m.test.accuracy:.4f} ({m.efficiency.train_seconds:.1f} s)")
+            value = statistics.fmean(m.validation.get(self.metric) for m in results)
             trial.set_user_attr("runs", {m_run.name: _brief(m) for m_run, m in zip(unit.runs, results)})
             self.study.tell(trial, value)
             self.claims.finish(key, attempt, C.DONE, {**payload, "value": value})
@@ -383,52 +370,92 @@ class Sweep:
 
                 traceback.print_exc(file=sys.stderr)
 
-    def train_one(self, run: Run, trial) -> dict:
-        import optuna
+    def train_one(self, run: Run, trial) -> RunRecord:
+        from peftlab.runtime import reset_peak_rss
+        from peftlab.training.trainer import Trainer
 
-        from peftlab.training.loop import train
-
-        path = self.run_dir(run)
-        rd = RunDir(path)
+        rd = RunDir(self.run_dir(run))
         if rd.status() == "completed":
-            return rd.metrics()  # finished just before an interruption: nothing to redo
+            return rd.record()  # finished just before an interruption: nothing to redo
         cfg = build_config(run.tree, f"sweep run {run.name!r}")
-        resume = rd.config_file.exists() and (rd.checkpoints / "last.pt").exists() and rd.status() in (None, "finishing")
-        if not resume:
-            if path.exists():
-                shutil.rmtree(path)
-            rd.create()
-            save_config(cfg, rd.config_file)
-
-        def on_epoch(epoch: int, value: float) -> None:
-            if trial is None:
-                return
-            trial.report(value, epoch)
-            if trial.should_prune():
-                raise optuna.TrialPruned(f"validation {self.metric} {value:.4f} after epoch {epoch} is in the "
-                                         f"bottom quarter of the runs at that epoch")
-
+        resume = rd.start_or_continue(cfg)
         reset_peak_rss()
-        try:
-            return train(cfg, rd, resume=resume, progress=self.opts.progress, on_epoch=on_epoch)
-        except optuna.TrialPruned as e:
-            rd.write_metrics({"status": "pruned", "reason": str(e), "method": cfg.method.name, "run_dir": str(path),
-                              "config": cfg.model_dump(mode="json")})
-            shutil.rmtree(rd.checkpoints, ignore_errors=True)
-            raise
-        except KeyboardInterrupt:
-            raise
-        except Exception as e:
-            import traceback
+        callbacks = [PruneCallback(trial, self.metric)] if trial is not None else []
+        return Trainer(cfg, rd, self.opts.progress, callbacks).fit(resume)
 
-            rd.write_metrics({"status": "failed", "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(),
-                              "run_dir": str(path), "config": cfg.model_dump(mode="json")})
-            raise
+    # --- the summary ---------------------------------------------------------------------------
+    def rows(self) -> tuple[list[dict], list[dict]]:
+        """One plain row per run (see summary.summarize), and the over-budget samples of a search."""
+        attempts = self.claims.attempts()
+        rows, over_budget = [], []
+        for key in self.keys:
+            history = attempts.get(key, [])
+            state = history[-1].state if history else "pending"
+            unit = self.by_key.get(key)
+            if unit is None:  # a search slot: its configuration is whatever was sampled for it
+                for c in history:
+                    over_budget += c.payload.get("over_budget") or []
+                if self._params_of(key, history) is None:
+                    continue
+                unit = self.unit_for(key, history[-1])
+            blocked = None
+            depends = unit.depends_on or (TEACHER_UNIT if key.startswith("slot") and TEACHER_UNIT in self.by_key else None)
+            if depends and state == "pending":
+                dep = (attempts.get(depends) or [None])[-1]
+                if dep is not None and dep.state in (C.FAILED, C.PRUNED, C.SKIPPED):
+                    blocked = f"its teacher ({depends}) did not complete"
+            rows += [self._row(unit, run, state, history, blocked) for run in unit.runs]
+        return rows, over_budget
+
+    def _trial_runs(self, number) -> dict:
+        if number is None:
+            return {}
+        try:
+            return next((t.user_attrs.get("runs") or {} for t in self.study.get_trials(deepcopy=False)
+                         if t.number == int(number)), {})
+        except Exception:  # noqa: BLE001
+            return {}
+
+    def _row(self, unit: Unit, run: Run, state: str, history: list, blocked: str | None) -> dict:
+        path = self.run_dir(run)
+        row = {"name": run.name, "configuration": unit.group, "overrides": unit.overrides,
+               "teacher": unit.key == TEACHER_UNIT, "seed": run.seed,
+               "run_dir": str(path.relative_to(self.dir)) if path.is_relative_to(self.dir) else str(path),
+               "attempts": len(history), "trainable_params": self.counts.get(unit.group)}
+        record = RunRecord.read_or_none(path / "metrics.json")
+        brief = _brief(record) if record is not None else None
+        if record is None and state == C.DONE:  # finished on another machine: its figures are in the study
+            brief = self._trial_runs(history[-1].payload.get("trial")).get(run.name)
+            if brief is not None:
+                row["run_dir_host"] = "another worker"
+        if brief is not None and brief.get("status") == "completed":
+            row.update(status="completed", validation={k: brief["validation"][k] for k in METRICS},
+                       test=brief["test"], trainable_params=brief["params"]["trainable"],
+                       trainable_pct=brief["params"]["trainable_pct"], train_seconds=brief["train_seconds"],
+                       peak_memory_bytes=brief["peak_memory_bytes"])
+        elif blocked:
+            row.update(status="blocked", reason=blocked)
+        elif unit.key in self.skipped:
+            s = self.skipped[unit.key]
+            row.update(status="skipped", reason=f"over budget: {s['trainable']:,} trainable parameters > {s['budget']:,}",
+                       trainable_params=s["trainable"])
+        elif state == C.PRUNED:
+            row.update(status="pruned", reason=(record.reason if record else None) or history[-1].payload.get("reason"))
+        elif state == C.FAILED:
+            row.update(status="failed", error=history[-1].payload.get("error") or (record.error if record else None))
+        else:
+            row.update(status="running" if state == C.RUNNING else "pending")
+        return row
+
+    def summary(self) -> dict:
+        rows, over_budget = self.rows()
+        return summarize(rows, self.metric, sweep_dir=str(self.dir), mode="search" if self.space else "grid",
+                         study={"name": self.study_name, "storage": storage_display(self.url)},
+                         seeds=list(self.cfg.sweep.seeds), budget=self.budget, skipped=list(self.skipped.values()),
+                         over_budget_samples=over_budget)
 
     # --- entry point -------------------------------------------------------------------------
     def run(self) -> dict:
-        from peftlab.sweep.summary import summarize, table, write_summary
-
         self._open()
         if self.skipped:
             for s in self.skipped.values():
@@ -438,19 +465,35 @@ class Sweep:
             self.work()
         finally:
             self.claims.close()
-        summary = summarize(self)
+        summary = self.summary()
         write_summary(self.dir, summary)
         self.opts.echo(table(summary))
         return summary
 
 
-def _brief(m: dict) -> dict:
+class PruneCallback:
+    """Optuna's pruner, asked after each epoch's validation: a reason to stop, or None."""
+
+    def __init__(self, trial, metric: str):
+        self.trial, self.metric = trial, metric
+
+    def on_epoch_end(self, trainer, epoch: int, scores: dict) -> str | None:
+        value = scores[self.metric]
+        self.trial.report(value, epoch)
+        if self.trial.should_prune():
+            return (f"validation {self.metric} {value:.4f} after epoch {epoch} is in the bottom quarter of the "
+                    f"runs at that epoch")
+        return None
+
+
+def _brief(m: RunRecord) -> dict:
     """The figures a summary needs, kept in the Optuna trial too (for workers on other machines)."""
-    eff = m.get("efficiency") or {}
-    return {"status": m.get("status"), "validation": m.get("validation"),
-            "test": {k: (m.get("test") or {}).get(k) for k in ("accuracy", "macro_f1")},
-            "params": {k: (m.get("params") or {}).get(k) for k in ("trainable", "total", "trainable_pct")},
-            "train_seconds": eff.get("train_seconds"), "peak_memory_bytes": eff.get("peak_memory_bytes")}
+    if not m.completed:
+        return {"status": m.status}
+    return {"status": m.status, "validation": m.validation.model_dump(),
+            "test": {k: m.test.get(k) for k in METRICS},
+            "params": {k: m.params.get(k) for k in ("trainable", "total", "trainable_pct")},
+            "train_seconds": m.efficiency.train_seconds, "peak_memory_bytes": m.efficiency.peak_memory_bytes}
 
 
 def run_sweep(cfg: Config, opts: Options) -> dict:

@@ -2,16 +2,13 @@
 loss = alpha * CE(student, labels) + (1 - alpha) * T^2 * KL(softmax(teacher / T) || softmax(student / T))."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from peftlab.config.schema import DistillConfig
-from peftlab.data.tokenize import encode
 from peftlab.errors import UserError
-from peftlab.evaluation.predict import predict_logits
+from peftlab.runtime import Runtime
 
 
 def distill_loss(student_logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor,
@@ -24,19 +21,17 @@ def distill_loss(student_logits: torch.Tensor, labels: torch.Tensor, teacher_log
     return alpha * hard + (1 - alpha) * temperature ** 2 * soft
 
 
-def teacher_logits(cfg: DistillConfig, texts: list[str], label_names: list[str], device: torch.device,
+def teacher_logits(cfg: DistillConfig, texts: list[str], label_names: list[str], runtime: Runtime,
                    cache_dir: str | None, batch_size: int = 64) -> np.ndarray:
-    """Logits of the teacher run for the training texts (in their order), computed once per run."""
-    from peftlab.runs.trained import load_trained
+    """Logits of the teacher run for the training texts (in their order), through the teacher's own
+    tokenizer and max_length, computed once per run."""
+    from peftlab.runs.trained import load_predictor
 
-    if not (Path(cfg.teacher) / "config.yaml").exists():
-        raise UserError(f"distill.teacher {cfg.teacher!r}: not a peftlab run directory (train the teacher "
-                        f"with peftlab train first and pass its run directory)")
-    teacher = load_trained(cfg.teacher, device)
-    if teacher.label_names != label_names:
-        raise UserError(f"distill.teacher {cfg.teacher!r} was trained on labels {teacher.label_names}, "
+    predictor = load_predictor(cfg.teacher, runtime.device, batch_size=batch_size, what="distill.teacher")
+    if predictor.label_names != label_names:
+        raise UserError(f"distill.teacher {cfg.teacher!r} was trained on labels {predictor.label_names}, "
                         f"the student's are {label_names}: use a teacher trained on the same dataset")
-    data = encode(teacher.tokenizer, texts, np.zeros(len(texts), np.int64), teacher.config.data.max_length, cache_dir)
-    logits = predict_logits(teacher.model, data, teacher.tokenizer.pad_token_id, device, batch_size=batch_size)
-    del teacher
+    predictor.cache_dir = cache_dir
+    logits = predictor.logits(texts)
+    del predictor
     return logits

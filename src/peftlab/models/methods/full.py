@@ -9,4 +9,4 @@ def apply(model, cfg, device):
 
 
 register(Method(name="full", summary="all parameters train", default_learning_rate=5e-5,
-                apply=apply, saves_adapter=False))
+                apply=apply, saves_adapter=False, trains_backbone=True))

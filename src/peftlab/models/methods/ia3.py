@@ -27,4 +27,5 @@ def apply(model, cfg, device):
     return get_peft_model(model, config)
 
 
-register(Method(name="ia3", summary="learned rescaling vectors (keys, values, feed-forward)", default_learning_rate=5e-3, apply=apply))
+register(Method(name="ia3", summary="learned rescaling vectors (keys, values, feed-forward)", default_learning_rate=5e-3, apply=apply,
+                hyperparameters=("target_modules", "layers"), adapter_kind="IA3"))

@@ -4,6 +4,8 @@ from peft import LoraConfig, TaskType, get_peft_model
 from peftlab.models.architectures import architecture_of, check_targets, head_module_names, layers_pattern
 from peftlab.models.methods.registry import Method, register
 
+HYPERPARAMETERS = ("r", "alpha", "dropout", "target_modules", "layers", "rank_pattern")
+
 
 def lora_config(model, cfg) -> LoraConfig:
     targets = list(cfg.target_modules or architecture_of(model).lora_targets)
@@ -21,4 +23,5 @@ def apply(model, cfg, device):
     return get_peft_model(model, lora_config(model, cfg))
 
 
-register(Method(name="lora", summary="low-rank adapters on attention projections", default_learning_rate=1e-3, apply=apply))
+register(Method(name="lora", summary="low-rank adapters on attention projections", default_learning_rate=1e-3, apply=apply,
+                hyperparameters=HYPERPARAMETERS, adapter_kind="LoRA"))

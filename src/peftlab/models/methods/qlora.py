@@ -60,4 +60,5 @@ def apply(model, cfg, device):
 
 
 register(Method(name="qlora", summary="LoRA on a 4-bit NF4 backbone", default_learning_rate=1e-3,
-                apply=apply, load_kwargs=load_kwargs))
+                apply=apply, load_kwargs=load_kwargs,
+                hyperparameters=lora.HYPERPARAMETERS + ("bits",), adapter_kind="LoRA"))

@@ -11,14 +11,31 @@ from peftlab.errors import UserError
 
 @dataclass(frozen=True)
 class Method:
+    """Everything callers need to know about a method: they ask it, and never switch on its name."""
     name: str
     summary: str
     default_learning_rate: float
-    # (model, method config, model facts) -> the model to train, with requires_grad set
+    # (model, method config, device) -> the model to train, with requires_grad set
     apply: Callable
     # (method config, device) -> (extra from_pretrained kwargs, quantization record)
     load_kwargs: Callable = field(default=lambda cfg, device: ({}, {"requested": None, "used": None, "reason": None}))
-    saves_adapter: bool = True
+    saves_adapter: bool = True  # adapter/ (PEFT format) beside the base, or a whole model/
+    trains_backbone: bool = False  # every weight trains (weight gradients for the whole model)
+    hyperparameters: tuple[str, ...] = ()  # the method.* config fields that apply to it
+    adapter_kind: str = ""  # what its trainable non-head parameters are called, e.g. "LoRA"
+
+    @property
+    def weights_dir(self) -> str:
+        return "adapter" if self.saves_adapter else "model"
+
+    @property
+    def has_rank(self) -> bool:
+        return "r" in self.hyperparameters
+
+    def flops_per_token(self, non_embedding_params: int) -> float:
+        """Training FLOPs per real token: 2N forward + 2N backward through activations, + 2N for weight
+        gradients when the backbone trains (adapters' own weight gradients are <1% of N, left out)."""
+        return float((6 if self.trains_backbone else 4) * non_embedding_params)
 
 
 _METHODS: dict[str, Method] = {}
@@ -39,6 +56,12 @@ def _load_all() -> None:
 def names() -> list[str]:
     _load_all()
     return sorted(_METHODS)
+
+
+def find(name: str) -> Method | None:
+    """The method, or None for a name this version does not know (e.g. in an old or foreign run)."""
+    _load_all()
+    return _METHODS.get(name)
 
 
 def get(name: str) -> Method:

@@ -12,16 +12,9 @@ from dataclasses import dataclass
 import torch
 
 from peftlab.config import Config
-from peftlab.sweep.budget import count_config, meta_model
+from peftlab.models.params import count_config, meta_model
 
 RANKS = (1, 2, 4, 8, 16, 32, 64)
-_BERT_TYPES = {"bert", "roberta", "xlm-roberta", "camembert", "electra"}
-# module sets for BERT-like encoders, from least to most (output.dense also matches attention.output.dense)
-BERT_MODULE_SETS = (
-    ("query",), ("value",), ("query", "value"), ("query", "key"), ("query", "key", "value"),
-    ("query", "key", "attention.output.dense"), ("query", "key", "value", "attention.output.dense"),
-    ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"),
-)
 
 
 @dataclass
@@ -58,13 +51,13 @@ def layer_subsets(n: int) -> list[tuple[int, ...] | None]:
 
 
 def module_sets(model: torch.nn.Module) -> list[tuple[str, ...]]:
-    from peftlab.models.architectures import ARCHITECTURES, linear_layer_names
+    from peftlab.models.architectures import architecture_facts, linear_layer_names
 
-    if model.config.model_type in _BERT_TYPES:
-        return list(BERT_MODULE_SETS)
+    known = architecture_facts(model)
+    if known and known.plan_module_sets:
+        return list(known.plan_module_sets)
     names = linear_layer_names(model)
     sets = [(n,) for n in names]
-    known = ARCHITECTURES.get(model.config.model_type)
     if known:
         sets.insert(0, tuple(known.lora_targets))
     sets.append(tuple(names))
@@ -132,7 +125,9 @@ def candidates(cfg: Config, budget: int, label_names: list[str] | None = None) -
 
 def plan(cfg: Config, budget: int, top: int = 10, label_names: list[str] | None = None) -> tuple[list[Candidate], int]:
     """The `top` best candidates, each counted exactly on a meta-device build (over-budget ones dropped)."""
-    method = cfg.method.name if cfg.method.name in ("lora", "qlora") else "lora"
+    from peftlab.models.methods import registry
+
+    method = cfg.method.name if registry.get(cfg.method.name).has_rank else "lora"
     found, head_count = candidates(cfg, budget, label_names)
     chosen = []
     for c in found:

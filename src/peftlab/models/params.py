@@ -1,6 +1,6 @@
 """Exact trainable-parameter counts before training: the model is built on the meta device (shapes
 only, no weights read or allocated), the method applied as in training, and counted with the same
-`count_parameters` the training run records in metrics.json."""
+`count_parameters` the training run records in metrics.json. `peftlab params` and sweep budgets use it."""
 from __future__ import annotations
 
 import re
@@ -31,6 +31,23 @@ def _known_model_config(name: str):
         return RobertaConfig(vocab_size=50265, max_position_embeddings=514, type_vocab_size=1, layer_norm_eps=1e-5,
                              pad_token_id=1, bos_token_id=0, eos_token_id=2)
     return None
+
+
+def count_parameters(model: torch.nn.Module) -> dict:
+    """Trainable and total parameter counts. 4-bit weights are packed two per byte; counting their
+    storage elements would halve the total (peft #1020), so they are counted by their real shape."""
+    trainable = total = 0
+    for name, p in model.named_parameters():
+        if ".original_module." in name:
+            continue  # peft keeps a frozen copy of the head beside the trained one; not part of the model
+        n = p.numel()
+        quant_state = getattr(p, "quant_state", None)
+        if quant_state is not None and hasattr(quant_state, "shape"):
+            n = int(torch.Size(quant_state.shape).numel())
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return {"trainable": trainable, "total": total, "trainable_pct": round(100.0 * trainable / max(total, 1), 4)}
 
 
 @dataclass
@@ -115,7 +132,6 @@ def _module_type(name: str) -> str:
 def count_config(cfg: Config, label_names: list[str] | None = None) -> Count:
     """The exact trainable count of `cfg`'s model with its method applied, built without weights."""
     from peftlab.models.architectures import num_hidden_layers
-    from peftlab.models.build import count_parameters
     from peftlab.models.methods import registry
 
     method = registry.get(cfg.method.name)

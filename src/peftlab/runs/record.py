@@ -1,0 +1,161 @@
+"""metrics.json, typed once: what a run records and every reader reads (train's summary, sweeps,
+reports, predict, serve, bench, the Python API).
+
+Unknown keys are ignored, so records written by earlier (or later) versions still load; a file that
+is not a record at all fails with one line naming it.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+
+from peftlab.errors import UserError
+
+Status = Literal["completed", "finishing", "failed", "pruned"]
+
+
+class Record(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """Dict-style access by field name (charts and tables address figures by key paths)."""
+        value = getattr(self, key, None)
+        return default if value is None else value
+
+
+class Scores(Record):
+    accuracy: float
+    macro_f1: float
+    loss: float | None = None
+
+
+class ClassScores(Record):
+    precision: float
+    recall: float
+    f1: float
+    support: int
+
+
+class Confidence(Record):
+    mean: float
+    min: float
+    max: float
+    share_ge_0_9: float
+
+
+class FullScores(Scores):
+    """Scores with the details: per class, confusion matrix, confidence."""
+    per_class: dict[str, ClassScores]
+    confusion_matrix: list[list[int]]
+    confidence: Confidence
+
+
+class Params(Record):
+    trainable: int
+    total: int
+    trainable_pct: float
+    adapter_bytes: int | None = None
+
+
+class Baseline(Record):
+    """The model before fine-tuning (fresh head), on the test split."""
+    test: Scores
+
+
+class Efficiency(Record):
+    train_seconds: float
+    train_samples_per_second: float
+    train_tokens_per_second: float  # real (non-padding) tokens
+    peak_memory_bytes: int
+    peak_memory_kind: str  # gpu_max_allocated | cpu_peak_rss
+    device: str
+    precision: str | None = None
+    optimizer_steps: int | None = None
+    wall_seconds: float | None = None
+
+
+class Quantization(Record):
+    requested: str | None = None
+    used: str | None = None
+    reason: str | None = None
+
+
+class Distillation(Record):
+    teacher: str
+    alpha: float
+    temperature: float
+
+
+class RunRecord(Record):
+    status: Status
+    method: str | None = None
+    model: str | None = None
+    dataset: str | None = None
+    run_dir: str | None = None
+    config: dict | None = None  # the resolved config (as in config.yaml)
+    label_names: list[str] = []
+    split_sizes: dict[str, int] = {}
+    split_sources: dict[str, str] = {}
+    params: Params | None = None
+    best_epoch: int | None = None
+    validation: Scores | None = None  # the best epoch's, which selected it
+    test: FullScores | None = None
+    baseline: Baseline | None = None
+    efficiency: Efficiency | None = None
+    quantization: Quantization | None = None
+    distill: Distillation | None = None
+    error: str | None = None  # failed: what went wrong
+    traceback: str | None = None
+    reason: str | None = None  # pruned: why
+
+    @model_validator(mode="after")
+    def _complete(self) -> "RunRecord":
+        if self.status in ("completed", "finishing"):
+            missing = [k for k in ("params", "validation", "test", "efficiency") if getattr(self, k) is None]
+            if missing or not self.label_names:
+                raise ValueError(f"a {self.status} run needs {', '.join(missing or ['label_names'])}")
+        return self
+
+    @property
+    def completed(self) -> bool:
+        return self.status == "completed"
+
+    # --- disk ----------------------------------------------------------------------------------
+    @classmethod
+    def read(cls, path: str | Path) -> "RunRecord":
+        """The record in `path` (a metrics.json); UserError naming the file when it is not one."""
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            return cls.model_validate(data)
+        except FileNotFoundError:
+            raise UserError(f"{path}: no metrics.json: the run never finished (continue it with peftlab train "
+                            f"--resume {path.parent}) or this is not a run directory") from None
+        except (OSError, ValueError, ValidationError) as e:
+            first = str(e).splitlines()[0] if not isinstance(e, ValidationError) else _first_error(e)
+            raise UserError(f"{path}: not a valid peftlab metrics.json ({first}): retrain the run, or remove "
+                            f"the directory") from None
+
+    @classmethod
+    def read_or_none(cls, path: str | Path) -> "RunRecord | None":
+        try:
+            return cls.read(path)
+        except UserError:
+            return None
+
+    def write(self, path: str | Path) -> None:
+        """Atomically: a reader sees the previous record or this one, never a torn file."""
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(self.model_dump_json(indent=2, exclude_none=False) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+
+
+def _first_error(e: ValidationError) -> str:
+    err = e.errors()[0]
+    where = ".".join(str(x) for x in err["loc"]) or "record"
+    return f"{where}: {err['msg']}"

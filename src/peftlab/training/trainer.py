@@ -1,0 +1,367 @@
+"""One training run, start to finish, as a recipe in torchtune's style: `setup` (data, model, optimizer,
+state), `train_epoch`, `evaluate`, `save_checkpoint`, `finish` (test, weights, record), and `fit`
+which strings them together. A plain PyTorch loop rather than transformers' Trainer: it is where the
+speed comes from (length-grouped dynamic padding, no host sync per step, autocast, fused AdamW).
+
+Callbacks see the run without changing it: `on_step(trainer, row)` at every loss reading (every
+`train.log_every` steps) and `on_epoch_end(trainer, epoch, scores)` after each validation; the
+latter may return a reason to stop, and the run then ends with status "pruned" (sweeps prune so).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import get_linear_schedule_with_warmup
+
+from peftlab import runtime as rt
+from peftlab.config import Config, save_config
+from peftlab.data import load_data
+from peftlab.data.batching import batch_order, collate, pad_multiple, to_device
+from peftlab.data.tokenize import Encoded, encode
+from peftlab.evaluation.metrics import score_logits, softmax
+from peftlab.evaluation.predict import predict_logits
+from peftlab.models.build import build_model
+from peftlab.models.loading import load_tokenizer
+from peftlab.models.params import count_parameters
+from peftlab.models.speed import first_token_only
+from peftlab.runs.record import RunRecord
+from peftlab.runs.rundir import RunDir
+from peftlab.training.distill import distill_loss, teacher_logits
+
+SPLITS = ("train", "validation", "test")
+SCORE_KEYS = ("accuracy", "macro_f1", "loss")
+
+
+class Callback(Protocol):
+    def on_step(self, trainer: "Trainer", row: dict) -> None: ...
+
+    def on_epoch_end(self, trainer: "Trainer", epoch: int, scores: dict) -> str | None: ...
+
+
+@dataclass
+class TrainState:
+    """Everything that changes while training, besides weights and optimizer: what `--resume` restores."""
+    epoch: int = 0  # epochs completed
+    step: int = 0  # optimizer steps taken
+    best: float = -math.inf  # best validation metric so far
+    best_epoch: int = 0
+    stale: int = 0  # epochs since the best
+    train_seconds: float = 0.0
+    samples: int = 0
+    tokens: int = 0  # real (non-padding) tokens trained on
+    baseline: dict | None = None  # the model before fine-tuning, on test
+    stopped: str | None = None  # why training ended early (callback or early stopping)
+
+    def state_dict(self) -> dict:
+        return {**asdict(self), "rng": rt.rng_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for k, v in state.items():
+            if k != "rng":
+                setattr(self, k, v)
+        rt.set_rng_state(state["rng"])
+
+
+@dataclass
+class Schedule:
+    batches_per_epoch: int
+    steps_per_epoch: int
+    total_steps: int
+    epochs: int
+    learning_rate: float
+
+
+class Trainer:
+    def __init__(self, cfg: Config, run: RunDir, progress: bool = True, callbacks: list[Callback] = ()):
+        self.cfg, self.run, self.progress = cfg, run, progress
+        self.callbacks = list(callbacks)
+        self.state = TrainState()
+        self.started = time.time()
+
+    # --- setup ---------------------------------------------------------------------------------
+    def setup(self, resume: bool = False) -> "Trainer":
+        self.runtime = rt.Runtime.pick(self.cfg.train.device, self.cfg.train.precision)
+        if not self.run.config_file.exists():  # a directory made with RunDir.create() rather than start()
+            save_config(self.cfg, self.run.config_file)
+        rt.seed_everything(self.cfg.train.seed)
+        self._setup_data()
+        self._setup_model()
+        self._setup_teacher()
+        self._setup_optimizer()
+        checkpoint = self.run.load_checkpoint("last") if resume else None
+        if resume and checkpoint is None:
+            print(f"{self.run.path}: killed before its first checkpoint; starting it again from the beginning")
+            self.run.history_file.unlink(missing_ok=True)
+        if checkpoint is not None:
+            self._restore(checkpoint)
+        elif self.cfg.eval.baseline:
+            test = self.evaluate("test")
+            self.state.baseline = {"test": {k: test[k] for k in ("accuracy", "macro_f1")}}
+        rt.reset_peak_memory(self.runtime.device)
+        return self
+
+    def _setup_data(self) -> None:
+        cfg = self.cfg
+        self.tokenizer = load_tokenizer(cfg.model.name, cfg.model.tokenizer)  # first: a wrong name fails fast
+        self.data = load_data(cfg.data, cfg.train.seed)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.encoded: dict[str, Encoded] = {
+            s: encode(self.tokenizer, getattr(self.data, s).texts, getattr(self.data, s).labels,
+                      cfg.data.max_length, cfg.data.cache_dir) for s in SPLITS}
+
+    def _setup_model(self) -> None:
+        self.built = build_model(self.cfg, self.data.label_names, self.runtime.device)
+        self.model = self.built.model
+        self.params = count_parameters(self.model)
+        first_token_only(self.model)  # the last layer only where the head reads it: same loss and gradients
+        self.forward = torch.compile(self.model) if self.cfg.train.compile else self.model
+        self.pad_multiple = pad_multiple(self.runtime.device, self.cfg.train.compile, self.cfg.data.max_length)
+
+    def _setup_teacher(self) -> None:
+        """Distillation: the teacher's logits for the training texts, computed once and kept on disk."""
+        self.teacher, cfg = None, self.cfg
+        if not cfg.distill.teacher:
+            return
+        cached = self.run.checkpoints / "teacher_logits.npy"
+        if cached.exists():
+            logits = np.load(cached)
+        else:
+            logits = teacher_logits(cfg.distill, self.data.train.texts, self.data.label_names, self.runtime,
+                                    cfg.data.cache_dir, cfg.eval.batch_size)
+            self.run.checkpoints.mkdir(exist_ok=True)
+            np.save(cached, logits)
+        self.teacher = torch.from_numpy(logits)
+
+    def _setup_optimizer(self) -> None:
+        tc = self.cfg.train
+        batches = math.ceil(len(self.encoded["train"]) / tc.batch_size)
+        steps = math.ceil(batches / tc.gradient_accumulation_steps)
+        total = tc.max_steps or math.ceil(tc.epochs * steps)
+        lr = tc.learning_rate or self.built.method.default_learning_rate
+        self.schedule = Schedule(batches, steps, total, math.ceil(total / steps), lr)
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        decay = [p for p in self.trainable if p.ndim >= 2]
+        no_decay = [p for p in self.trainable if p.ndim < 2]  # biases and norms are not decayed (BERT's recipe)
+        groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        self.optimizer = torch.optim.AdamW(groups, lr=lr, fused=self.runtime.device.type == "cuda")
+        self.scheduler = get_linear_schedule_with_warmup(self.optimizer, int(tc.warmup_ratio * total), total)
+        self.scaler = rt.grad_scaler(self.runtime.device, self.runtime.dtype)
+
+    def _restore(self, checkpoint: dict) -> None:
+        if "state" not in checkpoint:
+            from peftlab.errors import UserError
+
+            raise UserError(f"{self.run.checkpoints / 'last.pt'}: written by an older peftlab and cannot be "
+                            f"resumed; start the run again in a new directory")
+        self.model.load_state_dict(checkpoint["trainable"], strict=False)
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        if self.scaler is not None and checkpoint.get("scaler"):
+            self.scaler.load_state_dict(checkpoint["scaler"])
+        self.state.load_state_dict(checkpoint["state"])
+        self.run.truncate_history(self.state.step)
+        print(f"resuming {self.run.path} after epoch {self.state.epoch} (step {self.state.step})")
+
+    # --- training ------------------------------------------------------------------------------
+    def _loss(self, logits: torch.Tensor, labels: torch.Tensor, index: np.ndarray) -> torch.Tensor:
+        if self.teacher is None:
+            return F.cross_entropy(logits.float(), labels)
+        d = self.cfg.distill
+        return distill_loss(logits, labels, self.teacher[index].to(self.runtime.device), d.alpha, d.temperature)
+
+    def _optimizer_step(self) -> None:
+        clip = self.cfg.train.max_grad_norm
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
+        if clip:
+            torch.nn.utils.clip_grad_norm_(self.trainable, clip)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)  # skipped when fp16 gradients overflowed
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.step += 1
+
+    def train_epoch(self, epoch: int) -> float:
+        """One pass over the (remaining) batches of `epoch` (0-based); returns the mean training loss."""
+        tc, st, device = self.cfg.train, self.state, self.runtime.device
+        accum = tc.gradient_accumulation_steps
+        batches = batch_order(self.encoded["train"].lengths, tc.batch_size, tc.seed, epoch, tc.sampler)
+        batches = batches[:(self.schedule.total_steps - st.step) * accum]
+        bar = tqdm(total=math.ceil(len(batches) / accum), desc=f"epoch {epoch + 1}/{self.schedule.epochs}",
+                   disable=not self.progress, leave=False)
+        loss_sum = torch.zeros((), device=device)  # summed on the device; read only at logging steps
+        count, epoch_sum, epoch_count = 0, 0.0, 0
+        self.model.train()
+        rt.synchronize(device)
+        t0 = time.perf_counter()
+        for i, index in enumerate(batches):
+            batch = to_device(collate(self.encoded["train"], index, self.pad_id, self.pad_multiple), device)
+            labels = batch.pop("labels")
+            with self.runtime.autocast():
+                loss = self._loss(self.forward(**batch).logits, labels, index)
+            scaled = loss / accum
+            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+            loss_sum += loss.detach()
+            count += 1
+            st.samples += len(index)
+            st.tokens += int(self.encoded["train"].lengths[index].sum())
+            if (i + 1) % accum and i + 1 < len(batches):
+                continue
+            self._optimizer_step()
+            bar.update(1)
+            if st.step % tc.log_every == 0 or i + 1 == len(batches):
+                mean = loss_sum.item() / count  # the one host sync, every log_every steps
+                epoch_sum, epoch_count = epoch_sum + mean * count, epoch_count + count
+                loss_sum.zero_()
+                count = 0
+                bar.set_postfix(loss=f"{mean:.4f}")
+                self._log_step(epoch + (i + 1) / len(batches), mean)
+        rt.synchronize(device)
+        self.epoch_seconds = time.perf_counter() - t0
+        st.train_seconds += self.epoch_seconds
+        bar.close()
+        return epoch_sum / max(epoch_count, 1)
+
+    def _log_step(self, epoch: float, loss: float) -> None:
+        row = {"kind": "step", "step": self.state.step, "epoch": round(epoch, 4), "loss": loss,
+               "lr": self.scheduler.get_last_lr()[0]}
+        self.run.append_history(row)
+        for cb in self.callbacks:
+            if hasattr(cb, "on_step"):
+                cb.on_step(self, row)
+
+    # --- evaluation and checkpoints ------------------------------------------------------------
+    def logits(self, split: str) -> np.ndarray:
+        return predict_logits(self.model, self.encoded[split], self.pad_id, self.runtime.device,
+                              self.runtime.dtype, self.cfg.eval.batch_size)
+
+    def evaluate(self, split: str) -> dict:
+        """Scores of the current weights on a split: accuracy, macro-F1, per class, confusion, loss."""
+        return score_logits(self.logits(split), self.encoded[split].labels, self.data.label_names)
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().to("cpu", copy=True) for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def save_checkpoint(self, kind: str, scores: dict | None = None) -> None:
+        """"best": the weights of the best epoch so far and their validation scores; "last": everything
+        `--resume` needs."""
+        if kind == "best":
+            self.run.save_checkpoint("best", {"trainable": self.trainable_state(), "epoch": self.state.best_epoch,
+                                              "validation": {k: scores[k] for k in SCORE_KEYS}})
+        elif kind == "last":
+            self.run.save_checkpoint("last", {
+                "trainable": self.trainable_state(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "state": self.state.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None})
+        else:
+            raise ValueError(f"unknown checkpoint kind {kind!r}")
+
+    def end_epoch(self, epoch: int, train_loss: float) -> bool:
+        """Validate, keep the best weights, record the epoch; False when training should stop."""
+        st, metric = self.state, self.cfg.eval.metric
+        scores = self.evaluate("validation")
+        improved = scores[metric] > st.best
+        if improved:
+            st.best, st.best_epoch, st.stale = scores[metric], epoch + 1, 0
+            self.save_checkpoint("best", scores)
+        else:
+            st.stale += 1
+        st.epoch = epoch + 1
+        self.run.append_history({"kind": "epoch", "epoch": epoch + 1, "step": st.step, "train_loss": train_loss,
+                                 "validation": {k: scores[k] for k in SCORE_KEYS}, "seconds": self.epoch_seconds})
+        print(f"epoch {epoch + 1}/{self.schedule.epochs}  train loss {train_loss:.4f}  val loss {scores['loss']:.4f}  "
+              f"val acc {scores['accuracy']:.4f}  val macro-F1 {scores['macro_f1']:.4f}  "
+              f"{self.epoch_seconds:.1f}s{'  *best' if improved else ''}", flush=True)
+        if self.cfg.train.checkpoint_every_epoch:
+            self.save_checkpoint("last")
+        for cb in self.callbacks:
+            reason = cb.on_epoch_end(self, epoch + 1, scores) if hasattr(cb, "on_epoch_end") else None
+            if reason:
+                st.stopped = f"pruned: {reason}"
+                return False
+        patience = self.cfg.train.early_stopping_patience
+        if patience and st.stale >= patience:
+            st.stopped = f"early stopping: no better validation {metric} for {st.stale} epochs"
+            print(st.stopped)
+            return False
+        return True
+
+    # --- the end -------------------------------------------------------------------------------
+    def finish(self) -> RunRecord:
+        """Test the best epoch's weights once; write predictions, weights, plots and metrics.json (last)."""
+        if self.state.stopped and self.state.stopped.startswith("pruned"):
+            return self._finish_pruned()
+        best = self.run.load_checkpoint("best")
+        self.model.load_state_dict(best["trainable"], strict=False)
+        test_logits = self.logits("test")
+        probs = softmax(test_logits)
+        test = score_logits(test_logits, self.encoded["test"].labels, self.data.label_names)
+        self.run.write_predictions(self.data.test.texts, self.encoded["test"].labels, probs, self.data.label_names)
+        weights = self.run.weights_dir(self.built.method.weights_dir)
+        self.model.save_pretrained(weights)
+        self.tokenizer.save_pretrained(weights)
+        adapter_bytes = sum(f.stat().st_size for f in weights.iterdir() if f.suffix in (".safetensors", ".bin"))
+        record = self._record(test, best["validation"], adapter_bytes)
+        if self.cfg.output.plots:
+            from peftlab.runs.plots import write_plots
+
+            write_plots(self.run.path, record)
+        self.run.write_record(record)
+        self.run.remove_checkpoints()
+        return record
+
+    def _record(self, test: dict, validation: dict, adapter_bytes: int) -> RunRecord:
+        st, cfg, device = self.state, self.cfg, self.runtime.device
+        memory, memory_kind = rt.peak_memory(device)
+        return RunRecord(
+            status="completed", method=cfg.method.name, model=cfg.model.name, dataset=self.data.name,
+            run_dir=str(self.run.path), config=cfg.model_dump(mode="json"), label_names=self.data.label_names,
+            split_sizes={s: len(self.encoded[s]) for s in SPLITS}, split_sources=self.data.split_sources,
+            params={**self.params, "adapter_bytes": adapter_bytes}, best_epoch=st.best_epoch,
+            validation=validation, test=test, baseline=st.baseline,
+            efficiency={
+                "train_seconds": round(st.train_seconds, 3),
+                "train_samples_per_second": round(st.samples / max(st.train_seconds, 1e-9), 2),
+                "train_tokens_per_second": round(st.tokens / max(st.train_seconds, 1e-9), 1),
+                "peak_memory_bytes": memory, "peak_memory_kind": memory_kind, "device": rt.device_name(device),
+                "precision": self.runtime.precision, "optimizer_steps": st.step,
+                "wall_seconds": round(time.time() - self.started, 3)},
+            quantization=self.built.quantization,
+            distill=({"teacher": cfg.distill.teacher, "alpha": cfg.distill.alpha,
+                      "temperature": cfg.distill.temperature} if cfg.distill.teacher else None))
+
+    def _finish_pruned(self) -> RunRecord:
+        record = RunRecord(status="pruned", reason=self.state.stopped.removeprefix("pruned: "),
+                           method=self.cfg.method.name, run_dir=str(self.run.path),
+                           config=self.cfg.model_dump(mode="json"))
+        self.run.write_record(record)
+        self.run.remove_checkpoints()
+        return record
+
+    def fit(self, resume: bool = False) -> RunRecord:
+        """setup, every epoch, finish; a run that raises is recorded as failed, never as complete."""
+        try:
+            self.setup(resume)
+            for epoch in range(self.state.epoch, self.schedule.epochs):
+                if not self.end_epoch(epoch, self.train_epoch(epoch)):
+                    break
+            return self.finish()
+        except BaseException as e:
+            self.run.record_failure(e, self.cfg)
+            raise
+
+
+def train(cfg: Config, run: RunDir, resume: bool = False, progress: bool = True,
+          callbacks: list[Callback] = ()) -> RunRecord:
+    """Train, evaluate and record one run in `run` (already started: RunDir.start)."""
+    return Trainer(cfg, run, progress, callbacks).fit(resume)
