@@ -225,7 +225,7 @@ def test_output_must_be_new_or_empty(tmp_path, capsys, runs):
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     line = export_fails(capsys, [str(runs["lora"]), "--format", "merged", "--output", str(out)])
-    assert "already exists and is not empty" in line and str(out) in line
+    assert "already exists and is not an empty directory" in line and str(out) in line
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     empty = tmp_path / "empty"
     empty.mkdir()  # an empty directory is fine

@@ -36,8 +36,8 @@ class Source:
         return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
 
     def info(self) -> dict:
-        return {"run_dir": str(self.run_dir.resolve()), "method": self.metrics.get("method"), "model": self.metrics.get("model"),
-                "label_names": self.label_names, "max_length": self.max_length,
+        return {"run_dir": str(self.run_dir.resolve()), "method": self.metrics.get("method"),
+                "model": self.metrics.get("model"), "label_names": self.label_names, "max_length": self.max_length,
                 "run_test_accuracy": (self.metrics.get("test") or {}).get("accuracy"), "notes": self.notes}
 
 
@@ -45,7 +45,7 @@ def check_output(output: str | Path) -> Path:
     """Refuse before any work is done: an existing non-empty --output is never overwritten."""
     out = Path(output)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"--output {str(out)!r} already exists and is not empty: choose a new directory, or remove it first")
+        raise UserError(f"--output {str(out)!r} already exists and is not an empty directory: choose a new one, or remove it first")
     return out
 
 
@@ -115,6 +115,7 @@ def plain_model(model: torch.nn.Module, label_names: list[str]) -> torch.nn.Modu
     softmax, and no leftover quantization fields in its config."""
     model = model.float().eval()
     config = model.config
+    config.dtype = torch.float32
     config.num_labels = len(label_names)
     config.id2label = dict(enumerate(label_names))
     config.label2id = {n: i for i, n in enumerate(label_names)}
@@ -152,8 +153,9 @@ def test_set(source: Source) -> TestSet | None:
     if frame is None or not {"text", "label", *columns} <= set(frame.columns):
         source.notes.append(f"no readable {path.name} with prob_* columns: the export was not checked against the run")
         return None
-    index = {n: i for i, n in enumerate(source.label_names)}
-    return TestSet(frame["text"].tolist(), frame["label"].map(index).to_numpy(), frame[columns].to_numpy(np.float64))
+    index = {str(n): i for i, n in enumerate(source.label_names)}  # the CSV's labels are read as text
+    labels = frame["label"].map(index).fillna(-1).astype(np.int64).to_numpy()
+    return TestSet(frame["text"].tolist(), labels, frame[columns].to_numpy(np.float64))
 
 
 def compare(probs: np.ndarray, test: TestSet) -> dict:
