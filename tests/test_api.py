@@ -104,3 +104,10 @@ def test_quickstart_notebook_runs_headless(tmp_path, monkeypatch):
     assert not any(o.get("output_type") == "error" for outs in outputs.values() for o in outs)
     record = peftlab.load_run(Path(tmp_path / "runs" / "lora-r8")).metrics
     assert record.params.trainable == 6 * 2 * 2 * 384 * 8 + 384 * 5 + 5  # LoRA r=8 on query+value + head
+
+
+def test_api_names_survive_importing_the_packages():
+    import peftlab.reports.collect  # noqa: F401 - importing a subpackage sets an attribute on peftlab
+    import peftlab.sweeps.runner  # noqa: F401
+
+    assert peftlab.sweep is peftlab.api.sweep and peftlab.report is peftlab.api.report

@@ -113,7 +113,7 @@ def test_plan_keeps_the_configs_per_module_ranks(tiny_overrides):
 
 
 def test_budgeted_sweep_skips_and_lists_over_budget(tmp_path, tiny_overrides, capsys):
-    from peftlab.sweep.runner import Options, run_sweep
+    from peftlab.sweeps.runner import Options, run_sweep
 
     grid = ("sweep.grid={method: [{name: full}, {name: lora, r: 4, layers: [0], "
             "target_modules: [query, key, attention.output.dense], rank_pattern: {attention.output.dense: 2}}, "

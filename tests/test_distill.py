@@ -116,7 +116,7 @@ def test_any_student_method_distills(method, tmp_path, tiny_overrides, teacher_d
 
 
 def test_sweep_trains_its_teacher_first_and_students_use_it(tmp_path, tiny_overrides, teacher_dir):
-    from peftlab.sweep.runner import Options, run_sweep
+    from peftlab.sweeps.runner import Options, run_sweep
 
     cfg = load_config(None, tiny_overrides + [
         "sweep.teacher={method.name: full, train.learning_rate: 0.003}",

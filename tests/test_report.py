@@ -12,8 +12,8 @@ import pytest
 
 from conftest_report_helpers import LABELS, make_run, make_study
 from peftlab.errors import UserError
-from peftlab.report import build_report
-from peftlab.report.collect import collect
+from peftlab.reports import build_report
+from peftlab.reports.collect import collect
 from peftlab.runs.plots import write_plots
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -18,7 +18,7 @@ LAYERS = [
     {"evaluation"},
     {"runs"},
     {"training"},
-    {"report", "sweep", "serve", "export", "bench"},
+    {"reports", "sweeps", "serve", "export", "bench"},
     {"cli", "api", "__main__", ""},
 ]
 # the config validates method.name against the registry, which depends on nothing of peftlab's

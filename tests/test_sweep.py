@@ -18,7 +18,7 @@ import yaml
 from peftlab.cli import main
 from peftlab.config import load_config
 from peftlab.errors import UserError
-from peftlab.sweep.expand import expand_grid
+from peftlab.sweeps.expand import expand_grid
 
 CLI = [sys.executable, "-c", "import sys; from peftlab.cli import main; sys.exit(main())"]
 
@@ -305,7 +305,7 @@ def test_two_workers_split_a_study_without_running_anything_twice(tmp_path, tiny
 # --- the claim primitive under contention ------------------------------------------------------------
 
 def _claim_all(url: str, units: list[str], queue) -> None:
-    from peftlab.sweep.claims import Claims
+    from peftlab.sweeps.claims import Claims
 
     c = Claims(url, "race", heartbeat_every=3600)
     won = [u for u in units if c.try_claim(u, 0)]
@@ -331,7 +331,7 @@ def test_claims_are_exclusive_under_contention(tmp_path):
 
 
 def test_stale_claims_are_taken_over_once(tmp_path):
-    from peftlab.sweep import claims as C
+    from peftlab.sweeps import claims as C
 
     url = f"sqlite:///{tmp_path / 'stale.db'}"
     a = C.Claims(url, "s", stale_after=0.2, heartbeat_every=3600)

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from peftlab.cli import main
-from peftlab.sweep import claims as C
+from peftlab.sweeps import claims as C
 from test_report import _md_table
 from test_sweep import CLI, _env, _slow_config
 

@@ -142,7 +142,7 @@ def load_run(path: str | Path) -> Run:
 def sweep(config: ConfigLike, output_dir: str | Path | None = None, overrides: Iterable[str] = (),
           storage: str | None = None, progress: bool = True, **options) -> dict:
     """Run (or finish) a sweep; returns sweep.json's content. `options` are sweep.runner.Options fields."""
-    from peftlab.sweep.runner import Options, run_sweep
+    from peftlab.sweeps.runner import Options, run_sweep
 
     cfg = _as_config(config, overrides)
     config_path = Path(config) if isinstance(config, (str, Path)) else None
@@ -153,7 +153,7 @@ def sweep(config: ConfigLike, output_dir: str | Path | None = None, overrides: I
 
 def report(paths: str | Path | Iterable[str | Path], output: str | Path = "report.html") -> Path:
     """One self-contained HTML report (and a .md beside it) comparing every run under `paths`."""
-    from peftlab.report import build_report
+    from peftlab.reports import build_report
 
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     html_path, _ = build_report([Path(p) for p in paths], Path(output))

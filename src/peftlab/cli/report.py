@@ -15,7 +15,7 @@ def add_parser(sub):
 
 
 def run(args) -> int:
-    from peftlab.report import build_report
+    from peftlab.reports import build_report
 
     paths = [Path(p) for p in args.paths]
     if args.output:

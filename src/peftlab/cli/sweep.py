@@ -31,7 +31,7 @@ def add_parser(sub):
 
 
 def run(args) -> int:
-    from peftlab.sweep.runner import Options, run_sweep
+    from peftlab.sweeps.runner import Options, run_sweep
 
     if not args.config and not args.overrides:
         raise UserError("sweep: give a config file with a sweep: block (examples: configs/study-*.yaml)")

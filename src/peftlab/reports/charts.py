@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 from matplotlib.figure import Figure
 
-from peftlab.report.collect import Group, Report
+from peftlab.reports.collect import Group, Report
 from peftlab.runs.plots import draw_confusion
 
 MIB = 2**20

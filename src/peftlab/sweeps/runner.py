@@ -25,9 +25,9 @@ from peftlab.config.load import build_config, set_in
 from peftlab.errors import UserError
 from peftlab.runs.record import RunRecord
 from peftlab.runs.rundir import RunDir, atomic_write_text
-from peftlab.sweep import claims as C
-from peftlab.sweep.summary import METRICS, summarize, table, write_summary
-from peftlab.sweep.expand import (TEACHER_UNIT, Run, Unit, distributions, encode_choice, expand_grid,
+from peftlab.sweeps import claims as C
+from peftlab.sweeps.summary import METRICS, summarize, table, write_summary
+from peftlab.sweeps.expand import (TEACHER_UNIT, Run, Unit, distributions, encode_choice, expand_grid,
                                   plan_fingerprint, space_unit)
 
 FINGERPRINT_ATTR = "peftlab_plan"

@@ -11,10 +11,10 @@ def build_report(paths: list[Path], output_html: Path) -> tuple[Path, Path]:
 
     Raises UserError for a missing path or when no completed run is found.
     """
-    # Imported here so that `import peftlab.report` stays cheap for the CLI's start-up.
-    from peftlab.report.charts import all_charts
-    from peftlab.report.collect import collect
-    from peftlab.report.render import render_html, render_markdown
+    # Imported here so that `import peftlab.reports` stays cheap for the CLI's start-up.
+    from peftlab.reports.charts import all_charts
+    from peftlab.reports.collect import collect
+    from peftlab.reports.render import render_html, render_markdown
 
     output_html = Path(output_html)
     if output_html.suffix.lower() == ".md":

@@ -10,8 +10,8 @@ import html
 from pathlib import Path
 
 from peftlab.models.methods import registry
-from peftlab.report.charts import Chart
-from peftlab.report.collect import Group, Report
+from peftlab.reports.charts import Chart
+from peftlab.reports.collect import Group, Report
 
 MIB = 2**20
 DASH = "–"
