@@ -62,7 +62,10 @@ def make_run(root: Path, name: str, *, method: str = "lora", r: int = 8, seed: i
         for i, (y, p) in enumerate(zip(labels, probs)):
             w.writerow([f"text, number {i}", LABELS[y], LABELS[int(p.argmax())], float(p.max())] + list(map(float, p)))
 
-    if status == "completed":
+    if status == "completed":  # a completed run has its weights on disk (their content is not read here)
+        weights = run / ("model" if method == "full" else "adapter")
+        weights.mkdir()
+        (weights / ("model.safetensors" if method == "full" else "adapter_model.safetensors")).write_bytes(b"{}")
         record = RunRecord(
             status=status, method=method, model=cfg["model"]["name"], dataset="bbc_news", run_dir=str(run),
             config=cfg, label_names=LABELS,

@@ -328,8 +328,26 @@ def test_fewer_than_two_classes(tmp_path):
         "check data.label_column and the data")
 
 
+def test_unnamed_integer_labels_are_the_values_that_occur(tmp_path):
+    """Gaps ({1, 5, 10}) and negatives ({-1, 0, ...}) make no phantom classes: the values that occur,
+    in numeric order, are the classes, each named by its value."""
+    frame = synthetic()
+    values = sorted(frame.label_id.unique())
+    for name, mapping in (("gaps", {v: [1, 5, 10, 20][i] for i, v in enumerate(values)}),
+                          ("negative", {v: v - 1 for v in values})):
+        path = write(frame.assign(label_id=frame.label_id.map(mapping)), tmp_path / f"{name}.csv")
+        data = load_data(cfg(path=str(path), text_columns="title", label_column="label_id"), 42)
+        assert data.label_names == [str(mapping[v]) for v in values]
+        for split in (data.train, data.validation, data.test):
+            assert set(split.labels.tolist()) <= set(range(len(values)))
+        first = frame.label_id.iloc[0]
+        assert data.num_labels == len(values) and str(mapping[first]) in data.label_names
+
+
 def test_bad_integer_labels(tmp_path):
-    path = write(synthetic().assign(label_id=lambda f: f.label_id - 1), tmp_path / "d.csv")
+    (tmp_path / "neg").mkdir()
+    path = write(synthetic().assign(label_id=lambda f: f.label_id - 1), tmp_path / "neg" / "d.csv")
+    (tmp_path / "neg" / "labels.json").write_text('["a", "b", "c", "d"]')
     assert "label -1 in column 'label_id' is not a class id" in user_error(
         cfg(path=str(path), text_columns="title", label_column="label_id"))
     path = write(synthetic(), tmp_path / "ok.csv")

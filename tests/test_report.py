@@ -76,8 +76,8 @@ def test_write_plots_tolerates_torn_history(tmp_path):
 def test_groups_seeds_and_lists_failures(tmp_path):
     make_study(tmp_path)
     report = collect([tmp_path])
-    assert sorted(g.name for g in report.groups) == ["full", "ia3", "lora-r16", "lora-r8-s1 ×3 seeds"]
-    group = next(g for g in report.groups if g.n == 3)
+    assert sorted(g.name for g in report.sections[0].groups) == ["full", "ia3", "lora-r16", "lora-r8-s1 ×3 seeds"]
+    group = next(g for g in report.sections[0].groups if g.n == 3)
     assert [r.name for r in group.runs] == ["lora-r8-s1", "lora-r8-s2", "lora-r8-s3"]
     assert {(r.name, r.status) for r in report.not_completed} == {
         ("broken", "failed"), ("unfinished", "incomplete (no metrics.json)")}
@@ -85,26 +85,26 @@ def test_groups_seeds_and_lists_failures(tmp_path):
 
 def test_mean_and_std_over_seeds(tmp_path):
     runs = make_study(tmp_path)
-    group = next(g for g in collect([tmp_path]).groups if g.n == 3)
+    group = next(g for g in collect([tmp_path]).sections[0].groups if g.n == 3)
     accs = [_metrics(runs[f"lora-r8-s{s}"])["test"]["accuracy"] for s in (1, 2, 3)]
     assert accs == [0.90, 0.88, 0.92]
     mean, std = group.stat("test", "accuracy")
     assert mean == pytest.approx(0.90) and std == pytest.approx(0.02)  # sample std (n - 1)
     assert group.stat("validation", "macro_f1") == pytest.approx((0.92, 0.02))
-    single = next(g for g in collect([tmp_path]).groups if g.name == "full")
+    single = next(g for g in collect([tmp_path]).sections[0].groups if g.name == "full")
     assert single.stat("test", "accuracy") == (0.95, None)  # no std for one seed
 
 
 def test_pareto_membership(tmp_path):
     make_study(tmp_path)
-    front = {g.name for g in collect([tmp_path]).groups if g.on_pareto}
+    front = {g.name for g in collect([tmp_path]).sections[0].groups if g.on_pareto}
     # lora-r16 has more parameters and lower accuracy than the lora-r8 group: dominated.
     assert front == {"ia3", "lora-r8-s1 ×3 seeds", "full"}
 
 
 def test_best_is_chosen_by_validation_not_test(study):
     runs, html_path, md_path = study
-    report = collect([runs["full"].parent.parent])
+    report = collect([runs["full"].parent.parent]).sections[0]
     best_by_test = max(report.groups, key=lambda g: g.mean("test", "accuracy"))
     assert best_by_test.name == "full"
     assert report.metric == "macro_f1" and report.best.name == "lora-r16" and report.best_run.name == "lora-r16"
@@ -117,11 +117,11 @@ def test_best_run_within_a_seed_group(tmp_path):
     for seed, vf1 in [(1, 0.90), (2, 0.97), (3, 0.93)]:
         make_run(tmp_path, f"s{seed}", seed=seed, val_f1=vf1)
     make_run(tmp_path, "other", r=4, val_f1=0.94)
-    report = collect([tmp_path])
+    report = collect([tmp_path]).sections[0]
     assert report.best.name == "other"  # 0.94 beats the group's mean 0.9333, not its best seed
     make_run(tmp_path, "other-2", r=2, val_f1=0.90)
     (tmp_path / "other" / "metrics.json").unlink()
-    report = collect([tmp_path])
+    report = collect([tmp_path]).sections[0]
     assert report.best.name == "s1 ×3 seeds" and report.best_run.name == "s2"
 
 

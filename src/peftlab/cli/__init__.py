@@ -20,8 +20,19 @@ def command_names() -> list[str]:
     return sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
 
 
+class _BadArguments(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments are one line, like every other bad input (argparse would add the usage)."""
+
+    def error(self, message: str):
+        raise _BadArguments(f"{self.prog}: error: {message} (see {self.prog} --help)")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="peftlab", description="Fine-tune transformer text classifiers with "
+    parser = _Parser(prog="peftlab", description="Fine-tune transformer text classifiers with "
                                      "parameter-efficient methods, and measure what each method buys.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -30,7 +41,11 @@ def main(argv: list[str] | None = None) -> int:
         module = importlib.import_module(f"peftlab.cli.{name}")
         module.add_parser(sub).set_defaults(command_module=module)
         modules[name] = module
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except _BadArguments as e:
+        print(e, file=sys.stderr)
+        return 2
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # library deprecation chatter (e.g. transformers 5 renames) is not the user's business
     warnings.filterwarnings("ignore", category=FutureWarning)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from peftlab.cli._checks import output_dir as checked_dir, positive_float, positive_int
 from peftlab.errors import UserError
 
 
@@ -16,12 +17,12 @@ def add_parser(sub):
     p.add_argument("--scenarios", metavar="FILE", help="scenarios file (default bench/scenarios.yaml)")
     p.add_argument("--output-dir", help="where NAME.json goes (default: results/ beside the scenarios file)")
     p.add_argument("--list", action="store_true", help="list the scenarios and exit")
-    p.add_argument("--repeats", type=int, help="run every contender this many times (rotated order; medians)")
+    p.add_argument("--repeats", type=positive_int, help="run every contender this many times (rotated order; medians)")
     p.add_argument("--only", help="comma-separated contenders to run, e.g. peftlab,tuned (ratios need seed/tuned)")
-    p.add_argument("--threads", type=int, help="OMP_NUM_THREADS for every contender (default: torch's own choice)")
-    p.add_argument("--max-train", type=int, help="override the scenario's training rows (quick checks)")
-    p.add_argument("--max-test", type=int, help="override the scenario's test rows (quick checks)")
-    p.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak, when the built-in table lacks it")
+    p.add_argument("--threads", type=positive_int, help="OMP_NUM_THREADS for every contender (default: torch's own choice)")
+    p.add_argument("--max-train", type=positive_int, help="override the scenario's training rows (quick checks)")
+    p.add_argument("--max-test", type=positive_int, help="override the scenario's test rows (quick checks)")
+    p.add_argument("--peak-tflops", type=positive_float, help="the GPU's dense bf16 peak, when the built-in table lacks it")
     p.add_argument("--keep-work", action="store_true", help="keep the temporary data, logs and run directories")
     return p
 
@@ -43,7 +44,7 @@ def run(args) -> int:
         if value is not None and value < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be at least 1")
     scenario = scenarios.load(args.scenario, source)
-    output_dir = Path(args.output_dir) if args.output_dir else source.parent / "results"
+    output_dir = checked_dir(args.output_dir, "--output-dir") if args.output_dir else source.parent / "results"
     only = [c.strip() for c in args.only.split(",") if c.strip()] if args.only else None
     result = run_scenario(scenario, output_dir, repeats=args.repeats, only=only, threads=args.threads,
                           max_train=args.max_train, max_test=args.max_test, keep_work=args.keep_work,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from peftlab.cli import add_config_arguments
+from peftlab.cli._checks import at_least_two
 from peftlab.config import load_config
 from peftlab.errors import UserError
 
@@ -11,7 +12,7 @@ def add_parser(sub):
                        description="Build the configured model on the meta device (no weights read) with its method "
                                    "applied and print the exact trainable count: adapter, classification head, other.")
     add_config_arguments(p)
-    p.add_argument("--num-labels", type=int, metavar="N", help="number of classes (default: read from the dataset)")
+    p.add_argument("--num-labels", type=at_least_two, metavar="N", help="number of classes (default: read from the dataset)")
     return p
 
 

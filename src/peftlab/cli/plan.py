@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from peftlab.cli import add_config_arguments
+from peftlab.cli._checks import at_least_two, positive_int
 from peftlab.cli.params import labels_arg
 from peftlab.config import load_config
 from peftlab.errors import UserError
@@ -13,9 +14,9 @@ def add_parser(sub):
                                    "count fits the budget, most adapter capacity first. Each count is measured on "
                                    "a meta-device build of the configured model (no weights loaded).")
     add_config_arguments(p)
-    p.add_argument("--budget", type=int, metavar="N", help="most trainable parameters (default: budget.max_trainable_params)")
-    p.add_argument("--top", type=int, default=10, metavar="K", help="how many configurations to list (default 10)")
-    p.add_argument("--num-labels", type=int, metavar="N", help="number of classes (default: read from the dataset)")
+    p.add_argument("--budget", type=positive_int, metavar="N", help="most trainable parameters (default: budget.max_trainable_params)")
+    p.add_argument("--top", type=positive_int, default=10, metavar="K", help="how many configurations to list (default 10)")
+    p.add_argument("--num-labels", type=at_least_two, metavar="N", help="number of classes (default: read from the dataset)")
     return p
 
 

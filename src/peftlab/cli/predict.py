@@ -5,24 +5,25 @@ import json
 import sys
 from pathlib import Path
 
+from peftlab.cli._checks import output_file, positive_int
 from peftlab.errors import UserError
 from peftlab.runs.rundir import RunDir
 
 
 def add_parser(sub):
     p = sub.add_parser("predict", help="label texts with a trained run")
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help="a completed run directory (peftlab train --output-dir)")
     p.add_argument("--text", action="append", default=[], help="a text to classify (repeatable)")
     p.add_argument("--input", help="CSV, TSV, JSON Lines or Parquet file with a text column (or the run's text columns)")
     p.add_argument("--output", help="write here (CSV when it ends in .csv, else JSON Lines); default stdout")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=positive_int, default=64, help="texts per forward pass (default 64)")
     return p
 
 
 def read_texts(path: str, text_columns: list[str]) -> list[str]:
     from peftlab.data.sources import read_table
 
-    frame = read_table(Path(path))
+    frame = read_table(Path(path), keep_blank_rows=True)  # one output row per input row, blank ones too
     columns = ["text"] if "text" in frame.columns else text_columns
     missing = [c for c in columns if c not in frame.columns]
     if missing:
@@ -54,6 +55,8 @@ def run(args) -> int:
 
     if not args.text and not args.input:
         raise UserError("nothing to predict: pass --text \"...\" (repeatable) or --input FILE")
+    if args.output:
+        output_file(args.output, "--output")
     predictor = load_predictor(args.run_dir, batch_size=args.batch_size)
     text_columns = RunDir(args.run_dir).config().data.text_columns
     texts = list(args.text) + (read_texts(args.input, text_columns) if args.input else [])

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from peftlab.cli._checks import output_file
+
 
 def add_parser(sub):
     p = sub.add_parser("report", help="compare run and sweep directories in one HTML page (+ Markdown)",
@@ -24,6 +26,7 @@ def run(args) -> int:
         output = paths[0] / "report.html"
     else:
         output = Path("report.html")
+    output_file(output, "--output")
     html_path, md_path = build_report(paths, output)
     print(f"report: {html_path}")
     print(f"markdown: {md_path}")

@@ -45,6 +45,7 @@ class LoadedData:
     test: TextSplit
     text_columns: list[str]
     split_sources: dict     # split -> where its rows came from, e.g. "stratified 10% of train (seed 42)"
+    overlap: dict = field(default_factory=dict)  # validation/test -> rows whose text also occurs in train
 
     @property
     def num_labels(self) -> int:
@@ -95,6 +96,7 @@ def load_data(cfg: DataConfig, seed: int) -> LoadedData:
         splits["train"], splits["validation"] = _take(splits["train"], kept), _take(splits["train"], carved)
         sources["validation"] = f"stratified {percent(cfg.validation_fraction)} of train (seed {seed})"
 
+    overlap = _overlap_with_train(splits, cfg.drop_duplicates_across_splits, sources)
     limits = {"train": cfg.max_train_samples, "validation": cfg.max_eval_samples, "test": cfg.max_eval_samples}
     for split, limit in limits.items():
         if limit is not None and limit < len(splits[split]):
@@ -103,7 +105,27 @@ def load_data(cfg: DataConfig, seed: int) -> LoadedData:
 
     return LoadedData(name=raw.name, label_names=names, train=splits["train"], validation=splits["validation"],
                       test=splits["test"], text_columns=list(raw.text_columns),
-                      split_sources={s: sources[s] for s in ("train", "validation", "test")})
+                      split_sources={s: sources[s] for s in ("train", "validation", "test")}, overlap=overlap)
+
+
+def _overlap_with_train(splits: dict[str, "TextSplit"], drop: bool, sources: dict) -> dict[str, int]:
+    """How many validation and test texts also occur in train (leakage that flatters the scores);
+    with `drop`, those rows are removed from validation and test."""
+    seen = set(splits["train"].texts)
+    overlap = {}
+    for split in ("validation", "test"):
+        shared = np.array([t in seen for t in splits[split].texts], dtype=bool)
+        overlap[split] = int(shared.sum())
+        if drop and shared.any():
+            splits[split] = _take(splits[split], np.flatnonzero(~shared))
+            sources[split] += f"; {overlap[split]:,} rows also in train dropped"
+    if any(overlap.values()) and not drop:
+        import sys
+
+        print(f"peftlab: warning: {overlap['validation']:,} validation and {overlap['test']:,} test texts also occur "
+              f"in train (their scores are flattered); set data.drop_duplicates_across_splits=true to drop them",
+              file=sys.stderr)
+    return overlap
 
 
 def _take(split: TextSplit, idx: np.ndarray) -> TextSplit:
@@ -187,8 +209,25 @@ def _split_files(directory: Path) -> dict[str, Path]:
     return files
 
 
-def read_table(path: Path) -> pd.DataFrame:
-    """One CSV, TSV, JSON Lines or Parquet file as a frame, with at least one row (also used by `peftlab predict`)."""
+def _csv_separator(path: Path, suffix: str) -> str:
+    """Tab for .tsv; for .csv a comma, or a semicolon when the header has semicolons and no comma
+    (spreadsheets in many locales save "CSV" that way)."""
+    if suffix == ".tsv":
+        return "\t"
+    import gzip
+
+    opener = gzip.open if path.name.endswith(".gz") else open
+    try:
+        with opener(path, "rt", encoding="utf-8", errors="replace") as f:
+            header = f.readline()
+    except OSError:
+        return ","
+    return ";" if ";" in header and "," not in header else ","
+
+
+def read_table(path: Path, keep_blank_rows: bool = False) -> pd.DataFrame:
+    """One CSV, TSV, JSON Lines or Parquet file as a frame, with at least one row (also used by `peftlab
+    predict`, which keeps blank CSV lines as rows so that its output lines up with its input)."""
     if not path.is_file():
         raise UserError(f"{path}: no such file; check the path")
     suffix = _format(path)
@@ -197,7 +236,8 @@ def read_table(path: Path) -> pd.DataFrame:
     try:
         if suffix in (".csv", ".tsv"):
             # Only an empty field is missing: a text that reads "NA" or "null" is still a text.
-            frame = pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", keep_default_na=False, na_values=[""])
+            frame = pd.read_csv(path, sep=_csv_separator(path, suffix), keep_default_na=False, na_values=[""],
+                                skip_blank_lines=not keep_blank_rows)
         elif suffix == ".parquet":
             frame = pd.read_parquet(path)
         else:
@@ -336,12 +376,12 @@ def _encode_labels(labels: dict[str, pd.Series], raw: _Raw) -> tuple[list[str], 
     """Label names (index = id) and the ids of every split. Names come from train, never from eval splits."""
     column, where = raw.label_column, raw.where
     train_ids = _int_ids(labels["train"])
-    if train_ids is not None:
-        # Integer labels are already ids: 0..max, named by labels.json / the hub's ClassLabel if present.
+    if train_ids is not None and raw.label_names is not None:
+        # Integer labels with names (labels.json, the hub's ClassLabel): the integers are the ids.
         if train_ids.min() < 0:
             raise UserError(f"{where['train']}: label {train_ids.min()} in column {column!r} is not a class id; "
                             "integer labels must be 0, 1, 2, ... (or use label names)")
-        names = raw.label_names or [str(i) for i in range(train_ids.max() + 1)]
+        names = raw.label_names
         if train_ids.max() >= len(names):
             raise UserError(f"{where['train']}: label {train_ids.max()} has no name in the {len(names)} class names "
                             "given (labels.json or the dataset's features); fix the names or the labels")
@@ -351,6 +391,19 @@ def _encode_labels(labels: dict[str, pd.Series], raw: _Raw) -> tuple[list[str], 
             ids[split] = _int_ids(labels[split])  # None (names where train has numbers): all unseen below
             found = set(labels[split].astype(str)) if ids[split] is None else set(ids[split].tolist())
             unseen[split] = sorted(found - known)
+    elif train_ids is not None:
+        # Unnamed integers: the values that occur, in numeric order, are the classes (gaps such as
+        # {1, 5, 10} or negatives such as {-1, 1} make no phantom classes); each is named by its value.
+        values = sorted(set(train_ids.tolist()))
+        names, index = [str(v) for v in values], {v: i for i, v in enumerate(values)}
+        ids, unseen = {}, {}
+        for split, series in labels.items():
+            ints = train_ids if split == "train" else _int_ids(series)
+            found = set(series.astype(str)) if ints is None else set(ints.tolist())
+            unseen[split] = sorted(found - set(values), key=str)
+            ids[split] = (np.array([index.get(v, -1) for v in ints.tolist()], dtype=np.int64) if ints is not None
+                          else np.full(len(series), -1, dtype=np.int64))
+        unseen.pop("train")
     else:
         # Names: their sorted order gives the ids, so the mapping does not depend on row order.
         as_text = {s: v.astype(str).to_numpy() for s, v in labels.items()}

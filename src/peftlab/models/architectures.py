@@ -6,7 +6,7 @@ PEFT's own defaults cover BERT/RoBERTa but not DistilBERT, MPNet or ModernBERT (
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -23,6 +23,8 @@ class Architecture:
     first_token_head: bool = False
     # LoRA placements `peftlab plan` tries, from least to most; empty: one per linear layer name
     plan_module_sets: tuple[tuple[str, ...], ...] = ()
+    # position ids start after padding_idx (RoBERTa, MPNet): that many positions are never usable
+    positions_after_padding: bool = False
 
 
 # module sets for BERT-like encoders (output.dense also matches attention.output.dense)
@@ -34,15 +36,17 @@ _BERT_MODULE_SETS = (
 _BERT_LIKE = Architecture(("query", "value"), ("key", "value", "output.dense"), ("output.dense",),
                           first_token_head=True, plan_module_sets=_BERT_MODULE_SETS)
 
+_ROBERTA_LIKE = replace(_BERT_LIKE, positions_after_padding=True)
+
 ARCHITECTURES: dict[str, Architecture] = {
     "bert": _BERT_LIKE,
-    "roberta": _BERT_LIKE,
-    "xlm-roberta": _BERT_LIKE,
-    "camembert": _BERT_LIKE,
+    "roberta": _ROBERTA_LIKE,
+    "xlm-roberta": _ROBERTA_LIKE,
+    "camembert": _ROBERTA_LIKE,
     "electra": _BERT_LIKE,
     "distilbert": Architecture(("q_lin", "v_lin"), ("k_lin", "v_lin", "lin2"), ("lin2",)),
     "deberta-v2": Architecture(("query_proj", "value_proj"), ("key_proj", "value_proj", "output.dense"), ("output.dense",)),
-    "mpnet": Architecture(("q", "v"), ("k", "v", "output.dense"), ("output.dense",)),
+    "mpnet": Architecture(("q", "v"), ("k", "v", "output.dense"), ("output.dense",), positions_after_padding=True),
     "modernbert": Architecture(("Wqkv", "Wo"), ("Wqkv", "mlp.Wo"), ("mlp.Wo",)),
 }
 
@@ -51,6 +55,25 @@ def architecture_facts(model: torch.nn.Module) -> Architecture | None:
     """What peftlab knows about this model's architecture, or None."""
     config = getattr(model, "config", None)
     return ARCHITECTURES.get(getattr(config, "model_type", None))
+
+
+def position_limit(config) -> int | None:
+    """The most tokens the model can read (max_position_embeddings, less RoBERTa/MPNet's padding
+    offset), or None when its config does not say."""
+    n = getattr(config, "max_position_embeddings", None)
+    if not n:
+        return None
+    facts = ARCHITECTURES.get(getattr(config, "model_type", None))
+    if facts is not None and facts.positions_after_padding:
+        n -= (getattr(config, "pad_token_id", None) or 0) + 1
+    return n
+
+
+def check_max_length(config, max_length: int, model_name: str) -> None:
+    limit = position_limit(config)
+    if limit is not None and max_length > limit:
+        raise UserError(f"data.max_length={max_length} is more than {model_name!r} can read ({limit} tokens): "
+                        f"set data.max_length to at most {limit}")
 
 
 def linear_layer_names(model: torch.nn.Module) -> list[str]:

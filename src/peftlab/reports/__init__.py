@@ -25,7 +25,7 @@ def build_report(paths: list[Path], output_html: Path) -> tuple[Path, Path]:
     report = collect(paths)
     output_md = output_html.with_suffix(".md")
     output_html.parent.mkdir(parents=True, exist_ok=True)
-    output_html.write_text(render_html(report, all_charts(report), paths), encoding="utf-8")
+    output_html.write_text(render_html(report, [all_charts(sec) for sec in report.sections], paths), encoding="utf-8")
     output_md.write_text(render_markdown(report), encoding="utf-8")
     return output_html, output_md
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 from matplotlib.figure import Figure
 
-from peftlab.reports.collect import Group, Report
+from peftlab.reports.collect import Group, Section
 from peftlab.runs.plots import draw_confusion
 
 MIB = 2**20
@@ -130,7 +130,7 @@ def curves_chart(groups: list[Group]) -> Chart | None:
     return Chart("Training loss", _png(fig))
 
 
-def confusion_chart(report: Report) -> Chart | None:
+def confusion_chart(report: Section) -> Chart | None:
     run = report.best_run
     matrix, names = run.value("test", "confusion_matrix"), run.metrics.get("label_names")
     if not matrix or not names:
@@ -141,7 +141,7 @@ def confusion_chart(report: Report) -> Chart | None:
     return Chart(f"Test confusion matrix of the best run by validation ({run.name})", _png(fig))
 
 
-def all_charts(report: Report) -> list[Chart]:
+def all_charts(report: Section) -> list[Chart]:
     g = report.groups
     charts = [scores_chart(g), pareto_chart(g), params_chart(g), time_chart(g), memory_chart(g),
               curves_chart(g), confusion_chart(report)]

@@ -86,12 +86,29 @@ class Group:
 
 
 @dataclass
-class Report:
+class Section:
+    """The runs on one dataset (and label set): scores are only compared within a section."""
+    dataset: str
     groups: list[Group]
-    not_completed: list[NotCompleted]
     metric: str  # the validation metric used to pick the best
     best: Group
     best_run: Run  # the best group's seed with the best validation metric (for its confusion matrix)
+
+
+@dataclass
+class Report:
+    sections: list[Section]
+    not_completed: list[NotCompleted]
+
+
+def _broken_files(run_dir: Path) -> str | None:
+    """What a completed run lacks on disk (its weights, its predictions), or None."""
+    weights = [p for name in ("adapter", "model") for p in (run_dir / name).glob("*") if p.suffix in (".safetensors", ".bin")]
+    if not weights:
+        return "its trained weights (adapter/ or model/) are missing"
+    if not (run_dir / "predictions.csv").is_file():
+        return "predictions.csv is missing"
+    return None
 
 
 def _config_of(run_dir: Path, record: RunRecord) -> dict:
@@ -134,6 +151,10 @@ def find_runs(paths: list[Path]) -> tuple[list[Run], list[NotCompleted]]:
         if not record.completed:
             others.append(NotCompleted(names[d], d, record.status))
             continue
+        broken = _broken_files(d)
+        if broken:
+            others.append(NotCompleted(names[d], d, f"broken: {broken}"))
+            continue
         record.config = _config_of(d, record)
         runs.append(Run(names[d], d, record, read_history(d)))
     # configurations a sweep skipped for its parameter budget have no run directory: list them too
@@ -167,12 +188,20 @@ def group_key(config: dict) -> str:
 
 
 def group_runs(runs: list[Run]) -> list[Group]:
-    groups: dict[str, list[Run]] = {}
+    """Runs whose configs differ only in the seed form one group, one run per distinct seed: two runs
+    of the same config and seed are repeats, not seeds, and stay in separate rows."""
+    groups: dict[str, list[list[Run]]] = {}
     for r in sorted(runs, key=lambda r: r.name):
         # A run without any config cannot be matched with others: it stays on its own.
         key = group_key(r.config) if r.config else f"path:{r.path}"
-        groups.setdefault(key, []).append(r)
-    out = [Group(rs) for rs in groups.values()]
+        seed = (r.config.get("train") or {}).get("seed")
+        slots = groups.setdefault(key, [])
+        slot = next((g for g in slots if seed not in {(x.config.get("train") or {}).get("seed") for x in g}), None)
+        if slot is None:
+            slots.append([r])
+        else:
+            slot.append(r)
+    out = [Group(rs) for slots in groups.values() for rs in slots]
     out.sort(key=lambda g: (str((g.config.get("method") or {}).get("name", "")),
                             g.mean("params", "trainable") or 0, g.name))
     return out
@@ -207,14 +236,29 @@ def pick_best(groups: list[Group], metric: str) -> tuple[Group, Run]:
     return best, run
 
 
+def dataset_key(run: Run) -> tuple[str, tuple[str, ...]]:
+    return str(run.metrics.dataset), tuple(run.metrics.label_names)
+
+
+def section(dataset: str, runs: list[Run]) -> Section:
+    groups = group_runs(runs)
+    mark_pareto(groups)
+    metric = selection_metric(groups)
+    best, best_run = pick_best(groups, metric)
+    return Section(dataset, groups, metric, best, best_run)
+
+
 def collect(paths: list[Path]) -> Report:
+    """Every run under `paths`, in one section per dataset and label set."""
     runs, others = find_runs(paths)
     if not runs:
         where = ", ".join(str(p) for p in paths)
         extra = f" ({len(others)} failed or incomplete)" if others else ""
         raise UserError(f"report: no completed runs (metrics.json with status 'completed') under {where}{extra}")
-    groups = group_runs(runs)
-    mark_pareto(groups)
-    metric = selection_metric(groups)
-    best, best_run = pick_best(groups, metric)
-    return Report(groups, others, metric, best, best_run)
+    by_dataset: dict[tuple, list[Run]] = {}
+    for r in runs:
+        by_dataset.setdefault(dataset_key(r), []).append(r)
+    names = [d for d, _ in by_dataset]
+    sections = [section(d if names.count(d) == 1 else f"{d} (labels {', '.join(labels)})", rs)
+                for (d, labels), rs in sorted(by_dataset.items())]
+    return Report(sections, others)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from peftlab.models.methods import registry
 from peftlab.reports.charts import Chart
-from peftlab.reports.collect import Group, Report
+from peftlab.reports.collect import Group, Report, Section
 
 MIB = 2**20
 DASH = "–"
@@ -81,7 +81,7 @@ def _hyper(method: dict, key: str) -> str:
     return f"{method[key]:g}"
 
 
-def result_rows(report: Report) -> list[dict[str, str]]:
+def result_rows(report: Section) -> list[dict[str, str]]:
     rows = []
     for g in report.groups:
         method = g.config.get("method") or {}
@@ -107,17 +107,18 @@ def result_rows(report: Report) -> list[dict[str, str]]:
     return rows
 
 
-def best_summary(report: Report) -> str:
+def best_summary(report: Section) -> str:
     """One plain-text paragraph: the best configuration by validation, and its test figures."""
     g, label = report.best, METRIC_LABEL.get(report.metric, report.metric)
     text = (f"Best by validation {label}: {g.name} (validation {label} "
             f"{fmt_metric(*g.stat('validation', report.metric))}). "
             f"Its test accuracy is {fmt_metric(*g.stat('test', 'accuracy'))} and test macro-F1 "
             f"{fmt_metric(*g.stat('test', 'macro_f1'))}.")
-    base_acc = g.first.value("baseline", "test", "accuracy")
+    base_acc = g.mean("baseline", "test", "accuracy")
     if base_acc is not None:
+        seeds = f" (mean over its {g.n} seeds)" if g.n > 1 else ""
         text += (f" Before fine-tuning the model scored test accuracy {fmt_metric(base_acc)}, macro-F1 "
-                 f"{fmt_metric(g.first.value('baseline', 'test', 'macro_f1'))}.")
+                 f"{fmt_metric(g.mean('baseline', 'test', 'macro_f1'))}{seeds}.")
     if g.n > 1:
         text += f" Its confusion matrix is that of seed run {report.best_run.name}, the best of its seeds by validation."
     return text
@@ -125,7 +126,8 @@ def best_summary(report: Report) -> str:
 
 NOTES = [
     "Runs whose configs differ only in train.seed (and output.dir) are one row: mean ± sample standard "
-    "deviation over the seeds (std only when there are several).",
+    "deviation over the distinct seeds (std only when there are several); repeats of one seed stay separate rows.",
+    "Runs on different datasets (or label sets) are compared within their own section, never across.",
     "The best run is chosen by the validation metric; test figures are reported, never used to choose.",
     "Pareto: no other configuration reaches at least the same test accuracy (mean) with fewer trainable parameters.",
     "Peak memory: GPU = torch max allocated; CPU RSS = peak resident memory of the process.",
@@ -177,27 +179,39 @@ def _figure(c: Chart) -> str:
             f'<img src="data:image/png;base64,{c.png_base64}" alt="{_e(c.title)}">{note}</figure>')
 
 
-def render_html(report: Report, charts: list[Chart], inputs: list[Path]) -> str:
-    best_index = report.groups.index(report.best)
+def _section_html(sec: Section, charts: list[Chart], several: bool) -> str:
+    title = f"<h2>{_e(sec.dataset)}</h2>" if several else ""
+    return f"""{title}
+<p class="best" id="best">{_e(best_summary(sec))}</p>
+<h{3 if several else 2}>Results</h{3 if several else 2}>
+{_table(COLUMNS, result_rows(sec), sec.groups.index(sec.best))}
+<h{3 if several else 2}>Charts</h{3 if several else 2}>
+{"".join(_figure(c) for c in charts)}
+"""
+
+
+def render_html(report: Report, charts: list[list[Chart]], inputs: list[Path]) -> str:
+    """`charts`: one list per section."""
     others = ""
     if report.not_completed:
         rows = [{"run": r.name, "status": r.status, "path": str(r.path)} for r in report.not_completed]
         others = ("<h2>Failed or incomplete runs</h2><p>Not included in the tables or charts.</p>"
                   + _table(["run", "status", "path"], rows))
-    n_runs = sum(g.n for g in report.groups)
+    several = len(report.sections) > 1
+    n_runs = sum(g.n for sec in report.sections for g in sec.groups)
+    n_groups = sum(len(sec.groups) for sec in report.sections)
+    datasets = (f" on {len(report.sections)} datasets (compared within each, never across)" if several
+                else f" on {_e(report.sections[0].dataset)}")
+    sections = "".join(_section_html(sec, c, several) for sec, c in zip(report.sections, charts))
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>peftlab report</title>
 <meta name="viewport" content="width=device-width, initial-scale=1"><style>{_CSS}</style></head>
 <body>
 <h1>peftlab report</h1>
-<p class="meta">{n_runs} completed run(s) in {len(report.groups)} configuration(s) from {_e(", ".join(map(str, inputs)))}
+<p class="meta">{n_runs} completed run(s) in {n_groups} configuration(s){datasets} from {_e(", ".join(map(str, inputs)))}
 · generated {_e(_dt.datetime.now().strftime("%Y-%m-%d %H:%M"))}</p>
-<p class="best" id="best">{_e(best_summary(report))}</p>
-<h2>Results</h2>
-{_table(COLUMNS, result_rows(report), best_index)}
+{sections}
 <ul class="note">{"".join(f"<li>{_e(n)}</li>" for n in NOTES)}</ul>
-<h2>Charts</h2>
-{"".join(_figure(c) for c in charts)}
 {others}
 </body></html>
 """
@@ -216,8 +230,11 @@ def _md_table(columns: list[str], rows: list[dict[str, str]]) -> str:
 
 
 def render_markdown(report: Report) -> str:
-    parts = ["# peftlab report", "", best_summary(report), "", "## Results", "",
-             _md_table(COLUMNS, result_rows(report)), ""]
+    parts = ["# peftlab report", ""]
+    several = len(report.sections) > 1
+    for sec in report.sections:
+        suffix = f": {sec.dataset}" if several else ""
+        parts += [best_summary(sec), "", f"## Results{suffix}", "", _md_table(COLUMNS, result_rows(sec)), ""]
     parts += [f"- {n}" for n in NOTES] + [""]
     if report.not_completed:
         rows = [{"run": r.name, "status": r.status, "path": str(r.path)} for r in report.not_completed]

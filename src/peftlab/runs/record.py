@@ -100,6 +100,7 @@ class RunRecord(Record):
     label_names: list[str] = []
     split_sizes: dict[str, int] = {}
     split_sources: dict[str, str] = {}
+    overlap_with_train: dict[str, int] = {}  # validation/test texts that also occur in train
     params: Params | None = None
     best_epoch: int | None = None
     validation: Scores | None = None  # the best epoch's, which selected it

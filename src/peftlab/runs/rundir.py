@@ -59,9 +59,9 @@ class RunDir:
 
     # --- lifecycle ---------------------------------------------------------------------------
     def create(self) -> "RunDir":
-        if self.metrics_file.exists() or self.history_file.exists():
-            raise UserError(f"output directory {str(self.path)!r} already holds a run: choose another --output-dir, "
-                            f"or continue it with --resume {self.path}")
+        """Make the directory for a new run and take its lock; refuse one that already holds a run."""
+        if self.path.exists() and not self.path.is_dir():
+            raise UserError(f"output directory {str(self.path)!r} is a file: choose another --output-dir")
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             probe = self.path / ".write-test"
@@ -70,12 +70,49 @@ class RunDir:
         except OSError as e:
             raise UserError(f"output directory {str(self.path)!r} cannot be written ({e.strerror}): "
                             f"choose a writable --output-dir") from None
+        self.lock()
+        if self.metrics_file.exists() or self.history_file.exists():
+            self.unlock()
+            raise UserError(f"output directory {str(self.path)!r} already holds a run: choose another --output-dir, "
+                            f"or continue it with --resume {self.path}")
         return self
 
+    def lock(self) -> None:
+        """Only one process writes a run directory. An OS lock (flock), so it dies with its process and a
+        killed run can be resumed at once."""
+        import fcntl
+
+        if getattr(self, "_lock", None) is not None:
+            return
+        handle = open(self.path / ".lock", "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise UserError(f"{str(self.path)!r} is being written by {holder}: wait for it to finish, or choose "
+                            f"another --output-dir") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"peftlab process {os.getpid()}")
+        handle.flush()
+        self._lock = handle
+
+    def unlock(self) -> None:
+        handle = getattr(self, "_lock", None)
+        if handle is not None:
+            handle.close()  # closing releases the flock
+            self._lock = None
+
     def require_resumable(self) -> None:
+        if not self.path.is_dir():
+            raise UserError(f"--resume {str(self.path)!r}: no such directory")
         if not self.config_file.exists():
             raise UserError(f"--resume {str(self.path)!r}: no config.yaml there, so it is not a peftlab run directory")
+        self.lock()
         if self.status() == "completed":
+            self.unlock()
             raise UserError(f"--resume {str(self.path)!r}: this run already completed; nothing to resume")
 
     def status(self) -> str | None:
@@ -109,6 +146,7 @@ class RunDir:
         """For a worker that may have been killed (sweeps): continue from the last checkpoint where there
         is one, else start over in a clean directory. Returns whether it resumes."""
         if self.config_file.exists() and (self.checkpoints / "last.pt").exists() and self.status() in (None, "finishing"):
+            self.lock()
             return True
         if self.path.exists():
             shutil.rmtree(self.path)
