@@ -37,7 +37,7 @@ def run_dir(tmp_path_factory, tiny_model_dir, topic_data_dir) -> Path:
     (["predict", "RUN", "--text", "x", "--output", "RUN"], "is a directory"),
     (["predict", "RUN", "--text", "x", "--output", "/proc/self/x.jsonl"], "system path"),
     (["report", "RUN", "--output", "/proc/report.html"], "system path"),
-    (["report", "RUN", "--output", "/nonexistent/r.html"], "does not exist"),
+    (["report", "RUN", "--output", "RUN/metrics.json/r.html"], "is a file"),
     (["sweep", "--set", "sweep.seeds=[1]", "--n-trials", "0"], "--n-trials: 0 is out of range"),
     (["sweep", "--set", "sweep.seeds=[1]", "--stale-after", "-1"], "--stale-after: -1 is out of range"),
     (["sweep", "--set", "sweep.seeds=[1]", "--output-dir", "RUN/metrics.json"], "is a file"),

@@ -116,17 +116,17 @@ def train(config: ConfigLike = None, output_dir: str | Path | None = None, overr
           resume: bool = False, progress: bool = True, callbacks: list = ()) -> Run:
     """Train, evaluate and record one run; `config` is a Config, a dict of sections, a YAML path or
     None (the defaults). `resume=True` continues the interrupted run in `output_dir`."""
+    from peftlab.training.distributed import start_run
     from peftlab.training.trainer import train as _train
 
     if resume:
         if output_dir is None:
             raise UserError("resume=True needs output_dir: the run directory to continue")
-        run_dir = RunDir(output_dir)
-        cfg, resume = run_dir.start(resume=True)
+        run_dir, cfg = RunDir(output_dir), None
     else:
         cfg = _as_config(config, overrides)
         run_dir = RunDir(output_dir or cfg.output.dir or default_run_dir(cfg.method.name))
-        cfg, resume = run_dir.start(cfg)
+    cfg, resume = start_run(run_dir, cfg, resume)  # under torchrun: rank 0 opens it, the others wait
     _train(cfg, run_dir, resume=resume, progress=progress, callbacks=callbacks)
     return Run(run_dir.path)
 

@@ -41,14 +41,20 @@ def _system(path: Path) -> bool:
     return any(resolved == s or s in resolved.parents for s in _SYSTEM)
 
 
-def output_file(path: str | Path, option: str) -> Path:
-    """A file we may create or replace: its folder exists and is writable, and it is not a folder."""
+def output_file(path: str | Path, option: str, make_parent: bool = False) -> Path:
+    """A file we may create or replace: its folder exists (or, with make_parent, can be made) and is
+    writable, and it is not a folder."""
     p = Path(path)
     parent = p.parent if str(p.parent) else Path(".")
     if _system(p):
         raise UserError(f"{option} {str(p)!r} is a system path: write to a file in a folder of yours")
     if p.is_dir():
         raise UserError(f"{option} {str(p)!r} is a directory: give a file name")
+    if parent.exists() and not parent.is_dir():
+        raise UserError(f"{option} {str(p)!r}: {str(parent)!r} is a file, not a folder")
+    if make_parent and not parent.exists():
+        output_dir(parent, option)
+        return p
     if not parent.is_dir():
         raise UserError(f"{option} {str(p)!r}: the folder {str(parent)!r} does not exist; create it first")
     if not os.access(parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):

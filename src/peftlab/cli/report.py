@@ -26,7 +26,7 @@ def run(args) -> int:
         output = paths[0] / "report.html"
     else:
         output = Path("report.html")
-    output_file(output, "--output")
+    output_file(output, "--output", make_parent=True)
     html_path, md_path = build_report(paths, output)
     print(f"report: {html_path}")
     print(f"markdown: {md_path}")

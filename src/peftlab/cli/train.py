@@ -4,6 +4,7 @@ from __future__ import annotations
 import sys
 
 from peftlab.cli import add_config_arguments
+from peftlab.cli._checks import positive_int
 from peftlab.config import load_config
 from peftlab.errors import UserError
 from peftlab.runs.record import RunRecord
@@ -16,6 +17,9 @@ def add_parser(sub):
     p.add_argument("--output-dir", help="run directory (default runs/<timestamp>-<method>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last epoch checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--nproc", type=positive_int, default=1, metavar="N",
+                   help="train in N local processes (DDP through torchrun; gloo on CPU, NCCL on GPUs); "
+                        "the global batch stays train.batch_size (default 1)")
     return p
 
 
@@ -42,18 +46,29 @@ def summary_table(m: RunRecord) -> str:
     return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
 
 
+def _launch(args, out: str | None) -> int:
+    """Start this same command in --nproc processes (the output directory decided once, here)."""
+    import subprocess
+
+    from peftlab.training.distributed import launch_command
+
+    argv = ["train"] + ([args.config] if args.config else []) + sum((["--set", o] for o in args.overrides), [])
+    argv += (["--resume", args.resume] if args.resume else ["--output-dir", out]) + (["--no-progress"] if args.no_progress else [])
+    return subprocess.call(launch_command(args.nproc, argv))
+
+
 def run(args) -> int:
+    from peftlab.training.distributed import launched, setup, start_run
     from peftlab.training.trainer import train
 
-    if args.resume:
-        if args.config or args.overrides:
-            raise UserError("--resume takes the run's saved config.yaml: drop CONFIG and --set")
-        run_dir = RunDir(args.resume)
-        cfg, resume = run_dir.start(resume=True)
-    else:
-        cfg = load_config(args.config, args.overrides)
-        run_dir = RunDir(args.output_dir or cfg.output.dir or default_run_dir(cfg.method.name))
-        cfg, resume = run_dir.start(cfg)
+    if args.resume and (args.config or args.overrides):
+        raise UserError("--resume takes the run's saved config.yaml: drop CONFIG and --set")
+    cfg = None if args.resume else load_config(args.config, args.overrides)
+    out = args.resume or str(args.output_dir or cfg.output.dir or default_run_dir(cfg.method.name))
+    if args.nproc > 1 and not launched():
+        return _launch(args, out)
+    run_dir = RunDir(out)
+    cfg, resume = start_run(run_dir, cfg, bool(args.resume))
     try:
         record = train(cfg, run_dir, resume=resume, progress=not args.no_progress)
     except KeyboardInterrupt:
@@ -61,6 +76,8 @@ def run(args) -> int:
         print(f"peftlab train: interrupted; {done} in {run_dir.path}: continue with "
               f"peftlab train --resume {run_dir.path}", file=sys.stderr)
         return 130
+    if not setup().main:
+        return 0  # rank 0 reports
     print(summary_table(record))
     print(f"run directory: {run_dir.path}")
     return 0

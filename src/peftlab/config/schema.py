@@ -25,6 +25,7 @@ class DataConfig(Section):
     test_fraction: float = Field(0.2, gt=0, lt=1, description="stratified share carved out for test when there is no test split")
     max_train_samples: int | None = Field(None, ge=2, description="stratified subset of train, for quick runs")
     max_eval_samples: int | None = Field(None, ge=2, description="stratified subset of validation and of test")
+    drop_duplicates_across_splits: bool = Field(False, description="drop validation/test rows whose text also occurs in train (they are counted and warned about either way)")
     cache_dir: str | None = Field(None, description="tokenization cache; default ~/.cache/peftlab (or $PEFTLAB_CACHE)")
 
     @field_validator("text_columns", mode="before")
@@ -139,6 +140,21 @@ class SweepConfig(Section):
         return self
 
 
+class TrackingConfig(Section):
+    backends: list[Literal["tensorboard", "mlflow", "wandb"]] = Field([], description="experiment trackers each run is logged to (install with peftlab[tensorboard], peftlab[mlflow], peftlab[wandb]); see docs/tracking.md")
+    mlflow_uri: str | None = Field(None, description="MLflow tracking URI (e.g. sqlite:///runs/mlflow.db, http://host:5000); default: MLflow's own ($MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory)")
+    project: str = Field("peftlab", min_length=1, description="MLflow experiment and W&B project")
+    run_name: str | None = Field(None, description="name of the tracked run; default: the run directory's name (a sweep: the sweep's parent run, trials keep their directory names)")
+    log_dir: str | None = Field(None, description="TensorBoard: event files go to LOG_DIR/<run name>; default: RUN_DIR/tensorboard")
+
+    @field_validator("backends", mode="before")
+    @classmethod
+    def _backends_list(cls, v: Any) -> Any:
+        if isinstance(v, str):  # --set tracking.backends=mlflow,wandb
+            v = [b.strip() for b in v.split(",") if b.strip()]
+        return list(dict.fromkeys(v)) if isinstance(v, list) and all(isinstance(b, str) for b in v) else v
+
+
 class Config(Section):
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
@@ -149,3 +165,4 @@ class Config(Section):
     distill: DistillConfig = DistillConfig()
     budget: BudgetConfig = BudgetConfig()
     sweep: SweepConfig = SweepConfig()
+    tracking: TrackingConfig = TrackingConfig()

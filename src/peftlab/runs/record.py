@@ -76,6 +76,7 @@ class Efficiency(Record):
     precision: str | None = None
     optimizer_steps: int | None = None
     wall_seconds: float | None = None
+    world_size: int = 1  # processes that trained (peftlab train --nproc, torchrun, accelerate launch)
 
 
 class Quantization(Record):

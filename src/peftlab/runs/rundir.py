@@ -226,3 +226,14 @@ class RunDir:
 
     def remove_checkpoints(self) -> None:
         shutil.rmtree(self.checkpoints, ignore_errors=True)
+
+
+class RunView(RunDir):
+    """A run directory as the other ranks of a multi-process run see it: they read (config,
+    checkpoints), and rank 0 alone writes."""
+
+    def _nothing(self, *args, **kwargs) -> None:
+        return None
+
+    create = lock = unlock = append_history = truncate_history = write_record = record_failure = _nothing
+    write_predictions = save_checkpoint = remove_checkpoints = _nothing

@@ -247,9 +247,12 @@ def space_unit(cfg: Config, slot: int, params: dict) -> Unit:
 
 def plan_fingerprint(cfg: Config, units: list[Unit]) -> str:
     """What must be the same for two sweep processes to share one study."""
+    def trained(tree: dict) -> dict:  # where a run is logged is not what it trains
+        return {k: v for k, v in tree.items() if k != "tracking"}
+
     if cfg.sweep.space:
-        what = {"base": base_tree(cfg), "space": {k: v.model_dump() for k, v in cfg.sweep.space.items()},
+        what = {"base": trained(base_tree(cfg)), "space": {k: v.model_dump() for k, v in cfg.sweep.space.items()},
                 "n_trials": cfg.sweep.n_trials, "seeds": cfg.sweep.seeds}
     else:
-        what = [(u.key, [r.tree for r in u.runs]) for u in units]
+        what = [(u.key, [trained(r.tree) for r in u.runs]) for u in units]
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -58,6 +58,8 @@ def storage_display(url: str) -> str:
 
 
 class Sweep:
+    tracking = None  # SweepTracking: the tracked parent run of the trials (tracking.backends), set by run()
+
     def __init__(self, cfg: Config, opts: Options):
         self.cfg = cfg
         self.opts = opts
@@ -372,6 +374,7 @@ class Sweep:
 
     def train_one(self, run: Run, trial) -> RunRecord:
         from peftlab.runtime import reset_peak_rss
+        from peftlab.training.tracking import callbacks_for
         from peftlab.training.trainer import Trainer
 
         rd = RunDir(self.run_dir(run))
@@ -381,6 +384,7 @@ class Sweep:
         resume = rd.start_or_continue(cfg)
         reset_peak_rss()
         callbacks = [PruneCallback(trial, self.metric)] if trial is not None else []
+        callbacks += callbacks_for(cfg, rd.path, group=self.tracking)
         return Trainer(cfg, rd, self.opts.progress, callbacks).fit(resume)
 
     # --- the summary ---------------------------------------------------------------------------
@@ -456,7 +460,10 @@ class Sweep:
 
     # --- entry point -------------------------------------------------------------------------
     def run(self) -> dict:
+        from peftlab.training.tracking import SweepTracking
+
         self._open()
+        self.tracking = SweepTracking(self.cfg, self.dir, self.study_name, storage_display(self.url))
         if self.skipped:
             for s in self.skipped.values():
                 self.opts.echo(f"[sweep] {s['name']}: skipped, {s['trainable']:,} trainable parameters > budget "
@@ -467,6 +474,7 @@ class Sweep:
             self.claims.close()
         summary = self.summary()
         write_summary(self.dir, summary)
+        self.tracking.finish(summary)
         self.opts.echo(table(summary))
         return summary
 

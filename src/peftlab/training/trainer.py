@@ -6,6 +6,7 @@ speed comes from (length-grouped dynamic padding, no host sync per step, autocas
 Callbacks see the run without changing it: `on_step(trainer, row)` at every loss reading (every
 `train.log_every` steps) and `on_epoch_end(trainer, epoch, scores)` after each validation; the
 latter may return a reason to stop, and the run then ends with status "pruned" (sweeps prune so).
+`on_finish(trainer, record)` comes last, once metrics.json is written (completed or pruned).
 """
 from __future__ import annotations
 
@@ -28,11 +29,13 @@ from peftlab.data.tokenize import Encoded, encode
 from peftlab.evaluation.metrics import score_logits, softmax
 from peftlab.evaluation.predict import predict_logits
 from peftlab.models.build import build_model
-from peftlab.models.loading import load_tokenizer
+from peftlab.models.architectures import check_max_length
+from peftlab.models.loading import load_tokenizer, model_config
 from peftlab.models.params import count_parameters
 from peftlab.models.speed import first_token_only
 from peftlab.runs.record import RunRecord
-from peftlab.runs.rundir import RunDir
+from peftlab.runs.rundir import RunDir, RunView
+from peftlab.training import distributed
 from peftlab.training.distill import distill_loss, teacher_logits
 
 SPLITS = ("train", "validation", "test")
@@ -43,6 +46,8 @@ class Callback(Protocol):
     def on_step(self, trainer: "Trainer", row: dict) -> None: ...
 
     def on_epoch_end(self, trainer: "Trainer", epoch: int, scores: dict) -> str | None: ...
+
+    def on_finish(self, trainer: "Trainer", record: RunRecord) -> None: ...
 
 
 @dataclass
@@ -80,7 +85,9 @@ class Schedule:
 
 class Trainer:
     def __init__(self, cfg: Config, run: RunDir, progress: bool = True, callbacks: list[Callback] = ()):
-        self.cfg, self.run, self.progress = cfg, run, progress
+        self.dist = distributed.setup()
+        self.cfg, self.progress = cfg, progress and self.dist.main
+        self.run = run if self.dist.main else RunView(run.path)  # rank 0 alone writes
         self.callbacks = list(callbacks)
         self.state = TrainState()
         self.started = time.time()
@@ -88,7 +95,9 @@ class Trainer:
     # --- setup ---------------------------------------------------------------------------------
     def setup(self, resume: bool = False) -> "Trainer":
         self.runtime = rt.Runtime.pick(self.cfg.train.device, self.cfg.train.precision)
-        if not self.run.config_file.exists():  # a directory made with RunDir.create() rather than start()
+        if self.dist.device is not None and self.runtime.device.type == self.dist.device.type:
+            self.runtime = rt.Runtime(self.dist.device, self.runtime.dtype)  # each rank its own GPU
+        if self.dist.main and not self.run.config_file.exists():  # made with RunDir.create(), not start()
             save_config(self.cfg, self.run.config_file)
         rt.seed_everything(self.cfg.train.seed)
         self._setup_data()
@@ -96,7 +105,7 @@ class Trainer:
         self._setup_teacher()
         self._setup_optimizer()
         checkpoint = self.run.load_checkpoint("last") if resume else None
-        if resume and checkpoint is None:
+        if resume and checkpoint is None and self.dist.main:
             print(f"{self.run.path}: killed before its first checkpoint; starting it again from the beginning")
             self.run.history_file.unlink(missing_ok=True)
         if checkpoint is not None:
@@ -111,6 +120,7 @@ class Trainer:
         cfg = self.cfg
         self.tokenizer = load_tokenizer(cfg.model.name, cfg.model.tokenizer)  # first: a wrong name fails fast
         self.data = load_data(cfg.data, cfg.train.seed)
+        check_max_length(model_config(cfg.model.name, self.data.label_names), cfg.data.max_length, cfg.model.name)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.encoded: dict[str, Encoded] = {
             s: encode(self.tokenizer, getattr(self.data, s).texts, getattr(self.data, s).labels,
@@ -121,7 +131,9 @@ class Trainer:
         self.model = self.built.model
         self.params = count_parameters(self.model)
         first_token_only(self.model)  # the last layer only where the head reads it: same loss and gradients
-        self.forward = torch.compile(self.model) if self.cfg.train.compile else self.model
+        self.forward = self.dist.wrap(self.model)  # DDP when several processes train
+        if self.cfg.train.compile:
+            self.forward = torch.compile(self.forward)
         self.pad_multiple = pad_multiple(self.runtime.device, self.cfg.train.compile, self.cfg.data.max_length)
 
     def _setup_teacher(self) -> None:
@@ -130,14 +142,13 @@ class Trainer:
         if not cfg.distill.teacher:
             return
         cached = self.run.checkpoints / "teacher_logits.npy"
-        if cached.exists():
-            logits = np.load(cached)
-        else:
+        if self.dist.main and not cached.exists():
             logits = teacher_logits(cfg.distill, self.data.train.texts, self.data.label_names, self.runtime,
                                     cfg.data.cache_dir, cfg.eval.batch_size)
             self.run.checkpoints.mkdir(exist_ok=True)
             np.save(cached, logits)
-        self.teacher = torch.from_numpy(logits)
+        self.dist.barrier()  # the other ranks read what rank 0 computed
+        self.teacher = torch.from_numpy(np.load(cached))
 
     def _setup_optimizer(self) -> None:
         tc = self.cfg.train
@@ -167,7 +178,11 @@ class Trainer:
             self.scaler.load_state_dict(checkpoint["scaler"])
         self.state.load_state_dict(checkpoint["state"])
         self.run.truncate_history(self.state.step)
-        print(f"resuming {self.run.path} after epoch {self.state.epoch} (step {self.state.step})")
+        self._say(f"resuming {self.run.path} after epoch {self.state.epoch} (step {self.state.step})")
+
+    def _say(self, text: str) -> None:
+        if self.dist.main:
+            print(text, flush=True)
 
     # --- training ------------------------------------------------------------------------------
     def _loss(self, logits: torch.Tensor, labels: torch.Tensor, index: np.ndarray) -> torch.Tensor:
@@ -205,10 +220,11 @@ class Trainer:
         rt.synchronize(device)
         t0 = time.perf_counter()
         for i, index in enumerate(batches):
-            batch = to_device(collate(self.encoded["train"], index, self.pad_id, self.pad_multiple), device)
+            mine = self.dist.shard(index)  # this rank's share of the global batch
+            batch = to_device(collate(self.encoded["train"], mine, self.pad_id, self.pad_multiple), device)
             labels = batch.pop("labels")
             with self.runtime.autocast():
-                loss = self._loss(self.forward(**batch).logits, labels, index)
+                loss = self._loss(self.forward(**batch).logits, labels, mine)
             scaled = loss / accum
             (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             loss_sum += loss.detach()
@@ -220,7 +236,8 @@ class Trainer:
             self._optimizer_step()
             bar.update(1)
             if st.step % tc.log_every == 0 or i + 1 == len(batches):
-                mean = loss_sum.item() / count  # the one host sync, every log_every steps
+                # the one host sync, every log_every steps (the mean over the ranks' shares)
+                mean = self.dist.sum([loss_sum.item()], device)[0] / (count * self.dist.world_size)
                 epoch_sum, epoch_count = epoch_sum + mean * count, epoch_count + count
                 loss_sum.zero_()
                 count = 0
@@ -242,8 +259,13 @@ class Trainer:
 
     # --- evaluation and checkpoints ------------------------------------------------------------
     def logits(self, split: str) -> np.ndarray:
-        return predict_logits(self.model, self.encoded[split], self.pad_id, self.runtime.device,
-                              self.runtime.dtype, self.cfg.eval.batch_size)
+        """Logits of every example of the split; with several ranks each scores its share and the
+        shares are gathered (every example exactly once)."""
+        data = self.encoded[split]
+        mine = self.dist.shard(np.arange(len(data)))
+        local = predict_logits(self.model, data if not self.dist.active else data.subset(mine), self.pad_id,
+                               self.runtime.device, self.runtime.dtype, self.cfg.eval.batch_size)
+        return self.dist.gather_rows(local, mine, len(data))
 
     def evaluate(self, split: str) -> dict:
         """Scores of the current weights on a split: accuracy, macro-F1, per class, confusion, loss."""
@@ -265,6 +287,7 @@ class Trainer:
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None})
         else:
             raise ValueError(f"unknown checkpoint kind {kind!r}")
+        self.dist.barrier()  # written before any rank may read it
 
     def end_epoch(self, epoch: int, train_loss: float) -> bool:
         """Validate, keep the best weights, record the epoch; False when training should stop."""
@@ -279,9 +302,9 @@ class Trainer:
         st.epoch = epoch + 1
         self.run.append_history({"kind": "epoch", "epoch": epoch + 1, "step": st.step, "train_loss": train_loss,
                                  "validation": {k: scores[k] for k in SCORE_KEYS}, "seconds": self.epoch_seconds})
-        print(f"epoch {epoch + 1}/{self.schedule.epochs}  train loss {train_loss:.4f}  val loss {scores['loss']:.4f}  "
+        self._say(f"epoch {epoch + 1}/{self.schedule.epochs}  train loss {train_loss:.4f}  val loss {scores['loss']:.4f}  "
               f"val acc {scores['accuracy']:.4f}  val macro-F1 {scores['macro_f1']:.4f}  "
-              f"{self.epoch_seconds:.1f}s{'  *best' if improved else ''}", flush=True)
+              f"{self.epoch_seconds:.1f}s{'  *best' if improved else ''}")
         if self.cfg.train.checkpoint_every_epoch:
             self.save_checkpoint("last")
         for cb in self.callbacks:
@@ -292,7 +315,7 @@ class Trainer:
         patience = self.cfg.train.early_stopping_patience
         if patience and st.stale >= patience:
             st.stopped = f"early stopping: no better validation {metric} for {st.stale} epochs"
-            print(st.stopped)
+            self._say(st.stopped)
             return False
         return True
 
@@ -300,13 +323,15 @@ class Trainer:
     def finish(self) -> RunRecord:
         """Test the best epoch's weights once; write predictions, weights, plots and metrics.json (last)."""
         if self.state.stopped and self.state.stopped.startswith("pruned"):
-            return self._finish_pruned()
+            return self._finished(self._finish_pruned())
         best = self.run.load_checkpoint("best")
         self.model.load_state_dict(best["trainable"], strict=False)
         test_logits = self.logits("test")
         probs = softmax(test_logits)
         test = score_logits(test_logits, self.encoded["test"].labels, self.data.label_names)
         self.run.write_predictions(self.data.test.texts, self.encoded["test"].labels, probs, self.data.label_names)
+        if not self.dist.main:
+            return self._finished(self._record(test, best["validation"], None))
         weights = self.run.weights_dir(self.built.method.weights_dir)
         self.model.save_pretrained(weights)
         self.tokenizer.save_pretrained(weights)
@@ -318,6 +343,12 @@ class Trainer:
             write_plots(self.run.path, record)
         self.run.write_record(record)
         self.run.remove_checkpoints()
+        return self._finished(record)
+
+    def _finished(self, record: RunRecord) -> RunRecord:
+        for cb in self.callbacks:
+            if hasattr(cb, "on_finish"):
+                cb.on_finish(self, record)
         return record
 
     def _record(self, test: dict, validation: dict, adapter_bytes: int) -> RunRecord:
@@ -327,6 +358,7 @@ class Trainer:
             status="completed", method=cfg.method.name, model=cfg.model.name, dataset=self.data.name,
             run_dir=str(self.run.path), config=cfg.model_dump(mode="json"), label_names=self.data.label_names,
             split_sizes={s: len(self.encoded[s]) for s in SPLITS}, split_sources=self.data.split_sources,
+            overlap_with_train=self.data.overlap,
             params={**self.params, "adapter_bytes": adapter_bytes}, best_epoch=st.best_epoch,
             validation=validation, test=test, baseline=st.baseline,
             efficiency={
@@ -334,7 +366,7 @@ class Trainer:
                 "train_samples_per_second": round(st.samples / max(st.train_seconds, 1e-9), 2),
                 "train_tokens_per_second": round(st.tokens / max(st.train_seconds, 1e-9), 1),
                 "peak_memory_bytes": memory, "peak_memory_kind": memory_kind, "device": rt.device_name(device),
-                "precision": self.runtime.precision, "optimizer_steps": st.step,
+                "precision": self.runtime.precision, "optimizer_steps": st.step, "world_size": self.dist.world_size,
                 "wall_seconds": round(time.time() - self.started, 3)},
             quantization=self.built.quantization,
             distill=({"teacher": cfg.distill.teacher, "alpha": cfg.distill.alpha,
@@ -359,9 +391,18 @@ class Trainer:
         except BaseException as e:
             self.run.record_failure(e, self.cfg)
             raise
+        finally:
+            self.run.unlock()
 
 
 def train(cfg: Config, run: RunDir, resume: bool = False, progress: bool = True,
           callbacks: list[Callback] = ()) -> RunRecord:
     """Train, evaluate and record one run in `run` (already started: RunDir.start)."""
+    from peftlab.training.tracking import callbacks_for
+
+    try:  # cfg.tracking.backends: a tracker that is not installed fails here, before anything trains
+        callbacks = [*callbacks, *callbacks_for(cfg, run.path)]
+    except BaseException:
+        run.unlock()
+        raise
     return Trainer(cfg, run, progress, callbacks).fit(resume)
