@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -194,3 +195,25 @@ def test_report_separates_datasets_and_repeated_seeds(tmp_path):
     html_path, md_path = build_report([tmp_path / "mixed"], tmp_path / "r.html")
     md = md_path.read_text()
     assert "## Results: bbc_news" in md and "## Results: imdb" in md
+
+
+def test_report_charts_clip_error_bars_and_mark_truncated_axes(tmp_path):
+    from peftlab.reports.charts import _clipped, scores_chart
+
+    bars = _clipped([(0.99, 0.05), (0.02, 0.05), (0.5, None)], 0.0, 1.0)
+    assert bars[:, 0].tolist() == pytest.approx([0.05, 0.01]) and bars[:, 1].tolist() == pytest.approx([0.02, 0.05])
+    assert np.isnan(bars[:, 2]).all()
+    for seed, errors in ((1, 0), (2, 30)):  # seed spread wide enough that a plain std bar would pass 1.0
+        make_run(tmp_path, f"s{seed}", seed=seed, test_errors=errors)
+    chart = scores_chart(collect([tmp_path]).sections[0].groups)
+    assert chart.png_base64  # drawn; the axis label says where it starts
+    from peftlab.reports import charts as C
+
+    fig_labels = []
+    real = C._png
+    C._png = lambda fig: fig_labels.append(fig.axes[0].get_xlabel()) or real(fig)
+    try:
+        scores_chart(collect([tmp_path]).sections[0].groups)
+    finally:
+        C._png = real
+    assert "axis starts at" in fig_labels[0] and "clipped to [0, 1]" in fig_labels[0]

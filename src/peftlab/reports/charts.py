@@ -43,19 +43,31 @@ def _nan(v):
     return np.nan if v is None else v
 
 
+def _clipped(stats: list[tuple], low: float = 0.0, high: float = np.inf) -> np.ndarray:
+    """Error bars of (mean, std) as (below, above), never reaching outside [low, high] (an accuracy
+    cannot exceed 1, a time cannot be negative)."""
+    below = [np.nan if m is None or s is None else min(s, m - low) for m, s in stats]
+    above = [np.nan if m is None or s is None else min(s, high - m) for m, s in stats]
+    return np.array([below, above])
+
+
+def _truncated_note(start: float) -> str:
+    return f"; axis starts at {start:.2f}, not 0" if start > 0 else ""
+
+
 def scores_chart(groups: list[Group]) -> Chart:
     fig, ax, y = _barh_figure(groups)
     h = 0.38
     for offset, key, label in ((-h / 2, "accuracy", "test accuracy"), (h / 2, "macro_f1", "test macro-F1")):
         stats = [g.stat("test", key) for g in groups]
-        ax.barh(y + offset, [_nan(m) for m, _ in stats], h, label=label,
-                xerr=[_nan(s) for _, s in stats], capsize=3)
-    ax.set_xlabel("score (error bars: std over seeds)")
+        ax.barh(y + offset, [_nan(m) for m, _ in stats], h, label=label, xerr=_clipped(stats, 0.0, 1.0), capsize=3)
     lows = [g.mean("test", k) for g in groups for k in ("accuracy", "macro_f1")]
     lows = [v for v in lows if v is not None]
-    # Zoom in on the range the scores occupy; the differences between methods are often small.
-    ax.set_xlim(max(0.0, min(lows, default=0.0) - 0.05), 1.0)
-    ax.legend(loc="lower right")
+    # Zoom in on the range the scores occupy (differences between methods are often small), and say so.
+    start = round(max(0.0, min(lows, default=0.0) - 0.05), 2)
+    ax.set_xlim(start, 1.0)
+    ax.set_xlabel(f"score (error bars: std over seeds, clipped to [0, 1]{_truncated_note(start)})")
+    fig.legend(loc="outside lower center", ncol=2)  # below the axes: never over a bar
     return Chart("Test metrics by configuration", _png(fig))
 
 
@@ -70,7 +82,7 @@ def params_chart(groups: list[Group]) -> Chart:
 def time_chart(groups: list[Group]) -> Chart:
     fig, ax, y = _barh_figure(groups)
     ax.barh(y, [_nan(g.mean("efficiency", "train_seconds")) for g in groups],
-            xerr=[_nan(g.stat("efficiency", "train_seconds")[1]) for g in groups], capsize=3, color="tab:orange")
+            xerr=_clipped([g.stat("efficiency", "train_seconds") for g in groups]), capsize=3, color="tab:orange")
     ax.set_xlabel("training time (s)")
     return Chart("Training time", _png(fig))
 
@@ -94,16 +106,17 @@ def pareto_chart(groups: list[Group]) -> Chart:
     pts = [(g.mean("params", "trainable"), g.stat("test", "accuracy"), g) for g in groups]
     pts = [(p, s, g) for p, s, g in pts if p is not None and s[0] is not None]
     for p, (acc, std), g in pts:
-        ax.errorbar(p, acc, yerr=_nan(std), fmt="o", capsize=3,
+        ax.errorbar(p, acc, yerr=_clipped([(acc, std)], 0.0, 1.0), fmt="o", capsize=3,
                     color="tab:green" if g.on_pareto else "tab:gray", ms=8 if g.on_pareto else 6)
         ax.annotate(g.name, (p, acc), textcoords="offset points", xytext=(6, 4), fontsize=8)
     front = sorted((p, s[0]) for p, s, g in pts if g.on_pareto)
     if front:
         ax.plot(*zip(*front), color="tab:green", lw=1.5, label="Pareto front")
-        ax.legend(loc="lower right")
+        fig.legend(loc="outside lower center")
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (log scale)")
-    ax.set_ylabel("test accuracy")
+    bottom = ax.get_ylim()[0]
+    ax.set_ylabel(f"test accuracy{' (axis starts at %.2f, not 0)' % bottom if bottom > 0 else ''}")
     ax.grid(alpha=0.3)
     return Chart("Test accuracy vs trainable parameters", _png(fig),
                  "Green: on the Pareto front (no other configuration is as accurate with fewer trainable parameters).")
@@ -126,7 +139,7 @@ def curves_chart(groups: list[Group]) -> Chart | None:
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    fig.legend(loc="outside right upper", fontsize=8)  # beside the axes: never over a curve
     return Chart("Training loss", _png(fig))
 
 

@@ -141,8 +141,9 @@ body { font-family: system-ui, -apple-system, Segoe UI, sans-serif; margin: 2rem
 h1 { margin-bottom: .2rem; } .meta { color: #666; font-size: .9rem; }
 .best { background: #eef7ee; border-left: 4px solid #3a3; padding: .6rem 1rem; }
 .scroll { overflow-x: auto; }
-table { border-collapse: collapse; font-size: .85rem; margin: .5rem 0 1rem; }
-th, td { border: 1px solid #ccc; padding: .3rem .5rem; text-align: right; white-space: nowrap; }
+table { border-collapse: collapse; font-size: .8rem; margin: .5rem 0 1rem; width: 100%; }
+th, td { border: 1px solid #ccc; padding: .25rem .4rem; text-align: right; }
+th { white-space: normal; vertical-align: bottom; } td { white-space: normal; }
 th { background: #f2f2f2; } .text { text-align: left; }
 td.wrap { white-space: normal; min-width: 9rem; }
 tr.best-row td { background: #eef7ee; font-weight: 600; }
