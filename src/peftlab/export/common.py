@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from peftlab.errors import UserError
+from peftlab.runs.record import RunRecord
 
 # config.json fields that would make a loader expect quantized weights or a peft wrapper
 _STALE_CONFIG_FIELDS = ("quantization_config", "_pre_quantization_dtype")
@@ -27,7 +28,7 @@ class Source:
     tokenizer: object
     label_names: list[str]
     max_length: int
-    metrics: dict
+    metrics: RunRecord
     cache_dir: str | None = None  # the run's tokenization cache
     notes: list[str] = field(default_factory=list)
 
@@ -36,9 +37,9 @@ class Source:
         return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
 
     def info(self) -> dict:
-        return {"run_dir": str(self.run_dir.resolve()), "method": self.metrics.get("method"),
-                "model": self.metrics.get("model"), "label_names": self.label_names, "max_length": self.max_length,
-                "run_test_accuracy": (self.metrics.get("test") or {}).get("accuracy"), "notes": self.notes}
+        return {"run_dir": str(self.run_dir.resolve()), "method": self.metrics.method,
+                "model": self.metrics.model, "label_names": self.label_names, "max_length": self.max_length,
+                "run_test_accuracy": self.metrics.test.accuracy, "notes": self.notes}
 
 
 def check_output(output: str | Path) -> Path:
@@ -75,33 +76,27 @@ def _quiet_transformers() -> None:
     hf_logging.set_verbosity_error()
 
 
-def _read_metrics(run_dir: Path) -> dict | None:
-    try:
-        return json.loads((run_dir / "metrics.json").read_text())
-    except (OSError, ValueError):
-        return None  # load_trained says what is wrong with the run
-
-
 def load_source(run_dir: str | Path) -> Source:
     """The run's model with its adapter merged in, as a plain transformers model. The one call into
     peftlab.runs is load_trained; the rest reads the run directory's documented files."""
     from peftlab.runs.trained import load_trained
 
+    from peftlab.runs.trained import completed_run
+
     run_dir = Path(run_dir)
-    metrics = _read_metrics(run_dir)
-    if metrics and str(metrics.get("model", "")).startswith("random:") and (run_dir / "adapter").is_dir():
-        raise UserError(f"run {str(run_dir)!r} trained an adapter on random weights ({metrics['model']}) that were "
+    _, metrics, _ = completed_run(run_dir)  # one line for a missing, incomplete or damaged run
+    if str(metrics.model).startswith("random:") and (run_dir / "adapter").is_dir():
+        raise UserError(f"run {str(run_dir)!r} trained an adapter on random weights ({metrics.model}) that were "
                         f"never saved, so there is no base to merge it into: export a run of a real model "
                         f"(a local folder, hub id or minilm-l6), or a full fine-tuning run")
     _quiet_transformers()
     trained = load_trained(run_dir, torch.device("cpu"), merge=True)
-    metrics = metrics or {}
     model = trained.model
     if hasattr(model, "peft_config") or any(hasattr(m, "base_layer") for m in model.modules()):
         raise RuntimeError(f"run {run_dir}: the adapter was not merged into the base model ({type(model).__name__})")
     notes = []
-    if metrics.get("method") == "qlora":
-        used = (metrics.get("quantization") or {}).get("used", "none")
+    if metrics.method == "qlora":
+        used = (metrics.quantization.used if metrics.quantization else None) or "none"
         notes.append("qlora run: its LoRA adapter is merged into the fp32 base model" + (
             " (the run trained on the unquantized model, so the merge is exact)" if used == "none" else
             f" (the run trained over a {used} base, so probabilities can differ slightly from the run's: see the check)"))
