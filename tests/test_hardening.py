@@ -217,3 +217,18 @@ def test_report_charts_clip_error_bars_and_mark_truncated_axes(tmp_path):
     finally:
         C._png = real
     assert "axis starts at" in fig_labels[0] and "clipped to [0, 1]" in fig_labels[0]
+
+
+def test_invalid_unicode_is_replaced_not_a_traceback(run_dir, tmp_path):
+    """Undecodable command-line bytes and lone surrogates reach the tokenizer as U+FFFD."""
+    out = tmp_path / "out.csv"
+    proc = subprocess.run([sys.executable, "-m", "peftlab", "predict", str(run_dir), "--text", b"caf\xff".decode(
+        "utf-8", "surrogateescape"), "--text", "lone \ud800".encode("utf-8", "surrogatepass").decode("utf-8", "replace"),
+        "--output", str(out)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    frame = pd.read_csv(out)
+    assert frame["text"].tolist()[0] == "caf\ufffd" and len(frame) == 2
+
+    from peftlab.data.tokenize import valid_text
+
+    assert valid_text("a\ud800b") == "a?b" and valid_text("plain é") == "plain é"

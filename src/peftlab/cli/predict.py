@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from peftlab.cli._checks import output_file, positive_int
+from peftlab.data.tokenize import valid_text
 from peftlab.errors import UserError
 from peftlab.runs.rundir import RunDir
 
@@ -59,7 +60,8 @@ def run(args) -> int:
         output_file(args.output, "--output")
     predictor = load_predictor(args.run_dir, batch_size=args.batch_size)
     text_columns = RunDir(args.run_dir).config().data.text_columns
-    texts = list(args.text) + (read_texts(args.input, text_columns) if args.input else [])
+    # undecodable command-line bytes become U+FFFD, here and in every output format
+    texts = [valid_text(t) for t in args.text] + (read_texts(args.input, text_columns) if args.input else [])
     rows = predictor.predict(texts, progress=len(texts) > 1000)
     write_rows(args.output, texts, rows, predictor.label_names)
     if args.output:

@@ -65,10 +65,25 @@ def _cache_key(tokenizer, texts: list[str], max_length: int) -> str:
     return h.hexdigest()[:32]
 
 
+def valid_text(text: str) -> str:
+    """The text with lone surrogates (from undecodable bytes, or JSON such as "\\ud800") replaced by
+    U+FFFD: tokenizers accept only valid Unicode."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogateescape" if _escaped_bytes(text) else "replace").decode("utf-8", "replace")
+
+
+def _escaped_bytes(text: str) -> bool:
+    # Python keeps undecodable command-line bytes as U+DC80..U+DCFF ("surrogateescape")
+    return all(not 0xD800 <= ord(c) <= 0xDFFF or 0xDC80 <= ord(c) <= 0xDCFF for c in text)
+
+
 def _tokenize(tokenizer, texts: list[str], max_length: int) -> tuple[np.ndarray, np.ndarray]:
     ids, offsets = [], [0]
     for start in range(0, len(texts), 2048):  # chunks keep memory flat on big datasets
-        enc = tokenizer(texts[start:start + 2048], truncation=True, max_length=max_length,
+        enc = tokenizer([valid_text(t) for t in texts[start:start + 2048]], truncation=True, max_length=max_length,
                         return_attention_mask=False, return_token_type_ids=False)["input_ids"]
         for seq in enc:
             ids.append(np.asarray(seq, dtype=np.int32))
