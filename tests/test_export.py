@@ -153,7 +153,7 @@ def test_merged_folder_is_plain_and_labelled(merged, runs):
 def test_qlora_export_says_what_it_merged(runs, env, capsys):
     cli("export", str(runs["qlora"]), "--format", "merged", "--output", str(env / "qlora-note"))
     err = capsys.readouterr().err
-    assert "note: qlora run: its LoRA adapter is merged into the fp32 base model" in err
+    assert "note: qlora run: its adapter is merged into the fp32 base model" in err
 
 
 def test_onnx_matches_the_run_on_varied_lengths(onnx_dirs, reference, runs):

@@ -95,9 +95,9 @@ def load_source(run_dir: str | Path) -> Source:
     if hasattr(model, "peft_config") or any(hasattr(m, "base_layer") for m in model.modules()):
         raise RuntimeError(f"run {run_dir}: the adapter was not merged into the base model ({type(model).__name__})")
     notes = []
-    if metrics.method == "qlora":
-        used = (metrics.quantization.used if metrics.quantization else None) or "none"
-        notes.append("qlora run: its LoRA adapter is merged into the fp32 base model" + (
+    if metrics.quantization and metrics.quantization.requested:  # a method that asked for a quantized base
+        used = metrics.quantization.used or "none"
+        notes.append(f"{metrics.method} run: its adapter is merged into the fp32 base model" + (
             " (the run trained on the unquantized model, so the merge is exact)" if used == "none" else
             f" (the run trained over a {used} base, so probabilities can differ slightly from the run's: see the check)"))
     data = trained.config.data
