@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from peftlab.data.batching import collate, pad_multiple, to_device
 from peftlab.data.tokenize import Encoded, encode, tokenize_texts
-from peftlab.evaluation.metrics import softmax
+from peftlab.evaluation.metrics import softmax, threshold_predictions
 from peftlab.models.speed import first_token_context, merged_lora
 from peftlab.runtime import Runtime, autocast
 
@@ -20,12 +20,18 @@ from peftlab.runtime import Runtime, autocast
 @torch.inference_mode()
 def predict_logits(model: torch.nn.Module, data: Encoded, pad_id: int, device: torch.device,
                    dtype: torch.dtype = torch.float32, batch_size: int = 64, progress: bool = False,
-                   merge_lora: bool = True) -> np.ndarray:
-    """Logits (float32) for every example, in the original order."""
+                   merge_lora: bool = True, adapter_names: list[str] | None = None,
+                   num_labels: int | None = None) -> np.ndarray:
+    """Logits (float32) for every example, in the original order.
+
+    `adapter_names` (one per example) sends each row through its own adapter of a shared peft model in
+    the same pass (peft's mixed batches); `num_labels` is the logits' width when it is not the model
+    config's (heads of several widths over one model: narrower rows are padded with zeros)."""
     was_training = model.training
     model.eval()
     order = np.argsort(-data.lengths, kind="stable")
-    logits = np.zeros((len(data), model.config.num_labels), dtype=np.float32)
+    width = num_labels or model.config.num_labels
+    logits = np.zeros((len(data), width), dtype=np.float32)
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     multiple = pad_multiple(device)
     outs = []
@@ -34,8 +40,11 @@ def predict_logits(model: torch.nn.Module, data: Encoded, pad_id: int, device: t
             for index in tqdm(batches, desc="predict", disable=not progress, leave=False):
                 batch = to_device(collate(data, index, pad_id, multiple), device)
                 batch.pop("labels")
+                if adapter_names is not None:
+                    batch["adapter_names"] = [adapter_names[i] for i in index]
                 with autocast(device, dtype):
-                    outs.append(model(**batch).logits.float())  # stays on the device: no sync per batch
+                    out = model(**batch).logits.float()  # stays on the device: no sync per batch
+                outs.append(out if out.shape[1] == width else torch.nn.functional.pad(out, (0, width - out.shape[1])))
     finally:
         model.train(was_training)
     if outs:
@@ -49,16 +58,23 @@ class Predictor:
     `adapter` names one of several adapters on a shared model (serve); `lock` serialises the
     activation of that adapter and the forward pass, since the active adapter is model state.
     `merge_lora` folds LoRA into the weights per call: worth it for large inputs, not for one request.
+    `temperature` (a run's eval.calibrate=temperature) divides the logits before the softmax;
+    `threshold` (a two-class run's eval.threshold=tune) picks the second class when its probability is at
+    least that, instead of the most probable class. Logits stay the model's own.
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer, label_names: list[str], max_length: int,
                  runtime: Runtime | None = None, batch_size: int = 64, cache_dir: str | None = None,
-                 adapter: str | None = None, lock: threading.Lock | None = None, merge_lora: bool = True):
+                 adapter: str | None = None, lock: threading.Lock | None = None, merge_lora: bool = True,
+                 temperature: float = 1.0, threshold: float | None = None):
         self.model, self.tokenizer, self.label_names = model, tokenizer, list(label_names)
         self.max_length, self.batch_size, self.cache_dir = max_length, batch_size, cache_dir
         self.runtime = runtime or Runtime(next(model.parameters()).device, torch.float32)
         self.adapter, self.lock, self.merge_lora = adapter, lock or threading.Lock(), merge_lora
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.temperature, self.threshold = float(temperature), threshold
+        if threshold is not None and len(self.label_names) != 2:
+            raise ValueError(f"a decision threshold needs two classes, not {len(self.label_names)}")
 
     def encode(self, texts: list[str], cache: bool = True) -> Encoded:
         labels = np.zeros(len(texts), np.int64)
@@ -71,19 +87,55 @@ class Predictor:
             if self.adapter is not None:
                 self.model.set_adapter(self.adapter)
             return predict_logits(self.model, data, self.pad_id, self.runtime.device, self.runtime.dtype,
-                                  self.batch_size, progress, self.merge_lora)
+                                  self.batch_size, progress, self.merge_lora, num_labels=len(self.label_names))
 
     def logits(self, texts: list[str], progress: bool = False, cache: bool = True) -> np.ndarray:
         return self.logits_of(self.encode(list(texts), cache), progress)
 
     def probabilities(self, texts: list[str], progress: bool = False, cache: bool = True) -> np.ndarray:
-        return softmax(self.logits(texts, progress, cache))
+        return self.probabilities_of(self.logits(texts, progress, cache))
+
+    def probabilities_of(self, logits: np.ndarray) -> np.ndarray:
+        """Class probabilities of logits: softmax(logits / temperature)."""
+        return softmax(np.asarray(logits) / self.temperature if self.temperature != 1.0 else np.asarray(logits))
 
     def predict(self, texts: list[str], progress: bool = False, cache: bool = True) -> list[dict]:
         """One {label, confidence, probabilities} per text, in order."""
         return self.rows(self.probabilities(texts, progress, cache))
 
+    def labels_of(self, probs: np.ndarray) -> np.ndarray:
+        """Predicted class indices: the tuned threshold where there is one, else the most probable class."""
+        probs = np.asarray(probs)
+        if self.threshold is not None and len(probs):
+            return threshold_predictions(probs, self.threshold)
+        return probs.argmax(axis=1) if len(probs) else np.zeros(0, int)
+
     def rows(self, probs: np.ndarray) -> list[dict]:
+        """One {label, confidence (the predicted label's probability), probabilities} per row."""
         names = self.label_names
-        return [{"label": names[int(p.argmax())], "confidence": float(p.max()),
-                 "probabilities": {n: float(v) for n, v in zip(names, p)}} for p in probs]
+        return [{"label": names[int(k)], "confidence": float(p[k]),
+                 "probabilities": {n: float(v) for n, v in zip(names, p)}} for p, k in zip(probs, self.labels_of(probs))]
+
+
+def logits_together(predictors: list[Predictor], parts: list[Encoded]) -> list[np.ndarray]:
+    """Logits of parts[i] through predictors[i], all predictors being adapters of one shared model
+    (serve's micro-batches): one sorted, batched pass over every row, each row through its own adapter
+    and head (peft's per-example adapter_names) when several adapters are present. One array per part."""
+    first = predictors[0]
+    assert all(p.model is first.model and p.lock is first.lock for p in predictors), "one shared model"
+    sizes = [len(part) for part in parts]
+    offsets = np.concatenate([[0], np.cumsum([len(part.ids) for part in parts])])
+    data = Encoded(np.concatenate([part.ids for part in parts]),
+                   np.concatenate([[0]] + [part.offsets[1:] + start for part, start in zip(parts, offsets)]),
+                   np.zeros(sum(sizes), np.int64))
+    mixed = len({p.adapter for p in predictors}) > 1
+    names = [p.adapter for p, n in zip(predictors, sizes) for _ in range(n)] if mixed else None
+    width = max(len(p.label_names) for p in predictors)
+    with first.lock:
+        if not mixed and first.adapter is not None:
+            first.model.set_adapter(first.adapter)
+        logits = predict_logits(first.model, data, first.pad_id, first.runtime.device, first.runtime.dtype,
+                                first.batch_size, merge_lora=first.merge_lora and not mixed,
+                                adapter_names=names, num_labels=width)
+    bounds = np.cumsum([0] + sizes)
+    return [logits[a:b, :len(p.label_names)] for p, a, b in zip(predictors, bounds[:-1], bounds[1:])]
