@@ -1,21 +1,104 @@
-"""peftlab serve RUN_DIR [RUN_DIR ...] [--host 127.0.0.1] [--port 8000]"""
+"""peftlab serve RUN_DIR [RUN_DIR ...] [--host 127.0.0.1] [--port 8000] [--api-key KEY] [batching and limits]"""
 from __future__ import annotations
+
+import argparse
+import errno
+import ipaddress
+import os
+import socket
+import sys
+
+from peftlab.errors import UserError
 
 
 def add_parser(sub):
-    p = sub.add_parser("serve", help="serve trained runs over HTTP (many adapters over one frozen base)")
-    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p = sub.add_parser("serve", help="serve trained runs over HTTP (many adapters over one frozen base)",
+                       description="Serve completed runs over HTTP: POST /predict, GET /adapters, a web page at /, "
+                                   "Prometheus /metrics; LoRA adapters over one base share forward passes. "
+                                   "See docs/serving.md.")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                   help="completed run directories; each is served under its directory name")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default: %(default)s, this machine only; 0.0.0.0 for every interface)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port, 1-65535, or 0 for any free one (default: %(default)s)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on every route but / and /health, and enable the admin "
+                        "routes (default: the PEFTLAB_API_KEY environment variable; unset: no key, no admin routes)")
+    p.add_argument("--batch-window-ms", type=float, default=5.0,
+                   help="how long a request waits for others to share its forward pass (default: %(default)s ms)")
+    p.add_argument("--max-batch", type=int, default=64,
+                   help="a forward pass closes once it holds this many texts (default: %(default)s)")
+    p.add_argument("--mixed-batching", action=argparse.BooleanOptionalAction, default=True,
+                   help="run several LoRA adapters' requests in one forward pass (peft adapter_names); with "
+                        "--no-mixed-batching one pass per adapter (default: on)")
+    p.add_argument("--max-texts", type=int, default=128, help="texts per request (default: %(default)s)")
+    p.add_argument("--max-chars", type=int, default=10_000,
+                   help="characters per text; longer texts are refused (422), not cut (default: %(default)s)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20,
+                   help="request body size; larger bodies get 413 (default: %(default)s)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda when there is one, else cpu)")
     return p
 
 
+def _positive(args, *names: str) -> None:
+    for name in names:
+        if getattr(args, name) <= 0:
+            raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be positive")
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The listening address, taken now: a port in use is one line before anything loads."""
+    if not 0 <= port <= 65535:
+        raise UserError(f"--port {port}: a TCP port is 1-65535 (or 0 for any free one)")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError) as e:
+        raise UserError(f"--host {host!r}: not an address of this machine ({e}): use 127.0.0.1 or 0.0.0.0") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: restarts need no wait
+    try:
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise UserError(f"port {port} on {host} is in use (another server?): pick another with --port, "
+                            f"or stop the other process") from None
+        raise UserError(f"cannot listen on {host}:{port} ({e.strerror}): pick another --host or --port") from None
+    return sock
+
+
 def run(args) -> int:
+    import torch
     import uvicorn
 
-    from peftlab.serve.app import create_app
+    from peftlab.serve.app import ServeSettings, create_app
+    from peftlab.serve.batcher import BatchSettings
 
-    app = create_app(args.run_dirs)
-    print(f"serving {len(args.run_dirs)} run(s) on http://{args.host}:{args.port}  (POST /predict, GET /adapters)", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    _positive(args, "max_batch", "max_texts", "max_chars", "max_body_bytes")
+    if args.batch_window_ms < 0:
+        raise UserError(f"--batch-window-ms {args.batch_window_ms}: must be 0 or more")
+    key = args.api_key or os.environ.get("PEFTLAB_API_KEY") or None
+    sock = bind(args.host, args.port)
+    try:
+        try:
+            loopback = ipaddress.ip_address(sock.getsockname()[0]).is_loopback
+        except ValueError:
+            loopback = False
+        if key is None and not loopback:
+            print(f"peftlab serve: warning: listening on {args.host} without --api-key: anyone who can reach it "
+                  f"can use it", file=sys.stderr)
+        settings = ServeSettings(api_key=key, max_texts=args.max_texts, max_chars=args.max_chars,
+                                 max_body_bytes=args.max_body_bytes,
+                                 batch=BatchSettings(args.batch_window_ms / 1000, args.max_batch, args.mixed_batching))
+        try:
+            device = torch.device(args.device) if args.device else None
+        except RuntimeError:
+            raise UserError(f"--device {args.device!r}: not a torch device (cpu, cuda, cuda:1, mps)") from None
+        app = create_app(args.run_dirs, device, settings)
+        port = sock.getsockname()[1]
+        print(f"serving {len(args.run_dirs)} run(s) on http://{args.host}:{port}  (POST /predict, GET /adapters, "
+              f"page at /; mixed batching {'on' if args.mixed_batching else 'off'})", flush=True)
+        uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
+    finally:
+        sock.close()
     return 0

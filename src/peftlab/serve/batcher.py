@@ -1,0 +1,110 @@
+"""Micro-batching: one worker thread per model in memory gathers the requests that arrive within a
+short window (or until enough texts are waiting) and runs them in as few forward passes as it can.
+
+Mixed (the default): the requests of every LoRA adapter of a shared base go through one pass, each
+row through its own adapter and head (peft's per-example adapter_names). Not mixed: one pass per
+adapter in the window (the adapter is model state, switched between passes). The worker is the only
+user of its group's tokenizers and model, so neither needs more locking than the group's lock.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from peftlab.evaluation.metrics import softmax
+from peftlab.evaluation.predict import logits_together
+from peftlab.serve.registry import Group, Served
+
+
+class Unloaded(Exception):
+    """The run was unloaded while its request waited."""
+
+
+@dataclass
+class Job:
+    served: Served
+    texts: list[str]
+    future: Future = field(default_factory=Future)
+
+
+@dataclass
+class BatchSettings:
+    window_s: float = 0.005  # how long the first request of a batch waits for company
+    max_batch: int = 64      # texts per batch: a batch closes once it holds this many
+    mixed: bool = True       # several adapters in one forward pass
+
+
+class Batcher:
+    def __init__(self, group: Group, settings: BatchSettings, on_batch=None):
+        self.group, self.settings, self.on_batch = group, settings, on_batch
+        self.queue: queue.Queue[Job | None] = queue.Queue()
+        self.thread = threading.Thread(target=self._loop, name=f"batcher-{group.index}", daemon=True)
+        self.thread.start()
+
+    def submit(self, served: Served, texts: list[str]) -> Future:
+        """A future of the texts' class probabilities (array [len(texts), len(labels)])."""
+        job = Job(served, texts)
+        self.queue.put(job)
+        return job.future
+
+    def stop(self) -> None:
+        self.queue.put(None)
+
+    def _gather(self, first: Job) -> tuple[list[Job], bool]:
+        jobs, rows = [first], len(first.texts)
+        deadline = time.monotonic() + self.settings.window_s
+        while rows < self.settings.max_batch:
+            wait = deadline - time.monotonic()
+            try:
+                job = self.queue.get(timeout=wait) if wait > 0 else self.queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is None:
+                return jobs, True
+            jobs.append(job)
+            rows += len(job.texts)
+        return jobs, False
+
+    def _loop(self) -> None:
+        while True:
+            first = self.queue.get()
+            if first is None:
+                return
+            jobs, stop = self._gather(first)
+            self._run([j for j in jobs if j.future.set_running_or_notify_cancel()])
+            if stop:
+                return
+
+    def _run(self, jobs: list[Job]) -> None:
+        live = []
+        for job in jobs:
+            if job.served.loaded:
+                live.append(job)
+            else:
+                job.future.set_exception(Unloaded(job.served.name))
+        if not live:
+            return
+        if self.group.mixable and self.settings.mixed:
+            passes = [live]
+        else:  # one pass per adapter, requests of the same adapter together
+            by_adapter: dict[str, list[Job]] = {}
+            for job in live:
+                by_adapter.setdefault(job.served.name, []).append(job)
+            passes = list(by_adapter.values())
+        for batch in passes:
+            try:
+                parts = [job.served.predictor.encode(job.texts, cache=False) for job in batch]
+                logits = logits_together([job.served.predictor for job in batch], parts)
+            except Exception as e:  # noqa: BLE001 - delivered to the requests, which answer 500
+                for job in batch:  # unless their run was unloaded meanwhile
+                    job.future.set_exception(e if job.served.loaded else Unloaded(job.served.name))
+                continue
+            if self.on_batch:
+                self.on_batch(self.group, batch)
+            for job, x in zip(batch, logits):
+                job.future.set_result(softmax(np.asarray(x)))
