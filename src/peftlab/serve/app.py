@@ -8,16 +8,17 @@
     POST   /admin/runs           {"run_dir": PATH} -> load a run while serving
     DELETE /admin/runs/{name}    unload a run
 
-With an API key, every route but / and /health wants `Authorization: Bearer KEY`; the admin routes
-exist only with one. Every error is {"detail": "one line"} with a 4xx status for the client's mistakes,
+With an API key, every route but / (the page asks for the key), /health and the API description
+(/openapi.json, /docs) wants `Authorization: Bearer KEY`; without one the admin routes answer 403.
+Every error is {"detail": "one line"} with a 4xx status for the client's mistakes,
 each declared in the OpenAPI schema.
 """
 
 import asyncio
 import hmac
 import time
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Annotated
 
 import torch
@@ -104,11 +105,11 @@ class Metrics:
                                          "forward pass) by adapter", ["adapter"], registry=r,
                                          buckets=(.0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
         self.texts = Counter("peftlab_predicted_texts", "texts classified by adapter", ["adapter"], registry=r)
-        self.batch_texts = Histogram("peftlab_batch_texts", "texts per forward pass", registry=r,
+        self.batch_texts = Histogram("peftlab_batch_texts", "texts per micro-batch (one forward pass up to 64)", registry=r,
                                      buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512))
-        self.batch_adapters = Histogram("peftlab_batch_adapters", "adapters per forward pass", registry=r,
+        self.batch_adapters = Histogram("peftlab_batch_adapters", "adapters per micro-batch", registry=r,
                                         buckets=(1, 2, 3, 4, 6, 8, 16))
-        self.adapter_batches = Counter("peftlab_adapter_batches", "forward passes that held the adapter's texts",
+        self.adapter_batches = Counter("peftlab_adapter_batches", "micro-batches that held the adapter's texts",
                                        ["adapter"], registry=r)
         self.served = Gauge("peftlab_adapters_served", "runs served", registry=r)
 
@@ -161,7 +162,7 @@ class Guard:
 
 
 def _errors(*codes: int) -> dict:
-    text = {400: "the body is not JSON", 401: "missing or wrong API key (Authorization: Bearer KEY)",
+    text = {400: "the body cannot be read (not UTF-8)", 401: "missing or wrong API key (Authorization: Bearer KEY)",
             403: "admin routes are off: the server has no --api-key", 404: "no such adapter (or run directory)",
             409: "conflicts with what is served: a run of that name is served already (/admin/runs), or "
                  "no adapter was named while several runs are served (/predict)", 413: "request body too large",

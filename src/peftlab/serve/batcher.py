@@ -76,7 +76,13 @@ class Batcher:
             if first is None:
                 return
             jobs, stop = self._gather(first)
-            self._run([j for j in jobs if j.future.set_running_or_notify_cancel()])
+            jobs = [j for j in jobs if j.future.set_running_or_notify_cancel()]  # not those given up on
+            try:
+                self._run(jobs)
+            except Exception as e:  # noqa: BLE001 - the worker must outlive any one batch
+                for job in jobs:
+                    if not job.future.done():
+                        job.future.set_exception(e)
             if stop:
                 return
 
