@@ -117,8 +117,10 @@ def measure(run_dirs: list[str], mode: str, args, texts: dict[str, list[str]]) -
     import httpx
     import numpy as np
 
+    longest = max(len(t) for pool in texts.values() for t in pool)  # the runs' own texts must all be accepted
     flags = [MODES[mode], "--batch-window-ms", str(args.batch_window_ms), "--max-batch", str(args.max_batch),
-             "--max-texts", str(args.texts_per_request)]
+             "--max-texts", str(args.texts_per_request), "--max-chars", str(max(longest, 1)),
+             "--max-body-bytes", str(max(1 << 20, 8 * longest * args.texts_per_request + 4096))]
     with tempfile.TemporaryFile("w+") as log:
         proc, url = start_server(run_dirs, flags, log)
         try:
