@@ -245,3 +245,21 @@ def test_loss_is_read_only_at_logging_steps(tmp_path, tiny_overrides, monkeypatc
     readings = [r for r in map(json.loads, (out / "history.jsonl").read_text().splitlines()) if r["kind"] == "step"]
     assert [r["step"] for r in readings] == [4, 8, 12, 15, 16, 20, 24, 28, 30]  # every 4th and each epoch's last
     assert len(calls) == len(readings)
+
+
+def test_serve_answers_like_predict_for_a_calibrated_run(tuned_run, tmp_path):
+    """The server applies the run's temperature and threshold exactly as `peftlab predict` does."""
+    import torch
+    from fastapi.testclient import TestClient
+
+    from peftlab.cli import main
+    from peftlab.serve.app import create_app
+
+    texts = pd.read_csv(tuned_run / "predictions.csv")["text"].tolist()[:10]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    assert main(["predict", str(tuned_run), "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "o.jsonl")]) == 0
+    local = [json.loads(line) for line in (tmp_path / "o.jsonl").read_text().splitlines()]
+    served = TestClient(create_app([str(tuned_run)], torch.device("cpu"))).post("/predict", json={"texts": texts}).json()
+    assert [p["label"] for p in served["predictions"]] == [r["label"] for r in local]
+    for p, r in zip(served["predictions"], local):
+        assert p["probabilities"] == pytest.approx(r["probabilities"], abs=1e-5)

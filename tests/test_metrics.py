@@ -18,7 +18,8 @@ PROBS = np.array([
 
 def test_values_by_hand():
     m = classification_metrics(LABELS, PROBS, NAMES)
-    assert set(m) == {"accuracy", "macro_f1", "per_class", "confusion_matrix", "confidence"}
+    assert set(m) == {"accuracy", "macro_f1", "per_class", "confusion_matrix", "confidence",
+                      "mcc", "roc_auc", "log_loss", "brier", "ece"}  # the last five: tests/test_calibration.py
     assert m["accuracy"] == pytest.approx(3 / 5)
     # a: P 1/2 R 1/2 F1 1/2; b: P 2/3 R 1 F1 4/5; c: no prediction -> P 0 (zero_division) R 0 F1 0
     assert m["per_class"]["a"] == pytest.approx({"precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 2})

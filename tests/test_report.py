@@ -48,7 +48,8 @@ def _md_table(md: str, heading: str) -> list[dict[str, str]]:
 def test_write_plots_makes_valid_pngs(tmp_path):
     run = make_run(tmp_path, "r1")
     paths = write_plots(run)
-    assert [p.name for p in paths] == ["loss.png", "validation.png", "confusion_matrix.png", "confidence.png"]
+    assert [p.name for p in paths] == ["loss.png", "validation.png", "confusion_matrix.png", "confidence.png",
+                                       "reliability.png"]
     for p in paths:
         assert p.parent == run / "plots" and p.read_bytes()[:8] == PNG_MAGIC
         h, w = matplotlib.image.imread(p).shape[:2]

@@ -80,14 +80,36 @@ class TrainConfig(Section):
     sampler: Literal["length_grouped", "random"] = Field("length_grouped", description="length_grouped: similar lengths share a batch (less padding)")
     compile: bool = Field(False, description="torch.compile the model (GPU)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    log_every: int = Field(10, ge=1, description="optimizer steps between loss readings (the only host syncs)")
+    log_every: int = Field(10, ge=1, description="optimizer steps between loss readings (the only host syncs; a non-finite loss is caught there)")
     checkpoint_every_epoch: bool = Field(True, description="save a resumable checkpoint at each epoch end")
+    class_weights: Literal["none", "balanced"] | dict[str, float] = Field(
+        "none", description="weight of each class in the training loss: none, balanced (n_samples / (n_classes * "
+                            "count), sklearn's), or {label: weight} (labels left out weigh 1)")
+    loss: Literal["cross_entropy", "focal"] = Field("cross_entropy", description="training loss; focal: "
+                                                     "(1 - p_true)^focal_gamma * cross-entropy, for hard or rare examples")
+    focal_gamma: float = Field(2.0, ge=0, description="focusing exponent of train.loss=focal (0: cross-entropy)")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="share of the target spread over all classes")
+
+    @field_validator("class_weights", mode="before")
+    @classmethod
+    def _weights(cls, v: Any) -> Any:
+        if isinstance(v, dict):  # integer labels come from YAML as ints
+            v = {str(k): w for k, w in v.items()}
+            bad = [k for k, w in v.items() if isinstance(w, bool) or not isinstance(w, (int, float)) or not w > 0]
+            if bad:
+                raise ValueError(f"class weight of {bad[0]!r} must be a number > 0")
+        return v
 
 
 class EvalConfig(Section):
     metric: Literal["macro_f1", "accuracy"] = Field("macro_f1", description="validation metric used to select the best epoch and the best sweep trial")
     batch_size: int = Field(64, ge=1)
     baseline: bool = Field(True, description="also evaluate the model before fine-tuning on test")
+    threshold: Literal["argmax", "tune"] = Field("argmax", description="two classes only; tune: pick the decision "
+                                                  "threshold on the second class's probability that maximises eval.metric "
+                                                  "on validation, report test at it beside the argmax figures and use it in predict")
+    calibrate: Literal["none", "temperature"] = Field("none", description="temperature: fit T > 0 on validation logits "
+                                                       "(least log loss) and divide logits by T at prediction time")
 
 
 class OutputConfig(Section):

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from peftlab.data.batching import collate, pad_multiple, to_device
 from peftlab.data.tokenize import Encoded, encode, tokenize_texts
-from peftlab.evaluation.metrics import softmax
+from peftlab.evaluation.metrics import softmax, threshold_predictions
 from peftlab.models.speed import first_token_context, merged_lora
 from peftlab.runtime import Runtime, autocast
 
@@ -58,16 +58,23 @@ class Predictor:
     `adapter` names one of several adapters on a shared model (serve); `lock` serialises the
     activation of that adapter and the forward pass, since the active adapter is model state.
     `merge_lora` folds LoRA into the weights per call: worth it for large inputs, not for one request.
+    `temperature` (a run's eval.calibrate=temperature) divides the logits before the softmax;
+    `threshold` (a two-class run's eval.threshold=tune) picks the second class when its probability is at
+    least that, instead of the most probable class. Logits stay the model's own.
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer, label_names: list[str], max_length: int,
                  runtime: Runtime | None = None, batch_size: int = 64, cache_dir: str | None = None,
-                 adapter: str | None = None, lock: threading.Lock | None = None, merge_lora: bool = True):
+                 adapter: str | None = None, lock: threading.Lock | None = None, merge_lora: bool = True,
+                 temperature: float = 1.0, threshold: float | None = None):
         self.model, self.tokenizer, self.label_names = model, tokenizer, list(label_names)
         self.max_length, self.batch_size, self.cache_dir = max_length, batch_size, cache_dir
         self.runtime = runtime or Runtime(next(model.parameters()).device, torch.float32)
         self.adapter, self.lock, self.merge_lora = adapter, lock or threading.Lock(), merge_lora
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.temperature, self.threshold = float(temperature), threshold
+        if threshold is not None and len(self.label_names) != 2:
+            raise ValueError(f"a decision threshold needs two classes, not {len(self.label_names)}")
 
     def encode(self, texts: list[str], cache: bool = True) -> Encoded:
         labels = np.zeros(len(texts), np.int64)
@@ -86,16 +93,28 @@ class Predictor:
         return self.logits_of(self.encode(list(texts), cache), progress)
 
     def probabilities(self, texts: list[str], progress: bool = False, cache: bool = True) -> np.ndarray:
-        return softmax(self.logits(texts, progress, cache))
+        return self.probabilities_of(self.logits(texts, progress, cache))
+
+    def probabilities_of(self, logits: np.ndarray) -> np.ndarray:
+        """Class probabilities of logits: softmax(logits / temperature)."""
+        return softmax(np.asarray(logits) / self.temperature if self.temperature != 1.0 else np.asarray(logits))
 
     def predict(self, texts: list[str], progress: bool = False, cache: bool = True) -> list[dict]:
         """One {label, confidence, probabilities} per text, in order."""
         return self.rows(self.probabilities(texts, progress, cache))
 
+    def labels_of(self, probs: np.ndarray) -> np.ndarray:
+        """Predicted class indices: the tuned threshold where there is one, else the most probable class."""
+        probs = np.asarray(probs)
+        if self.threshold is not None and len(probs):
+            return threshold_predictions(probs, self.threshold)
+        return probs.argmax(axis=1) if len(probs) else np.zeros(0, int)
+
     def rows(self, probs: np.ndarray) -> list[dict]:
+        """One {label, confidence (the predicted label's probability), probabilities} per row."""
         names = self.label_names
-        return [{"label": names[int(p.argmax())], "confidence": float(p.max()),
-                 "probabilities": {n: float(v) for n, v in zip(names, p)}} for p in probs]
+        return [{"label": names[int(k)], "confidence": float(p[k]),
+                 "probabilities": {n: float(v) for n, v in zip(names, p)}} for p, k in zip(probs, self.labels_of(probs))]
 
 
 def logits_together(predictors: list[Predictor], parts: list[Encoded]) -> list[np.ndarray]:

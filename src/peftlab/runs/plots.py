@@ -1,4 +1,5 @@
-"""PNG plots of one run directory: training loss, validation per epoch, test confusion matrix, confidence.
+"""PNG plots of one run directory: training loss, validation per epoch, test confusion matrix, confidence,
+reliability diagram.
 
 Figures are built with matplotlib's object API (`Figure`, rendered by Agg when saved) rather than
 pyplot, so nothing touches the global backend or pyplot's figure registry: safe in servers, threads
@@ -14,6 +15,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from peftlab.evaluation.metrics import ECE_BINS, reliability_bins, softmax
 from peftlab.runs.record import RunRecord
 
 
@@ -138,6 +140,52 @@ def _confidence_plot(predictions: pd.DataFrame | None, out: Path) -> Path | None
     return out
 
 
+def _reliability_curve(ax, probs: np.ndarray, labels: np.ndarray, label: str, color: str, offset: float) -> float:
+    """Accuracy per confidence bin as bars (shifted by `offset` of a bin width); returns the ECE."""
+    conf, correct = probs.max(axis=1), probs.argmax(axis=1) == labels
+    bins = reliability_bins(conf, correct)
+    ece = sum(b["count"] * abs(b["accuracy"] - b["confidence"]) for b in bins if b["count"]) / len(labels)
+    width = 1.0 / ECE_BINS
+    full = [b for b in bins if b["count"]]
+    ax.bar([b["lower"] + width * (0.5 + offset) for b in full], [b["accuracy"] for b in full], width=width * 0.45,
+           color=color, alpha=0.8, label=f"{label} (ECE {ece:.3f})")
+    return ece
+
+
+def _reliability_plot(record: RunRecord | None, predictions: pd.DataFrame | None, out: Path) -> Path | None:
+    """Test accuracy per confidence bin (15 equal-width bins) against the diagonal; with the calibration
+    temperature's probabilities beside the model's own when the run fitted one."""
+    names = record.label_names if record is not None and record.label_names else None
+    if predictions is None or predictions.empty or not names:
+        return None
+    columns = [f"prob_{n}" for n in names]
+    if not set(columns) <= set(predictions.columns):
+        return None
+    probs = predictions[columns].apply(pd.to_numeric, errors="coerce").to_numpy(float)
+    index = {str(n): i for i, n in enumerate(names)}
+    labels = predictions["label"].astype(str).map(index).fillna(-1).to_numpy(int)
+    keep = ~np.isnan(probs).any(axis=1) & (labels >= 0)
+    if not keep.any():
+        return None
+    probs, labels = probs[keep], labels[keep]
+    fig = _new_figure(5.2, 4.6)
+    ax = fig.subplots()
+    ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="perfect calibration")
+    calibration = record.calibration
+    _reliability_curve(ax, probs, labels, "model", "tab:blue", -0.25 if calibration else 0.0)
+    if calibration is not None:
+        scaled = softmax(np.log(np.clip(probs, 1e-30, 1.0)) / calibration.temperature)
+        _reliability_curve(ax, scaled, labels, f"temperature {calibration.temperature:.2f}", "tab:orange", 0.25)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("confidence (probability of the predicted class)")
+    ax.set_ylabel("accuracy")
+    ax.set_title("Test reliability")
+    ax.legend(loc="upper left")
+    fig.savefig(out, dpi=100)
+    return out
+
+
 def _read_predictions(run_dir: Path) -> pd.DataFrame | None:
     path = run_dir / "predictions.csv"
     if not path.is_file():
@@ -148,7 +196,7 @@ def _read_predictions(run_dir: Path) -> pd.DataFrame | None:
 
 
 def write_plots(run_dir: Path, record: RunRecord | None = None) -> list[Path]:
-    """Write loss.png, validation.png, confusion_matrix.png, confidence.png into run_dir/plots/, from
+    """Write loss.png, validation.png, confusion_matrix.png, confidence.png, reliability.png into run_dir/plots/, from
     `record` (default: the run's metrics.json), history.jsonl and predictions.csv.
 
     A plot whose data is missing is skipped; the written paths are returned.
@@ -164,5 +212,6 @@ def write_plots(run_dir: Path, record: RunRecord | None = None) -> list[Path]:
         _validation_plot(history, out / "validation.png"),
         _confusion_plot(record, predictions, out / "confusion_matrix.png"),
         _confidence_plot(predictions, out / "confidence.png"),
+        _reliability_plot(record, predictions, out / "reliability.png"),
     ]
     return [p for p in written if p is not None]

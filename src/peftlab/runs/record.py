@@ -31,6 +31,12 @@ class Scores(Record):
     accuracy: float
     macro_f1: float
     loss: float | None = None
+    # the rest came later (records written before lack them): evaluation.metrics.classification_metrics
+    mcc: float | None = None  # Matthews correlation coefficient
+    roc_auc: float | None = None  # two classes: plain; more: one-vs-rest macro over the classes that occur
+    log_loss: float | None = None
+    brier: float | None = None  # two classes: plain; more: squared distance to the one-hot label (0..2)
+    ece: float | None = None  # expected calibration error, 15 equal-width confidence bins
 
 
 class ClassScores(Record):
@@ -91,6 +97,41 @@ class Distillation(Record):
     temperature: float
 
 
+class AtThreshold(Scores):
+    """Two-class scores with the decision threshold tuned on validation (eval.threshold=tune), reported
+    beside the argmax figures (`test`, `validation`), which they never replace."""
+    threshold: float  # the second class (positive_label) is predicted when its probability >= threshold
+    positive_label: str
+    tuned_for: str  # the validation metric maximised (eval.metric)
+    per_class: dict[str, ClassScores] | None = None
+    confusion_matrix: list[list[int]] | None = None
+
+
+class ProbabilityScores(Record):
+    ece: float
+    log_loss: float
+    brier: float
+
+
+class Calibration(Record):
+    """eval.calibrate=temperature: T fitted on validation logits; predict divides logits by T. `before`
+    and `after` are the test figures without and with T (accuracy does not change)."""
+    method: Literal["temperature"] = "temperature"
+    temperature: float
+    before: ProbabilityScores
+    after: ProbabilityScores
+    validation_before: ProbabilityScores | None = None
+    validation_after: ProbabilityScores | None = None
+
+
+class PrecisionRetry(Record):
+    """train.precision=auto trained in 16 bits, the loss became non-finite, and the run started again in fp32."""
+    from_precision: str
+    to_precision: str = "float32"
+    step: int | None = None  # the optimizer step where the loss was first non-finite
+    reason: str
+
+
 class RunRecord(Record):
     status: Status
     method: str | None = None
@@ -110,6 +151,10 @@ class RunRecord(Record):
     efficiency: Efficiency | None = None
     quantization: Quantization | None = None
     distill: Distillation | None = None
+    validation_at_threshold: AtThreshold | None = None  # eval.threshold=tune (two classes)
+    test_at_threshold: AtThreshold | None = None
+    calibration: Calibration | None = None  # eval.calibrate=temperature
+    precision_retry: PrecisionRetry | None = None
     error: str | None = None  # failed: what went wrong
     traceback: str | None = None
     reason: str | None = None  # pruned: why
@@ -125,6 +170,16 @@ class RunRecord(Record):
     @property
     def completed(self) -> bool:
         return self.status == "completed"
+
+    @property
+    def threshold(self) -> float | None:
+        """The tuned decision threshold predictions use, if any."""
+        return self.test_at_threshold.threshold if self.test_at_threshold is not None else None
+
+    @property
+    def temperature(self) -> float:
+        """The calibration temperature predictions use (1: none)."""
+        return self.calibration.temperature if self.calibration is not None else 1.0
 
     # --- disk ----------------------------------------------------------------------------------
     @classmethod

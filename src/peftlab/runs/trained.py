@@ -26,8 +26,10 @@ class Trained:
     record: RunRecord
 
     def predictor(self, runtime: Runtime | None = None, batch_size: int = 64) -> Predictor:
+        """With the run's calibration temperature and tuned decision threshold, when it has them."""
         return Predictor(self.model, self.tokenizer, self.label_names, self.config.data.max_length,
-                         runtime, batch_size, self.config.data.cache_dir)
+                         runtime, batch_size, self.config.data.cache_dir,
+                         temperature=self.record.temperature, threshold=self.record.threshold)
 
 
 def completed_run(run_dir: str | Path, what: str = "run") -> tuple[RunDir, RunRecord, Config]:

@@ -14,9 +14,7 @@ import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-import numpy as np
 
-from peftlab.evaluation.metrics import softmax
 from peftlab.evaluation.predict import logits_together
 from peftlab.serve.registry import Group, Served
 
@@ -113,4 +111,4 @@ class Batcher:
             if self.on_batch:
                 self.on_batch(self.group, batch)
             for job, x in zip(batch, logits):
-                job.future.set_result(softmax(np.asarray(x)))
+                job.future.set_result(job.served.predictor.probabilities_of(x))  # the run's temperature, if any

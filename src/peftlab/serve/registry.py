@@ -189,7 +189,8 @@ class Registry:
             raise UserError(f"run {str(run.path)!r}: its weights in {weights} cannot be loaded "
                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); retrain the run") from None
         predictor = Predictor(group.model, tokenizer, labels, cfg.data.max_length, self.runtime, adapter=adapter,
-                              lock=group.lock, merge_lora=False)
+                              lock=group.lock, merge_lora=False, temperature=record.temperature,
+                              threshold=record.threshold)
         return group, predictor
 
     def _new_group(self, key: tuple, model: torch.nn.Module, mixable: bool) -> Group:

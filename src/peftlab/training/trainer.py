@@ -26,7 +26,9 @@ from peftlab.config import Config, save_config
 from peftlab.data import load_data
 from peftlab.data.batching import batch_order, collate, pad_multiple, to_device
 from peftlab.data.tokenize import Encoded, encode
-from peftlab.evaluation.metrics import score_logits, softmax
+from peftlab.errors import UserError
+from peftlab.evaluation.metrics import (classification_metrics, fit_temperature, probability_metrics, score_logits,
+                                       softmax, threshold_predictions, tune_threshold)
 from peftlab.evaluation.predict import predict_logits
 from peftlab.models.build import build_model
 from peftlab.models.architectures import check_max_length
@@ -40,6 +42,65 @@ from peftlab.training.distill import distill_loss, teacher_logits
 
 SPLITS = ("train", "validation", "test")
 SCORE_KEYS = ("accuracy", "macro_f1", "loss")
+RECORD_KEYS = SCORE_KEYS + ("mcc", "roc_auc", "log_loss", "brier", "ece")  # the best epoch's, in metrics.json
+
+
+class NonFiniteLoss(UserError):
+    """The training loss became NaN or infinite (read at a logging step)."""
+
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step
+
+
+def class_weights(setting: str | dict[str, float], labels: np.ndarray, names: list[str]) -> torch.Tensor | None:
+    """train.class_weights as one weight per class (None: unweighted). balanced is sklearn's
+    n_samples / (n_classes * count of the class) over the training labels."""
+    if setting == "none":
+        return None
+    if setting == "balanced":
+        counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=len(names))
+        return torch.tensor(len(labels) / (len(names) * np.maximum(counts, 1)), dtype=torch.float32)
+    unknown = [k for k in setting if k not in names]
+    if unknown:
+        raise UserError(f"train.class_weights: no class {unknown[0]!r} in the data (its classes: {', '.join(names)})")
+    return torch.tensor([float(setting.get(n, 1.0)) for n in names], dtype=torch.float32)
+
+
+def hard_label_loss(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None, kind: str,
+                    gamma: float, smoothing: float) -> torch.Tensor:
+    """Cross-entropy (class-weighted mean, label smoothing) or focal loss (1 - p_true)^gamma * cross-entropy
+    with the same weighting; at the defaults it is plain F.cross_entropy, exactly."""
+    logits = logits.float()
+    if kind == "cross_entropy":
+        return F.cross_entropy(logits, labels, weight=weight, label_smoothing=smoothing)
+    ce = F.cross_entropy(logits, labels, reduction="none", label_smoothing=smoothing)
+    p_true = F.log_softmax(logits, dim=-1).gather(1, labels[:, None]).squeeze(1).exp()
+    focal = (1 - p_true) ** gamma * ce
+    if weight is None:
+        return focal.mean()
+    w = weight[labels]
+    return (focal * w).sum() / w.sum()
+
+
+def check_eval_options(cfg: Config, names: list[str]) -> None:
+    if cfg.eval.threshold == "tune" and len(names) != 2:
+        raise UserError(f"eval.threshold=tune needs two classes; this data has {len(names)} ({', '.join(names[:6])}"
+                        f"{', ...' if len(names) > 6 else ''}): use eval.threshold=argmax")
+
+
+def at_threshold(probs: np.ndarray, labels: np.ndarray, names: list[str], threshold: float, metric: str) -> dict:
+    """Two-class figures with the label decided by the threshold instead of the argmax."""
+    m = classification_metrics(labels, probs, names, threshold_predictions(probs, threshold))
+    return {**{k: m[k] for k in ("accuracy", "macro_f1", "mcc", "per_class", "confusion_matrix")},
+            "threshold": threshold, "positive_label": names[1], "tuned_for": metric}
+
+
+def calibration_figures(labels: np.ndarray, logits: np.ndarray, temperature: float) -> tuple[dict, dict]:
+    """(before, after): ECE, log loss and Brier score without and with the temperature."""
+    keys = ("ece", "log_loss", "brier")
+    before, after = probability_metrics(labels, softmax(logits)), probability_metrics(labels, softmax(logits / temperature))
+    return {k: before[k] for k in keys}, {k: after[k] for k in keys}
 
 
 class Callback(Protocol):
@@ -63,6 +124,7 @@ class TrainState:
     tokens: int = 0  # real (non-padding) tokens trained on
     baseline: dict | None = None  # the model before fine-tuning, on test
     stopped: str | None = None  # why training ended early (callback or early stopping)
+    precision_retry: dict | None = None  # a 16-bit auto run whose loss became non-finite, restarted in fp32
 
     def state_dict(self) -> dict:
         return {**asdict(self), "rng": rt.rng_state()}
@@ -101,6 +163,8 @@ class Trainer:
             save_config(self.cfg, self.run.config_file)
         rt.seed_everything(self.cfg.train.seed)
         self._setup_data()
+        check_eval_options(self.cfg, self.data.label_names)
+        self._setup_loss()
         self._setup_model()
         self._setup_teacher()
         self._setup_optimizer()
@@ -125,6 +189,12 @@ class Trainer:
         self.encoded: dict[str, Encoded] = {
             s: encode(self.tokenizer, getattr(self.data, s).texts, getattr(self.data, s).labels,
                       cfg.data.max_length, cfg.data.cache_dir) for s in SPLITS}
+
+    def _setup_loss(self) -> None:
+        tc = self.cfg.train
+        weight = class_weights(tc.class_weights, self.encoded["train"].labels, self.data.label_names)
+        self.class_weight = weight.to(self.runtime.device) if weight is not None else None
+        self.plain_loss = weight is None and tc.loss == "cross_entropy" and tc.label_smoothing == 0
 
     def _setup_model(self) -> None:
         self.built = build_model(self.cfg, self.data.label_names, self.runtime.device)
@@ -177,6 +247,8 @@ class Trainer:
         if self.scaler is not None and checkpoint.get("scaler"):
             self.scaler.load_state_dict(checkpoint["scaler"])
         self.state.load_state_dict(checkpoint["state"])
+        if self.state.precision_retry:  # the run had started again in fp32
+            self.runtime = rt.Runtime(self.runtime.device, torch.float32)
         self.run.truncate_history(self.state.step)
         self._say(f"resuming {self.run.path} after epoch {self.state.epoch} (step {self.state.step})")
 
@@ -186,10 +258,15 @@ class Trainer:
 
     # --- training ------------------------------------------------------------------------------
     def _loss(self, logits: torch.Tensor, labels: torch.Tensor, index: np.ndarray) -> torch.Tensor:
+        tc = self.cfg.train
         if self.teacher is None:
-            return F.cross_entropy(logits.float(), labels)
-        d = self.cfg.distill
-        return distill_loss(logits, labels, self.teacher[index].to(self.runtime.device), d.alpha, d.temperature)
+            return hard_label_loss(logits, labels, self.class_weight, tc.loss, tc.focal_gamma, tc.label_smoothing)
+        d, teacher = self.cfg.distill, self.teacher[index].to(self.runtime.device)
+        if self.plain_loss:
+            return distill_loss(logits, labels, teacher, d.alpha, d.temperature)
+        # the hard-label part weighted like training without a teacher; distill_loss at alpha 0 is the teacher's part
+        hard = hard_label_loss(logits, labels, self.class_weight, tc.loss, tc.focal_gamma, tc.label_smoothing)
+        return d.alpha * hard + (1 - d.alpha) * distill_loss(logits, labels, teacher, 0.0, d.temperature)
 
     def _optimizer_step(self) -> None:
         clip = self.cfg.train.max_grad_norm
@@ -215,6 +292,7 @@ class Trainer:
         bar = tqdm(total=math.ceil(len(batches) / accum), desc=f"epoch {epoch + 1}/{self.schedule.epochs}",
                    disable=not self.progress, leave=False)
         loss_sum = torch.zeros((), device=device)  # summed on the device; read only at logging steps
+        first_bad = torch.full((), -1, dtype=torch.long, device=device)  # first step with a non-finite loss
         count, epoch_sum, epoch_count = 0, 0.0, 0
         self.model.train()
         rt.synchronize(device)
@@ -228,6 +306,7 @@ class Trainer:
             scaled = loss / accum
             (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             loss_sum += loss.detach()
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), st.step + 1, first_bad)
             count += 1
             st.samples += len(index)
             st.tokens += int(self.encoded["train"].lengths[index].sum())
@@ -238,6 +317,8 @@ class Trainer:
             if st.step % tc.log_every == 0 or i + 1 == len(batches):
                 # the one host sync, every log_every steps (the mean over the ranks' shares)
                 mean = self.dist.sum([loss_sum.item()], device)[0] / (count * self.dist.world_size)
+                if not math.isfinite(mean):  # a non-finite loss leaves the sum non-finite: no extra sync
+                    raise self._non_finite(mean, int(first_bad.item()), epoch)
                 epoch_sum, epoch_count = epoch_sum + mean * count, epoch_count + count
                 loss_sum.zero_()
                 count = 0
@@ -248,6 +329,15 @@ class Trainer:
         st.train_seconds += self.epoch_seconds
         bar.close()
         return epoch_sum / max(epoch_count, 1)
+
+    def _non_finite(self, value: float, step: int, epoch: int) -> NonFiniteLoss:
+        step = step if step > 0 else self.state.step  # another rank's loss: this window's last step
+        lr, dtype = self.schedule.learning_rate, self.runtime.dtype
+        lower = f"a learning rate too high (train.learning_rate={lr:g}: try {lr / 10:g})"
+        cause = (f"likely a {self.runtime.precision} overflow (train.precision=fp32 avoids it) or {lower}"
+                 if dtype != torch.float32 else f"likely {lower}")
+        return NonFiniteLoss(f"training stopped: the loss became {value} at optimizer step {step} (epoch {epoch + 1}): "
+                             f"{cause}", step)
 
     def _log_step(self, epoch: float, loss: float) -> None:
         row = {"kind": "step", "step": self.state.step, "epoch": round(epoch, 4), "loss": loss,
@@ -279,7 +369,7 @@ class Trainer:
         `--resume` needs."""
         if kind == "best":
             self.run.save_checkpoint("best", {"trainable": self.trainable_state(), "epoch": self.state.best_epoch,
-                                              "validation": {k: scores[k] for k in SCORE_KEYS}})
+                                              "validation": {k: scores[k] for k in RECORD_KEYS}})
         elif kind == "last":
             self.run.save_checkpoint("last", {
                 "trainable": self.trainable_state(), "optimizer": self.optimizer.state_dict(),
@@ -329,14 +419,15 @@ class Trainer:
         test_logits = self.logits("test")
         probs = softmax(test_logits)
         test = score_logits(test_logits, self.encoded["test"].labels, self.data.label_names)
+        decision = self._decision(test_logits)  # every rank: it gathers validation logits
         self.run.write_predictions(self.data.test.texts, self.encoded["test"].labels, probs, self.data.label_names)
         if not self.dist.main:
-            return self._finished(self._record(test, best["validation"], None))
+            return self._finished(self._record(test, best["validation"], None, decision))
         weights = self.run.weights_dir(self.built.method.weights_dir)
         self.model.save_pretrained(weights)
         self.tokenizer.save_pretrained(weights)
         adapter_bytes = sum(f.stat().st_size for f in weights.iterdir() if f.suffix in (".safetensors", ".bin"))
-        record = self._record(test, best["validation"], adapter_bytes)
+        record = self._record(test, best["validation"], adapter_bytes, decision)
         if self.cfg.output.plots:
             from peftlab.runs.plots import write_plots
 
@@ -351,7 +442,32 @@ class Trainer:
                 cb.on_finish(self, record)
         return record
 
-    def _record(self, test: dict, validation: dict, adapter_bytes: int) -> RunRecord:
+    def _decision(self, test_logits: np.ndarray) -> dict:
+        """eval.calibrate and eval.threshold, fitted on the best weights' validation logits; their test
+        figures go beside the argmax, uncalibrated ones (which they never replace)."""
+        ec, names = self.cfg.eval, self.data.label_names
+        if ec.calibrate == "none" and ec.threshold == "argmax":
+            return {}
+        val_logits, val_labels = self.logits("validation"), self.encoded["validation"].labels
+        test_labels, out, t = self.encoded["test"].labels, {}, 1.0
+        if ec.calibrate == "temperature":
+            t = fit_temperature(val_logits, val_labels)
+            before, after = calibration_figures(test_labels, test_logits, t)
+            val_before, val_after = calibration_figures(val_labels, val_logits, t)
+            out["calibration"] = {"temperature": t, "before": before, "after": after,
+                                  "validation_before": val_before, "validation_after": val_after}
+            self._say(f"temperature {t:.3f}: test ECE {before['ece']:.4f} -> {after['ece']:.4f}, "
+                      f"log loss {before['log_loss']:.4f} -> {after['log_loss']:.4f}")
+        if ec.threshold == "tune":
+            val_probs, test_probs = softmax(val_logits / t), softmax(test_logits / t)
+            threshold = tune_threshold(val_probs, val_labels, ec.metric)
+            out["validation_at_threshold"] = at_threshold(val_probs, val_labels, names, threshold, ec.metric)
+            out["test_at_threshold"] = at_threshold(test_probs, test_labels, names, threshold, ec.metric)
+            self._say(f"threshold {threshold:.4f} on p({names[1]}): test {ec.metric} "
+                      f"{out['test_at_threshold'][ec.metric]:.4f} (argmax: see test)")
+        return out
+
+    def _record(self, test: dict, validation: dict, adapter_bytes: int, decision: dict | None = None) -> RunRecord:
         st, cfg, device = self.state, self.cfg, self.runtime.device
         memory, memory_kind = rt.peak_memory(device)
         return RunRecord(
@@ -370,7 +486,8 @@ class Trainer:
                 "wall_seconds": round(time.time() - self.started, 3)},
             quantization=self.built.quantization,
             distill=({"teacher": cfg.distill.teacher, "alpha": cfg.distill.alpha,
-                      "temperature": cfg.distill.temperature} if cfg.distill.teacher else None))
+                      "temperature": cfg.distill.temperature} if cfg.distill.teacher else None),
+            precision_retry=st.precision_retry, **(decision or {}))
 
     def _finish_pruned(self) -> RunRecord:
         record = RunRecord(status="pruned", reason=self.state.stopped.removeprefix("pruned: "),
@@ -384,15 +501,44 @@ class Trainer:
         """setup, every epoch, finish; a run that raises is recorded as failed, never as complete."""
         try:
             self.setup(resume)
-            for epoch in range(self.state.epoch, self.schedule.epochs):
-                if not self.end_epoch(epoch, self.train_epoch(epoch)):
-                    break
+            try:
+                self._epochs()
+            except NonFiniteLoss as e:
+                if not self._may_retry_in_fp32():
+                    raise
+                self._restart_in_fp32(e)
+                self._epochs()
             return self.finish()
         except BaseException as e:
             self.run.record_failure(e, self.cfg)
             raise
         finally:
             self.run.unlock()
+
+    def _epochs(self) -> None:
+        for epoch in range(self.state.epoch, self.schedule.epochs):
+            if not self.end_epoch(epoch, self.train_epoch(epoch)):
+                break
+
+    def _may_retry_in_fp32(self) -> bool:
+        return (self.cfg.train.precision == "auto" and self.runtime.dtype != torch.float32
+                and self.state.precision_retry is None)
+
+    def _restart_in_fp32(self, error: NonFiniteLoss) -> None:
+        """train.precision=auto picked 16 bits and the loss became non-finite: once, start again in fp32
+        (fresh weights, optimizer and state; the baseline is kept), recorded in metrics.json."""
+        retry = {"from_precision": self.runtime.precision, "to_precision": "float32", "step": error.step,
+                 "reason": str(error)}
+        self._say(f"{error}; train.precision=auto: starting again in fp32")
+        self.state = TrainState(baseline=self.state.baseline, precision_retry=retry)
+        self.runtime = rt.Runtime(self.runtime.device, torch.float32)
+        if self.dist.main:
+            for name in ("best", "last"):
+                (self.run.checkpoints / f"{name}.pt").unlink(missing_ok=True)
+        self.run.truncate_history(0)
+        rt.seed_everything(self.cfg.train.seed)
+        self._setup_model()
+        self._setup_optimizer()
 
 
 def train(cfg: Config, run: RunDir, resume: bool = False, progress: bool = True,
