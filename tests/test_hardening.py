@@ -232,3 +232,16 @@ def test_invalid_unicode_is_replaced_not_a_traceback(run_dir, tmp_path):
     from peftlab.data.tokenize import valid_text
 
     assert valid_text("a\ud800b") == "a?b" and valid_text("plain é") == "plain é"
+
+
+def test_data_seed_fixes_the_split_across_training_seeds(tmp_path):
+    from peftlab.config import load_config
+    from peftlab.data import load_data
+    from peftlab.data.sources import split_seed
+
+    def test_rows(*overrides):  # the rows the Trainer would load (it calls the same two functions)
+        cfg = load_config(None, ["data.max_train_samples=50", "data.max_eval_samples=20", *overrides])
+        return load_data(cfg.data, split_seed(cfg.data, cfg.train.seed)).test.texts
+
+    assert test_rows("train.seed=1") != test_rows("train.seed=2")  # the default follows train.seed
+    assert test_rows("train.seed=1", "data.seed=7") == test_rows("train.seed=2", "data.seed=7")

@@ -23,6 +23,7 @@ class DataConfig(Section):
     max_length: int = Field(128, ge=8, le=8192, description="tokens per text, truncated")
     validation_fraction: float = Field(0.1, gt=0, lt=1, description="stratified share of train used for validation when there is no validation split")
     test_fraction: float = Field(0.2, gt=0, lt=1, description="stratified share carved out for test when there is no test split")
+    seed: int | None = Field(None, description="seed of the carved splits and subsets; default: train.seed. Set it for seed studies, so that every training seed is scored on the same rows")
     max_train_samples: int | None = Field(None, ge=2, description="stratified subset of train, for quick runs")
     max_eval_samples: int | None = Field(None, ge=2, description="stratified subset of validation and of test")
     drop_duplicates_across_splits: bool = Field(False, description="drop validation/test rows whose text also occurs in train (they are counted and warned about either way)")

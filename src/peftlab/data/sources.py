@@ -64,6 +64,11 @@ class _Raw:
     label_names: list[str] | None = field(default=None)  # names of integer labels (labels.json, hub ClassLabel)
 
 
+def split_seed(cfg: DataConfig, train_seed: int) -> int:
+    """The seed of the carved splits and subsets: data.seed, else the training seed."""
+    return train_seed if cfg.seed is None else cfg.seed
+
+
 def load_data(cfg: DataConfig, seed: int) -> LoadedData:
     """Read the configured data and return checked train/validation/test splits (deterministic given seed)."""
     if cfg.path:

@@ -17,7 +17,7 @@ MIB = 2**20
 DASH = "–"
 METRIC_LABEL = {"accuracy": "accuracy", "macro_f1": "macro-F1"}
 
-COLUMNS = ["run", "seeds", "method", "r", "alpha", "dropout", "targets", "val acc", "val F1",
+COLUMNS = ["run", "seeds", "method", "model", "r", "alpha", "dropout", "targets", "val acc", "val F1",
            "test acc", "test F1", "trainable params", "trainable %", "train time", "peak memory", "Pareto"]
 
 
@@ -89,6 +89,7 @@ def result_rows(report: Section) -> list[dict[str, str]]:
             "run": g.name,
             "seeds": str(g.n),
             "method": _method_cell(g),
+            "model": str((g.config.get("model") or {}).get("name", DASH)),
             "r": _hyper(method, "r"),
             "alpha": _hyper(method, "alpha"),
             "dropout": _hyper(method, "dropout"),
@@ -152,7 +153,7 @@ figure img { max-width: 100%; border: 1px solid #ddd; }
 figcaption { font-weight: 600; margin-bottom: .3rem; } .note { color: #555; font-size: .85rem; }
 """
 
-_TEXT_COLUMNS = {"run", "method", "targets", "status", "path"}  # left-aligned
+_TEXT_COLUMNS = {"run", "method", "model", "targets", "status", "path"}  # left-aligned
 _WRAP_COLUMNS = {"targets"}  # long free text: let it wrap so the table fits the page
 
 
