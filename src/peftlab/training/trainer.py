@@ -479,7 +479,7 @@ class Trainer:
             params={**self.params, "adapter_bytes": adapter_bytes}, best_epoch=st.best_epoch,
             validation=validation, test=test, baseline=st.baseline,
             efficiency={
-                "train_seconds": round(st.train_seconds, 3),
+                "train_seconds": round(st.train_seconds, 6),
                 "train_samples_per_second": round(st.samples / max(st.train_seconds, 1e-9), 2),
                 "train_tokens_per_second": round(st.tokens / max(st.train_seconds, 1e-9), 1),
                 "peak_memory_bytes": memory, "peak_memory_kind": memory_kind, "device": rt.device_name(device),
