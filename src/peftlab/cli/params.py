@@ -4,7 +4,6 @@ from __future__ import annotations
 from peftlab.cli import add_config_arguments
 from peftlab.cli._checks import at_least_two
 from peftlab.config import load_config
-from peftlab.errors import UserError
 
 
 def add_parser(sub):
@@ -36,11 +35,8 @@ def describe_method(m) -> str:
 
 
 def labels_arg(n: int | None) -> list[str] | None:
-    if n is None:
-        return None
-    if n < 2:
-        raise UserError("--num-labels must be at least 2")
-    return [str(i) for i in range(n)]
+    """--num-labels N (at least 2: checked by argparse) as placeholder label names."""
+    return None if n is None else [str(i) for i in range(n)]
 
 
 def run(args) -> int:

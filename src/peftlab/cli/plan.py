@@ -27,8 +27,6 @@ def run(args) -> int:
     budget = args.budget if args.budget is not None else cfg.budget.max_trainable_params
     if budget is None:
         raise UserError("plan: give --budget N (or budget.max_trainable_params in the config)")
-    if budget < 1 or args.top < 1:
-        raise UserError("plan: --budget and --top must be at least 1")
     chosen, head = plan(cfg, budget, args.top, labels_arg(args.num_labels))
     print(f"model {cfg.model.name}: classification head {head:,} trainable parameters (always trained)")
     if not chosen:

@@ -64,9 +64,6 @@ class Count:
     num_labels: int = 0
     offline_shape: bool = False  # the model's shape came from peftlab's copy of its config
 
-    def as_dict(self) -> dict:
-        return {"trainable": self.trainable, "total": self.total, "trainable_pct": self.trainable_pct,
-                "adapter": self.adapter, "head": self.head, "other": self.other}
 
 
 def label_names_for(cfg: Config) -> list[str]:
@@ -161,7 +158,3 @@ def count_config(cfg: Config, label_names: list[str] | None = None) -> Count:
         raise RuntimeError("parameter breakdown does not add up")
     return Count(counted["trainable"], counted["total"], counted["trainable_pct"], adapter, head, other,
                  per_module, model_type, n_layers, num_labels, offline)
-
-
-def check_budget(count: int, budget: int | None) -> bool:
-    return budget is None or count <= budget

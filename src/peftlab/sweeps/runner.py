@@ -12,7 +12,6 @@ pruner, state), so the study can be inspected with Optuna's own tools.
 """
 from __future__ import annotations
 
-import json
 import statistics
 import sys
 import time
@@ -506,7 +505,3 @@ def _brief(m: RunRecord) -> dict:
 
 def run_sweep(cfg: Config, opts: Options) -> dict:
     return Sweep(cfg, opts).run()
-
-
-def load_sweep_json(path: Path) -> dict:
-    return json.loads((Path(path) / "sweep.json").read_text())
