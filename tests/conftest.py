@@ -80,3 +80,37 @@ def tiny_overrides(tiny_model_dir, topic_data_dir) -> list[str]:
     """--set overrides for a fast real run of the tiny model on the topic data."""
     return [f"model.name={tiny_model_dir}", f"data.path={topic_data_dir}", "data.max_length=48",
             "train.epochs=2", "train.batch_size=16", "train.learning_rate=0.005", "output.plots=false"]
+
+
+def make_label_set_rows(n: int, seed: int = 0) -> list[dict]:
+    """Multi-label texts: each mixes the topic words of one to three topics (a few texts none), and its
+    labels are those topics: learnable by a tiny model in a few steps."""
+    rng = random.Random(seed)
+    topics = list(WORDS)
+    rows = []
+    for i in range(n):
+        k = [0, 1, 1, 2, 2, 3][i % 6]
+        chosen = sorted(rng.sample(topics, k))
+        words = [rng.choice(WORDS[rng.choice(chosen)]) if chosen and rng.random() < 0.5 else rng.choice(FILLER)
+                 for _ in range(rng.randint(6, 40))]
+        rows.append({"text": " ".join(words), "labels": chosen})
+    return rows
+
+
+@pytest.fixture(scope="session")
+def label_set_data_dir(tmp_path_factory) -> Path:
+    """A directory with multi-label train/validation/test JSON Lines files ("labels": a list per row)."""
+    path = tmp_path_factory.mktemp("label-sets")
+    for split, n, seed in (("train", 300, 1), ("validation", 90, 2), ("test", 90, 3)):
+        with open(path / f"{split}.jsonl", "w") as f:
+            for row in make_label_set_rows(n, seed):
+                f.write(json.dumps(row) + "\n")
+    return path
+
+
+@pytest.fixture
+def multi_label_overrides(tiny_model_dir, label_set_data_dir) -> list[str]:
+    """--set overrides for a fast real multi-label run of the tiny model."""
+    return [f"model.name={tiny_model_dir}", f"data.path={label_set_data_dir}", "data.multi_label=true",
+            "data.label_column=labels", "data.max_length=48", "train.epochs=3", "train.batch_size=16",
+            "train.learning_rate=0.005", "output.plots=false"]

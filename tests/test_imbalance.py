@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from peftlab.config import load_config
 from peftlab.errors import UserError
-from peftlab.training.trainer import class_weights, hard_label_loss
+from peftlab.training.losses import class_weights, hard_label_loss
 from tests.conftest import SHARED_DATA
 from tests.test_train import train_cli
 

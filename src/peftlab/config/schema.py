@@ -20,6 +20,11 @@ class DataConfig(Section):
     hub_subset: str | None = Field(None, description="configuration name of a hub dataset, e.g. sst2 for glue")
     text_columns: list[str] = Field(["text"], description="one text column, or several joined with a space (e.g. [title, description])")
     label_column: str = "label"
+    multi_label: bool = Field(False, description="each text has a set of labels (none, one or several): a JSON list per "
+                                                 "row, or one string split on data.label_separator; trained with "
+                                                 "binary cross-entropy on every label")
+    label_separator: str = Field("|", min_length=1, description="multi-label: separates the labels in one text field "
+                                                                "(CSV/TSV/Parquet strings), e.g. 'sports|politics'")
     max_length: int = Field(128, ge=8, le=8192, description="tokens per text, truncated")
     validation_fraction: float = Field(0.1, gt=0, lt=1, description="stratified share of train used for validation when there is no validation split")
     test_fraction: float = Field(0.2, gt=0, lt=1, description="stratified share carved out for test when there is no test split")
@@ -85,11 +90,13 @@ class TrainConfig(Section):
     checkpoint_every_epoch: bool = Field(True, description="save a resumable checkpoint at each epoch end")
     class_weights: Literal["none", "balanced"] | dict[str, float] = Field(
         "none", description="weight of each class in the training loss: none, balanced (n_samples / (n_classes * "
-                            "count), sklearn's), or {label: weight} (labels left out weigh 1)")
+                            "count), sklearn's), or {label: weight} (labels left out weigh 1). Multi-label: the "
+                            "weight of each label's positive examples (balanced: negatives / positives)")
     loss: Literal["cross_entropy", "focal"] = Field("cross_entropy", description="training loss; focal: "
                                                      "(1 - p_true)^focal_gamma * cross-entropy, for hard or rare examples")
     focal_gamma: float = Field(2.0, ge=0, description="focusing exponent of train.loss=focal (0: cross-entropy)")
-    label_smoothing: float = Field(0.0, ge=0, lt=1, description="share of the target spread over all classes")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="share of the target spread over all classes "
+                                                                 "(multi-label: targets move to s/2 and 1 - s/2)")
 
     @field_validator("class_weights", mode="before")
     @classmethod
@@ -103,14 +110,36 @@ class TrainConfig(Section):
 
 
 class EvalConfig(Section):
-    metric: Literal["macro_f1", "accuracy"] = Field("macro_f1", description="validation metric used to select the best epoch and the best sweep trial")
+    metric: Literal["macro_f1", "accuracy", "micro_f1", "samples_f1"] = Field(
+        "macro_f1", description="validation metric used to select the best epoch and the best sweep trial "
+                                "(multi-label: accuracy is subset accuracy; micro_f1 and samples_f1 are multi-label only)")
     batch_size: int = Field(64, ge=1)
     baseline: bool = Field(True, description="also evaluate the model before fine-tuning on test")
-    threshold: Literal["argmax", "tune"] = Field("argmax", description="two classes only; tune: pick the decision "
-                                                  "threshold on the second class's probability that maximises eval.metric "
-                                                  "on validation, report test at it beside the argmax figures and use it in predict")
+    threshold: Literal["argmax", "tune"] | float = Field(
+        "argmax", description="the decision rule. argmax: the most probable class (multi-label: every label whose "
+                              "probability is >= 0.5). tune (two classes or multi-label): the threshold(s) on validation "
+                              "that maximise eval.metric. A number in (0, 1): that threshold (on the second class's "
+                              "probability; multi-label: on every label's). Test figures at it are reported beside the "
+                              "argmax ones, and predict, serve and export use it")
+    threshold_scope: Literal["per_label", "global"] = Field(
+        "per_label", description="multi-label eval.threshold=tune: one threshold per label (each maximising that "
+                                 "label's F1) or one for all labels (maximising eval.metric)")
     calibrate: Literal["none", "temperature"] = Field("none", description="temperature: fit T > 0 on validation logits "
                                                        "(least log loss) and divide logits by T at prediction time")
+
+    @field_validator("threshold", mode="before")
+    @classmethod
+    def _threshold_range(cls, v: Any) -> Any:
+        if isinstance(v, str) and v not in ("argmax", "tune"):
+            try:
+                v = float(v)
+            except ValueError:
+                raise ValueError("expected argmax, tune, or a number between 0 and 1") from None
+        if isinstance(v, bool) or not isinstance(v, (str, int, float)):
+            raise ValueError("expected argmax, tune, or a number between 0 and 1")
+        if isinstance(v, (int, float)) and not 0 < v < 1:
+            raise ValueError("a fixed threshold must lie strictly between 0 and 1 (or use argmax or tune)")
+        return float(v) if isinstance(v, int) else v
 
 
 class OutputConfig(Section):

@@ -30,7 +30,7 @@ BUILTIN = "bbc_news"
 @dataclass
 class TextSplit:
     texts: list[str]
-    labels: np.ndarray  # int64, 0..num_labels-1
+    labels: np.ndarray  # int64: class ids 0..num_labels-1 (n,), or multi-label 0/1 (n, num_labels)
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -46,6 +46,7 @@ class LoadedData:
     text_columns: list[str]
     split_sources: dict     # split -> where its rows came from, e.g. "stratified 10% of train (seed 42)"
     overlap: dict = field(default_factory=dict)  # validation/test -> rows whose text also occurs in train
+    multi_label: bool = False  # labels are (n, num_labels) 0/1 rows: a set of labels per text
 
     @property
     def num_labels(self) -> int:
@@ -82,8 +83,9 @@ def load_data(cfg: DataConfig, seed: int) -> LoadedData:
 
     texts, labels = {}, {}
     for split, frame in raw.frames.items():
-        texts[split], labels[split] = _texts_and_labels(frame, raw.text_columns, raw.label_column, raw.where[split])
-    names, ids = _encode_labels(labels, raw)
+        texts[split], labels[split] = _texts_and_labels(frame, raw.text_columns, raw.label_column, raw.where[split],
+                                                        empty_label_ok=cfg.multi_label)
+    names, ids = _encode_label_sets(labels, raw, cfg.label_separator) if cfg.multi_label else _encode_labels(labels, raw)
     splits = {s: TextSplit(texts[s], ids[s]) for s in raw.frames}
     sources = dict(raw.source)
 
@@ -110,7 +112,8 @@ def load_data(cfg: DataConfig, seed: int) -> LoadedData:
 
     return LoadedData(name=raw.name, label_names=names, train=splits["train"], validation=splits["validation"],
                       test=splits["test"], text_columns=list(raw.text_columns),
-                      split_sources={s: sources[s] for s in ("train", "validation", "test")}, overlap=overlap)
+                      split_sources={s: sources[s] for s in ("train", "validation", "test")}, overlap=overlap,
+                      multi_label=cfg.multi_label)
 
 
 def _overlap_with_train(splits: dict[str, "TextSplit"], drop: bool, sources: dict) -> dict[str, int]:
@@ -346,8 +349,9 @@ def _check_columns(columns, text_columns: list[str], label_column: str, where: s
 
 
 def _texts_and_labels(frame: pd.DataFrame, text_columns: list[str], label_column: str,
-                      where: str) -> tuple[list[str], pd.Series]:
-    """The texts (columns joined with a space) and the raw label column, both checked for holes."""
+                      where: str, empty_label_ok: bool = False) -> tuple[list[str], pd.Series]:
+    """The texts (columns joined with a space) and the raw label column, both checked for holes (an
+    empty label is the empty label set when `empty_label_ok`: multi-label)."""
     frame = frame.rename(columns=str).reset_index(drop=True)
     _check_columns(frame.columns, text_columns, label_column, where)
     parts = [[v if isinstance(v, str) else ("" if pd.isna(v) else str(v)) for v in frame[c]] for c in text_columns]
@@ -358,6 +362,8 @@ def _texts_and_labels(frame: pd.DataFrame, text_columns: list[str], label_column
                         f"(first: row {blank[0] + 1}, counting data rows from 1); drop or fill those rows")
 
     labels = frame[label_column]
+    if empty_label_ok:
+        return texts, labels
     missing = labels.isna().to_numpy()
     if not pd.api.types.is_numeric_dtype(labels):
         missing = missing | np.array([isinstance(v, str) and not v.strip() for v in labels])
@@ -365,6 +371,69 @@ def _texts_and_labels(frame: pd.DataFrame, text_columns: list[str], label_column
         raise UserError(f"{where}: {int(missing.sum())} row(s) without a label in column {label_column!r} "
                         f"(first: row {int(np.argmax(missing)) + 1}, counting data rows from 1); drop or label those rows")
     return texts, labels
+
+
+def _label_set(value, separator: str, names: list[str] | None, where: str, row: int) -> list[str]:
+    """One multi-label cell as label names: a list (JSON Lines, Parquet), a JSON list in a string, or a
+    string split on `separator`; empty or missing is the empty set. Integers with names (labels.json)
+    are ids."""
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return []
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            try:
+                value = json.loads(text)
+            except ValueError:
+                value = text.split(separator)
+        else:
+            value = text.split(separator)
+    items = value if isinstance(value, (list, tuple)) else [value]
+    out = []
+    for item in items:
+        if isinstance(item, (list, dict)) or item is None:
+            raise UserError(f"{where}: row {row + 1} has label {item!r}; a multi-label cell is a list of label names "
+                            f"or one string like 'a{separator}b'")
+        if isinstance(item, float) and item.is_integer():
+            item = int(item)
+        if isinstance(item, int) and not isinstance(item, bool) and names is not None:
+            if not 0 <= item < len(names):
+                raise UserError(f"{where}: row {row + 1} has label id {item}, but labels.json names {len(names)} labels; "
+                                "fix the ids or the names")
+            item = names[item]
+        name = str(item).strip()
+        if name and name not in out:
+            out.append(name)
+    return out
+
+
+def _encode_label_sets(labels: dict[str, pd.Series], raw: _Raw,
+                       separator: str) -> tuple[list[str], dict[str, np.ndarray]]:
+    """Multi-label: label names (index = column) and a 0/1 matrix (rows, labels) per split. Names come
+    from train (labels.json order when given, else sorted), never from evaluation splits."""
+    sets = {s: [_label_set(v, separator, raw.label_names, raw.where[s], i) for i, v in enumerate(series)]
+            for s, series in labels.items()}
+    seen = {n for row in sets["train"] for n in row}
+    names = [n for n in raw.label_names if n in seen] if raw.label_names else sorted(seen)
+    if len(names) < 2:
+        raise UserError(f"{raw.where['train']}: {len(names)} distinct label(s) in column {raw.label_column!r} with "
+                        f"data.multi_label=true; multi-label classification needs at least 2 labels: check "
+                        f"data.label_column and data.label_separator ({separator!r})")
+    index = {n: i for i, n in enumerate(names)}
+    ids = {}
+    for split, rows in sets.items():
+        unseen = sorted({n for row in rows for n in row} - set(names))
+        if unseen:
+            shown = ", ".join(repr(v) for v in unseen[:5]) + (", ..." if len(unseen) > 5 else "")
+            raise UserError(f"{raw.where[split]}: label(s) {shown} in column {raw.label_column!r} never occur in the "
+                            "train split; remove those labels or add examples of them to train")
+        matrix = np.zeros((len(rows), len(names)), dtype=np.int64)
+        for i, row in enumerate(rows):
+            matrix[i, [index[n] for n in row]] = 1
+        ids[split] = matrix
+    return names, ids
 
 
 def _int_ids(labels: pd.Series) -> np.ndarray | None:

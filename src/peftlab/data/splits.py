@@ -2,6 +2,8 @@
 
 Everything is driven by the seed, so the same config always gives the same rows. Returned indices are
 sorted, so every split keeps the order of its source (easier to inspect; the trainer shuffles anyway).
+Multi-label rows (a 0/1 matrix, one column per label) are stratified by their rarest label, so that
+rare labels reach every split in proportion (`strata`).
 """
 from __future__ import annotations
 
@@ -16,13 +18,33 @@ def percent(fraction: float) -> str:
     return f"{fraction * 100:g}%"
 
 
+def strata(labels: np.ndarray, label_names: list[str]) -> tuple[np.ndarray, list[str]]:
+    """The groups to stratify on, and their names. Single-label: the classes themselves. Multi-label
+    (n, K) 0/1: each row's rarest label (by its count in these rows), or "no label"; a group of one row
+    joins the largest group, since a stratified split needs two rows of each group."""
+    labels = np.asarray(labels)
+    if labels.ndim == 1:
+        return labels, label_names
+    counts = labels.sum(axis=0)
+    rarity = np.where(labels > 0, counts[None, :], np.iinfo(np.int64).max)
+    keys = np.where(labels.any(axis=1), rarity.argmin(axis=1), len(label_names)).astype(np.int64)
+    names = [f"rarest label {n}" for n in label_names] + ["no label"]
+    sizes = np.bincount(keys, minlength=len(names))
+    lonely = np.flatnonzero(sizes == 1)
+    if len(lonely) and len(keys) > 1:
+        keys[np.isin(keys, lonely)] = int(np.argmax(sizes))
+    return keys, names
+
+
 def carve(labels: np.ndarray, fraction: float, seed: int, *, purpose: str, where: str,
           label_names: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """Split row indices into (kept, carved), `fraction` of them carved, every class in the same share.
 
     `purpose` is "validation" or "test": it names the split in error messages and the setting to change.
     Stratifying needs every class on both sides, so tiny classes or tiny fractions are errors, explained.
+    Multi-label rows are stratified by their rarest label (`strata`).
     """
+    labels, label_names = strata(labels, label_names)
     n = len(labels)
     counts = np.bincount(labels, minlength=len(label_names))
     present = np.flatnonzero(counts)
@@ -51,8 +73,11 @@ def subsample(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
     """Indices of a stratified subset of `n` rows (all rows when n is not smaller).
 
     Unlike carve this never fails: it is for quick runs, where a rough subset beats an error.
-    Every class keeps at least one row when n allows it.
+    Every class keeps at least one row when n allows it. Multi-label rows: by their rarest label.
     """
+    labels = np.asarray(labels)
+    if labels.ndim == 2:
+        labels = strata(labels, [str(i) for i in range(labels.shape[1])])[0]
     if n >= len(labels):
         return np.arange(len(labels))
     classes, counts = np.unique(labels, return_counts=True)

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from peftlab.data.batching import collate, pad_multiple, to_device
 from peftlab.data.tokenize import Encoded, encode, tokenize_texts
-from peftlab.evaluation.metrics import softmax, threshold_predictions
+from peftlab.evaluation.tasks import task_for
 from peftlab.models.speed import first_token_context, merged_lora
 from peftlab.runtime import Runtime, autocast
 
@@ -58,23 +58,27 @@ class Predictor:
     `adapter` names one of several adapters on a shared model (serve); `lock` serialises the
     activation of that adapter and the forward pass, since the active adapter is model state.
     `merge_lora` folds LoRA into the weights per call: worth it for large inputs, not for one request.
-    `temperature` (a run's eval.calibrate=temperature) divides the logits before the softmax;
-    `threshold` (a two-class run's eval.threshold=tune) picks the second class when its probability is at
-    least that, instead of the most probable class. Logits stay the model's own.
+    `temperature` (a run's eval.calibrate=temperature) divides the logits before the softmax (sigmoid);
+    `threshold` (eval.threshold=tune or a value) picks the second class of a two-class run when its
+    probability is at least that, instead of the most probable class; multi-label: one threshold per label
+    (default 0.5). `multi_label`: a set of labels per text, a sigmoid per label. Logits stay the model's own.
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer, label_names: list[str], max_length: int,
                  runtime: Runtime | None = None, batch_size: int = 64, cache_dir: str | None = None,
                  adapter: str | None = None, lock: threading.Lock | None = None, merge_lora: bool = True,
-                 temperature: float = 1.0, threshold: float | None = None):
+                 temperature: float = 1.0, threshold: float | list[float] | None = None, multi_label: bool = False):
         self.model, self.tokenizer, self.label_names = model, tokenizer, list(label_names)
         self.max_length, self.batch_size, self.cache_dir = max_length, batch_size, cache_dir
         self.runtime = runtime or Runtime(next(model.parameters()).device, torch.float32)
         self.adapter, self.lock, self.merge_lora = adapter, lock or threading.Lock(), merge_lora
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.temperature, self.threshold = float(temperature), threshold
-        if threshold is not None and len(self.label_names) != 2:
+        self.task = task_for(multi_label)
+        if threshold is not None and not multi_label and len(self.label_names) != 2:
             raise ValueError(f"a decision threshold needs two classes, not {len(self.label_names)}")
+        if multi_label and threshold is not None and len(threshold) != len(self.label_names):
+            raise ValueError(f"{len(threshold)} thresholds for {len(self.label_names)} labels")
 
     def encode(self, texts: list[str], cache: bool = True) -> Encoded:
         labels = np.zeros(len(texts), np.int64)
@@ -95,26 +99,28 @@ class Predictor:
     def probabilities(self, texts: list[str], progress: bool = False, cache: bool = True) -> np.ndarray:
         return self.probabilities_of(self.logits(texts, progress, cache))
 
+    @property
+    def multi_label(self) -> bool:
+        return self.task.multi_label
+
     def probabilities_of(self, logits: np.ndarray) -> np.ndarray:
-        """Class probabilities of logits: softmax(logits / temperature)."""
-        return softmax(np.asarray(logits) / self.temperature if self.temperature != 1.0 else np.asarray(logits))
+        """Class probabilities of logits: softmax(logits / temperature); multi-label: sigmoid per label."""
+        return self.task.probabilities(np.asarray(logits), self.temperature)
 
     def predict(self, texts: list[str], progress: bool = False, cache: bool = True) -> list[dict]:
-        """One {label, confidence, probabilities} per text, in order."""
+        """One row per text, in order: {label, confidence, probabilities}; multi-label {labels, probabilities}."""
         return self.rows(self.probabilities(texts, progress, cache))
 
     def labels_of(self, probs: np.ndarray) -> np.ndarray:
-        """Predicted class indices: the tuned threshold where there is one, else the most probable class."""
-        probs = np.asarray(probs)
-        if self.threshold is not None and len(probs):
-            return threshold_predictions(probs, self.threshold)
-        return probs.argmax(axis=1) if len(probs) else np.zeros(0, int)
+        """The decisions: class indices (the threshold where there is one, else the most probable class);
+        multi-label: 0/1 per label (probability >= the label's threshold, default 0.5)."""
+        return self.task.decide(np.asarray(probs), self.threshold)
 
     def rows(self, probs: np.ndarray) -> list[dict]:
-        """One {label, confidence (the predicted label's probability), probabilities} per row."""
+        """One {label, confidence (the predicted label's probability), probabilities} per row; multi-label:
+        {labels (the decided set, in label order), probabilities}."""
         names = self.label_names
-        return [{"label": names[int(k)], "confidence": float(p[k]),
-                 "probabilities": {n: float(v) for n, v in zip(names, p)}} for p, k in zip(probs, self.labels_of(probs))]
+        return [self.task.row(p, k, names) for p, k in zip(probs, self.labels_of(probs))]
 
 
 def logits_together(predictors: list[Predictor], parts: list[Encoded]) -> list[np.ndarray]:

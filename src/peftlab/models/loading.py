@@ -77,10 +77,12 @@ def load_tokenizer(model_name: str, tokenizer_name: str | None = None):
         raise _not_found("tokenizer", name, e) from None
 
 
-def model_config(model_name: str, label_names: list[str]):
-    """The transformers config with our labels, without loading weights."""
+def model_config(model_name: str, label_names: list[str], multi_label: bool = False):
+    """The transformers config with our labels, without loading weights (multi-label: problem_type says
+    so, and pipeline() then applies a sigmoid per label)."""
     labels = dict(num_labels=len(label_names), id2label=dict(enumerate(label_names)),
-                  label2id={n: i for i, n in enumerate(label_names)})
+                  label2id={n: i for i, n in enumerate(label_names)},
+                  problem_type="multi_label_classification" if multi_label else "single_label_classification")
     if is_random(model_name):
         shape = model_name.split(":", 1)[1]
         if shape not in RANDOM_SHAPES:
@@ -93,10 +95,11 @@ def model_config(model_name: str, label_names: list[str]):
         raise _not_found("model", name, e) from None
 
 
-def load_classifier(model_name: str, label_names: list[str], extra_kwargs: dict | None = None):
+def load_classifier(model_name: str, label_names: list[str], extra_kwargs: dict | None = None,
+                    multi_label: bool = False):
     """AutoModelForSequenceClassification with a fresh head sized to our labels."""
     _quiet_transformers()
-    config = model_config(model_name, label_names)
+    config = model_config(model_name, label_names, multi_label)
     if is_random(model_name):
         return AutoModelForSequenceClassification.from_config(config)
     try:

@@ -37,6 +37,10 @@ class Scores(Record):
     log_loss: float | None = None
     brier: float | None = None  # two classes: plain; more: squared distance to the one-hot label (0..2)
     ece: float | None = None  # expected calibration error, 15 equal-width confidence bins
+    # multi-label runs (accuracy is then subset accuracy: every label of a text right)
+    micro_f1: float | None = None
+    samples_f1: float | None = None  # mean F1 over texts
+    hamming_loss: float | None = None  # share of wrong label decisions
 
 
 class ClassScores(Record):
@@ -54,10 +58,18 @@ class Confidence(Record):
 
 
 class FullScores(Scores):
-    """Scores with the details: per class, confusion matrix, confidence."""
+    """Scores with the details: per class, confusion matrix (multi-label: a 2x2 [[tn, fp], [fn, tp]] per
+    label instead), confidence (multi-label: of every label decision, max(p, 1 - p))."""
     per_class: dict[str, ClassScores]
-    confusion_matrix: list[list[int]]
+    confusion_matrix: list[list[int]] | None = None
+    label_confusion: dict[str, list[list[int]]] | None = None
     confidence: Confidence
+
+    @model_validator(mode="after")
+    def _one_confusion(self) -> "FullScores":
+        if self.confusion_matrix is None and self.label_confusion is None:
+            raise ValueError("needs confusion_matrix (or label_confusion for multi-label)")
+        return self
 
 
 class Params(Record):
@@ -98,13 +110,22 @@ class Distillation(Record):
 
 
 class AtThreshold(Scores):
-    """Two-class scores with the decision threshold tuned on validation (eval.threshold=tune), reported
-    beside the argmax figures (`test`, `validation`), which they never replace."""
-    threshold: float  # the second class (positive_label) is predicted when its probability >= threshold
-    positive_label: str
-    tuned_for: str  # the validation metric maximised (eval.metric)
+    """Scores at the decision threshold(s) of eval.threshold (tuned on validation, or fixed), reported
+    beside the default (argmax; multi-label 0.5) figures (`test`, `validation`), which they never replace.
+    Two classes: one threshold on the second class's probability. Multi-label: one per label."""
+    threshold: float | None = None  # two classes: positive_label is predicted when its probability >= threshold
+    positive_label: str | None = None
+    thresholds: dict[str, float] | None = None  # multi-label: label -> threshold on its probability
+    tuned_for: str  # the validation metric maximised (eval.metric), or "fixed"
     per_class: dict[str, ClassScores] | None = None
     confusion_matrix: list[list[int]] | None = None
+    label_confusion: dict[str, list[list[int]]] | None = None
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> "AtThreshold":
+        if (self.threshold is None) == (self.thresholds is None):
+            raise ValueError("needs threshold (two classes) or thresholds (multi-label), not both")
+        return self
 
 
 class ProbabilityScores(Record):
@@ -140,6 +161,7 @@ class RunRecord(Record):
     run_dir: str | None = None
     config: dict | None = None  # the resolved config (as in config.yaml)
     label_names: list[str] = []
+    multi_label: bool = False  # a set of labels per text (sigmoid per label) rather than one class
     split_sizes: dict[str, int] = {}
     split_sources: dict[str, str] = {}
     overlap_with_train: dict[str, int] = {}  # validation/test texts that also occur in train
@@ -151,7 +173,7 @@ class RunRecord(Record):
     efficiency: Efficiency | None = None
     quantization: Quantization | None = None
     distill: Distillation | None = None
-    validation_at_threshold: AtThreshold | None = None  # eval.threshold=tune (two classes)
+    validation_at_threshold: AtThreshold | None = None  # eval.threshold=tune or a fixed value
     test_at_threshold: AtThreshold | None = None
     calibration: Calibration | None = None  # eval.calibrate=temperature
     precision_retry: PrecisionRetry | None = None
@@ -172,9 +194,13 @@ class RunRecord(Record):
         return self.status == "completed"
 
     @property
-    def threshold(self) -> float | None:
-        """The tuned decision threshold predictions use, if any."""
-        return self.test_at_threshold.threshold if self.test_at_threshold is not None else None
+    def threshold(self) -> float | list[float] | None:
+        """The decision threshold predictions use, if any: one (two classes), or one per label in
+        label_names order (multi-label); None: the default rule (argmax; multi-label 0.5)."""
+        at = self.test_at_threshold
+        if at is None:
+            return None
+        return [at.thresholds[n] for n in self.label_names] if at.thresholds is not None else at.threshold
 
     @property
     def temperature(self) -> float:

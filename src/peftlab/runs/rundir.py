@@ -190,13 +190,22 @@ class RunDir:
                                     run_dir=str(self.path), method=cfg.method.name if cfg else None,
                                     config=cfg.model_dump(mode="json") if cfg else None))
 
-    def write_predictions(self, texts: list[str], labels: np.ndarray, probs: np.ndarray, names: list[str]) -> None:
-        """predictions.csv: each test text with its label, the prediction, its confidence, every probability."""
+    def write_predictions(self, texts: list[str], labels: np.ndarray, probs: np.ndarray, predicted: np.ndarray,
+                          names: list[str], separator: str = "|") -> None:
+        """predictions.csv: each test text with its label, the prediction (the run's decision rule), every
+        probability (the model's own, before any calibration temperature). Single-label rows also hold the
+        confidence (the predicted class's probability); multi-label label sets are joined by `separator`."""
         import pandas as pd
 
-        predicted = probs.argmax(1)
-        frame = pd.DataFrame({"text": texts, "label": [names[i] for i in labels],
-                              "predicted": [names[i] for i in predicted], "confidence": probs.max(1)})
+        def cells(values: np.ndarray) -> list[str]:
+            if values.ndim == 1:
+                return [names[i] for i in values]
+            return [separator.join(n for n, on in zip(names, row) if on) for row in values]
+
+        labels, predicted, probs = np.asarray(labels), np.asarray(predicted), np.asarray(probs)
+        frame = pd.DataFrame({"text": texts, "label": cells(labels), "predicted": cells(predicted)})
+        if predicted.ndim == 1:
+            frame["confidence"] = probs[np.arange(len(predicted)), predicted]
         for j, name in enumerate(names):
             frame[f"prob_{name}"] = probs[:, j]
         tmp = self.predictions_file.with_name(f".{self.predictions_file.name}.tmp")

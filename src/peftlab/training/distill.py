@@ -1,5 +1,6 @@
 """Knowledge distillation: teacher logits computed once on the training set, then
-loss = alpha * CE(student, labels) + (1 - alpha) * T^2 * KL(softmax(teacher / T) || softmax(student / T))."""
+loss = alpha * CE(student, labels) + (1 - alpha) * T^2 * KL(softmax(teacher / T) || softmax(student / T))
+(multi-label: binary cross-entropies against the teacher's sigmoid, training/losses.py)."""
 from __future__ import annotations
 
 import numpy as np
@@ -9,16 +10,13 @@ import torch.nn.functional as F
 from peftlab.config.schema import DistillConfig
 from peftlab.errors import UserError
 from peftlab.runtime import Runtime
+from peftlab.training.losses import soft_target_loss
 
 
 def distill_loss(student_logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor,
                  alpha: float, temperature: float) -> torch.Tensor:
-    student_logits = student_logits.float()
-    hard = F.cross_entropy(student_logits, labels)
-    soft = F.kl_div(F.log_softmax(student_logits / temperature, dim=-1),
-                    F.log_softmax(teacher_logits.float() / temperature, dim=-1),
-                    reduction="batchmean", log_target=True)
-    return alpha * hard + (1 - alpha) * temperature ** 2 * soft
+    hard = F.cross_entropy(student_logits.float(), labels)
+    return alpha * hard + (1 - alpha) * soft_target_loss(student_logits, teacher_logits, temperature)
 
 
 def teacher_logits(cfg: DistillConfig, texts: list[str], label_names: list[str], runtime: Runtime,

@@ -28,9 +28,8 @@ from peftlab.data.sources import split_seed
 from peftlab.data.batching import batch_order, collate, pad_multiple, to_device
 from peftlab.data.tokenize import Encoded, encode
 from peftlab.errors import UserError
-from peftlab.evaluation.metrics import (classification_metrics, fit_temperature, probability_metrics, score_logits,
-                                       softmax, threshold_predictions, tune_threshold)
 from peftlab.evaluation.predict import predict_logits
+from peftlab.evaluation.tasks import score_logits, task_for
 from peftlab.models.build import build_model
 from peftlab.models.architectures import check_max_length
 from peftlab.models.loading import load_tokenizer, model_config
@@ -39,11 +38,13 @@ from peftlab.models.speed import first_token_only
 from peftlab.runs.record import RunRecord
 from peftlab.runs.rundir import RunDir, RunView
 from peftlab.training import distributed
-from peftlab.training.distill import distill_loss, teacher_logits
+from peftlab.training.distill import teacher_logits
+from peftlab.training.losses import hard_loss, soft_target_loss
 
 SPLITS = ("train", "validation", "test")
 SCORE_KEYS = ("accuracy", "macro_f1", "loss")
-RECORD_KEYS = SCORE_KEYS + ("mcc", "roc_auc", "log_loss", "brier", "ece")  # the best epoch's, in metrics.json
+# the best epoch's, in metrics.json (those the task has)
+RECORD_KEYS = SCORE_KEYS + ("mcc", "roc_auc", "log_loss", "brier", "ece", "micro_f1", "samples_f1", "hamming_loss")
 
 
 class NonFiniteLoss(UserError):
@@ -54,53 +55,11 @@ class NonFiniteLoss(UserError):
         self.step = step
 
 
-def class_weights(setting: str | dict[str, float], labels: np.ndarray, names: list[str]) -> torch.Tensor | None:
-    """train.class_weights as one weight per class (None: unweighted). balanced is sklearn's
-    n_samples / (n_classes * count of the class) over the training labels."""
-    if setting == "none":
-        return None
-    if setting == "balanced":
-        counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=len(names))
-        return torch.tensor(len(labels) / (len(names) * np.maximum(counts, 1)), dtype=torch.float32)
-    unknown = [k for k in setting if k not in names]
-    if unknown:
-        raise UserError(f"train.class_weights: no class {unknown[0]!r} in the data (its classes: {', '.join(names)})")
-    return torch.tensor([float(setting.get(n, 1.0)) for n in names], dtype=torch.float32)
-
-
-def hard_label_loss(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None, kind: str,
-                    gamma: float, smoothing: float) -> torch.Tensor:
-    """Cross-entropy (class-weighted mean, label smoothing) or focal loss (1 - p_true)^gamma * cross-entropy
-    with the same weighting; at the defaults it is plain F.cross_entropy, exactly."""
-    logits = logits.float()
-    if kind == "cross_entropy":
-        return F.cross_entropy(logits, labels, weight=weight, label_smoothing=smoothing)
-    ce = F.cross_entropy(logits, labels, reduction="none", label_smoothing=smoothing)
-    p_true = F.log_softmax(logits, dim=-1).gather(1, labels[:, None]).squeeze(1).exp()
-    focal = (1 - p_true) ** gamma * ce
-    if weight is None:
-        return focal.mean()
-    w = weight[labels]
-    return (focal * w).sum() / w.sum()
-
-
-def check_eval_options(cfg: Config, names: list[str]) -> None:
-    if cfg.eval.threshold == "tune" and len(names) != 2:
-        raise UserError(f"eval.threshold=tune needs two classes; this data has {len(names)} ({', '.join(names[:6])}"
-                        f"{', ...' if len(names) > 6 else ''}): use eval.threshold=argmax")
-
-
-def at_threshold(probs: np.ndarray, labels: np.ndarray, names: list[str], threshold: float, metric: str) -> dict:
-    """Two-class figures with the label decided by the threshold instead of the argmax."""
-    m = classification_metrics(labels, probs, names, threshold_predictions(probs, threshold))
-    return {**{k: m[k] for k in ("accuracy", "macro_f1", "mcc", "per_class", "confusion_matrix")},
-            "threshold": threshold, "positive_label": names[1], "tuned_for": metric}
-
-
-def calibration_figures(labels: np.ndarray, logits: np.ndarray, temperature: float) -> tuple[dict, dict]:
+def calibration_figures(task, labels: np.ndarray, logits: np.ndarray, temperature: float) -> tuple[dict, dict]:
     """(before, after): ECE, log loss and Brier score without and with the temperature."""
     keys = ("ece", "log_loss", "brier")
-    before, after = probability_metrics(labels, softmax(logits)), probability_metrics(labels, softmax(logits / temperature))
+    before = task.probability_metrics(labels, task.probabilities(logits))
+    after = task.probability_metrics(labels, task.probabilities(logits, temperature))
     return {k: before[k] for k in keys}, {k: after[k] for k in keys}
 
 
@@ -164,7 +123,7 @@ class Trainer:
             save_config(self.cfg, self.run.config_file)
         rt.seed_everything(self.cfg.train.seed)
         self._setup_data()
-        check_eval_options(self.cfg, self.data.label_names)
+        self.task.check(self.cfg.eval.metric, self.cfg.eval.threshold, self.data.label_names)
         self._setup_loss()
         self._setup_model()
         self._setup_teacher()
@@ -185,6 +144,7 @@ class Trainer:
         cfg = self.cfg
         self.tokenizer = load_tokenizer(cfg.model.name, cfg.model.tokenizer)  # first: a wrong name fails fast
         self.data = load_data(cfg.data, split_seed(cfg.data, cfg.train.seed))
+        self.task = task_for(self.data.multi_label)
         check_max_length(model_config(cfg.model.name, self.data.label_names), cfg.data.max_length, cfg.model.name)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.encoded: dict[str, Encoded] = {
@@ -192,13 +152,11 @@ class Trainer:
                       cfg.data.max_length, cfg.data.cache_dir) for s in SPLITS}
 
     def _setup_loss(self) -> None:
-        tc = self.cfg.train
-        weight = class_weights(tc.class_weights, self.encoded["train"].labels, self.data.label_names)
-        self.class_weight = weight.to(self.runtime.device) if weight is not None else None
-        self.plain_loss = weight is None and tc.loss == "cross_entropy" and tc.label_smoothing == 0
+        self.hard_loss = hard_loss(self.cfg.train, self.task.multi_label, self.encoded["train"].labels,
+                                   self.data.label_names, self.runtime.device)
 
     def _setup_model(self) -> None:
-        self.built = build_model(self.cfg, self.data.label_names, self.runtime.device)
+        self.built = build_model(self.cfg, self.data.label_names, self.runtime.device, self.task.multi_label)
         self.model = self.built.model
         self.params = count_parameters(self.model)
         first_token_only(self.model)  # the last layer only where the head reads it: same loss and gradients
@@ -259,15 +217,11 @@ class Trainer:
 
     # --- training ------------------------------------------------------------------------------
     def _loss(self, logits: torch.Tensor, labels: torch.Tensor, index: np.ndarray) -> torch.Tensor:
-        tc = self.cfg.train
+        hard = self.hard_loss(logits, labels)
         if self.teacher is None:
-            return hard_label_loss(logits, labels, self.class_weight, tc.loss, tc.focal_gamma, tc.label_smoothing)
+            return hard
         d, teacher = self.cfg.distill, self.teacher[index].to(self.runtime.device)
-        if self.plain_loss:
-            return distill_loss(logits, labels, teacher, d.alpha, d.temperature)
-        # the hard-label part weighted like training without a teacher; distill_loss at alpha 0 is the teacher's part
-        hard = hard_label_loss(logits, labels, self.class_weight, tc.loss, tc.focal_gamma, tc.label_smoothing)
-        return d.alpha * hard + (1 - d.alpha) * distill_loss(logits, labels, teacher, 0.0, d.temperature)
+        return d.alpha * hard + (1 - d.alpha) * soft_target_loss(logits, teacher, d.temperature, self.task.multi_label)
 
     def _optimizer_step(self) -> None:
         clip = self.cfg.train.max_grad_norm
@@ -360,7 +314,7 @@ class Trainer:
 
     def evaluate(self, split: str) -> dict:
         """Scores of the current weights on a split: accuracy, macro-F1, per class, confusion, loss."""
-        return score_logits(self.logits(split), self.encoded[split].labels, self.data.label_names)
+        return score_logits(self.task, self.logits(split), self.encoded[split].labels, self.data.label_names)
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         return {n: p.detach().to("cpu", copy=True) for n, p in self.model.named_parameters() if p.requires_grad}
@@ -370,7 +324,7 @@ class Trainer:
         `--resume` needs."""
         if kind == "best":
             self.run.save_checkpoint("best", {"trainable": self.trainable_state(), "epoch": self.state.best_epoch,
-                                              "validation": {k: scores[k] for k in RECORD_KEYS}})
+                                              "validation": {k: scores[k] for k in RECORD_KEYS if k in scores}})
         elif kind == "last":
             self.run.save_checkpoint("last", {
                 "trainable": self.trainable_state(), "optimizer": self.optimizer.state_dict(),
@@ -418,10 +372,13 @@ class Trainer:
         best = self.run.load_checkpoint("best")
         self.model.load_state_dict(best["trainable"], strict=False)
         test_logits = self.logits("test")
-        probs = softmax(test_logits)
-        test = score_logits(test_logits, self.encoded["test"].labels, self.data.label_names)
-        decision = self._decision(test_logits)  # every rank: it gathers validation logits
-        self.run.write_predictions(self.data.test.texts, self.encoded["test"].labels, probs, self.data.label_names)
+        test = score_logits(self.task, test_logits, self.encoded["test"].labels, self.data.label_names)
+        decision, temperature, threshold = self._decision(test_logits)  # every rank: it gathers validation logits
+        # the model's own probabilities (as exported), and the labels predict gives (temperature, threshold)
+        predicted = self.task.decide(self.task.probabilities(test_logits, temperature), threshold)
+        self.run.write_predictions(self.data.test.texts, self.encoded["test"].labels,
+                                   self.task.probabilities(test_logits), predicted, self.data.label_names,
+                                   self.cfg.data.label_separator)
         if not self.dist.main:
             return self._finished(self._record(test, best["validation"], None, decision))
         weights = self.run.weights_dir(self.built.method.weights_dir)
@@ -443,30 +400,35 @@ class Trainer:
                 cb.on_finish(self, record)
         return record
 
-    def _decision(self, test_logits: np.ndarray) -> dict:
-        """eval.calibrate and eval.threshold, fitted on the best weights' validation logits; their test
-        figures go beside the argmax, uncalibrated ones (which they never replace)."""
-        ec, names = self.cfg.eval, self.data.label_names
+    def _decision(self, test_logits: np.ndarray) -> tuple[dict, float, object]:
+        """eval.calibrate and eval.threshold, fitted on the best weights' validation logits: (record fields,
+        temperature, threshold). Their test figures go beside the default (argmax / 0.5), uncalibrated ones,
+        which they never replace."""
+        ec, names, task = self.cfg.eval, self.data.label_names, self.task
         if ec.calibrate == "none" and ec.threshold == "argmax":
-            return {}
+            return {}, 1.0, None
         val_logits, val_labels = self.logits("validation"), self.encoded["validation"].labels
         test_labels, out, t = self.encoded["test"].labels, {}, 1.0
         if ec.calibrate == "temperature":
-            t = fit_temperature(val_logits, val_labels)
-            before, after = calibration_figures(test_labels, test_logits, t)
-            val_before, val_after = calibration_figures(val_labels, val_logits, t)
+            t = task.fit_temperature(val_logits, val_labels)
+            before, after = calibration_figures(task, test_labels, test_logits, t)
+            val_before, val_after = calibration_figures(task, val_labels, val_logits, t)
             out["calibration"] = {"temperature": t, "before": before, "after": after,
                                   "validation_before": val_before, "validation_after": val_after}
             self._say(f"temperature {t:.3f}: test ECE {before['ece']:.4f} -> {after['ece']:.4f}, "
                       f"log loss {before['log_loss']:.4f} -> {after['log_loss']:.4f}")
-        if ec.threshold == "tune":
-            val_probs, test_probs = softmax(val_logits / t), softmax(test_logits / t)
-            threshold = tune_threshold(val_probs, val_labels, ec.metric)
-            out["validation_at_threshold"] = at_threshold(val_probs, val_labels, names, threshold, ec.metric)
-            out["test_at_threshold"] = at_threshold(test_probs, test_labels, names, threshold, ec.metric)
-            self._say(f"threshold {threshold:.4f} on p({names[1]}): test {ec.metric} "
-                      f"{out['test_at_threshold'][ec.metric]:.4f} (argmax: see test)")
-        return out
+        threshold = None
+        if ec.threshold != "argmax":
+            val_probs, test_probs = task.probabilities(val_logits, t), task.probabilities(test_logits, t)
+            threshold = task.threshold_for(ec.threshold, val_probs, val_labels, ec.metric, ec.threshold_scope)
+            tuned_for = ec.metric if ec.threshold == "tune" else "fixed"
+            out["validation_at_threshold"] = task.at_threshold(val_probs, val_labels, names, threshold, tuned_for)
+            out["test_at_threshold"] = task.at_threshold(test_probs, test_labels, names, threshold, tuned_for)
+            shown = f"{threshold:.4f}" if isinstance(threshold, float) else \
+                ", ".join(f"{n} {v:.3f}" for n, v in list(zip(names, threshold))[:6]) + (", ..." if len(names) > 6 else "")
+            self._say(f"threshold {shown}: test {ec.metric} {out['test_at_threshold'][ec.metric]:.4f} "
+                      f"(default decisions: see test)")
+        return out, t, threshold
 
     def _record(self, test: dict, validation: dict, adapter_bytes: int, decision: dict | None = None) -> RunRecord:
         st, cfg, device = self.state, self.cfg, self.runtime.device
@@ -474,6 +436,7 @@ class Trainer:
         return RunRecord(
             status="completed", method=cfg.method.name, model=cfg.model.name, dataset=self.data.name,
             run_dir=str(self.run.path), config=cfg.model_dump(mode="json"), label_names=self.data.label_names,
+            multi_label=self.task.multi_label,
             split_sizes={s: len(self.encoded[s]) for s in SPLITS}, split_sources=self.data.split_sources,
             overlap_with_train=self.data.overlap,
             params={**self.params, "adapter_bytes": adapter_bytes}, best_epoch=st.best_epoch,
