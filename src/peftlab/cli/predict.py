@@ -33,13 +33,17 @@ def read_texts(path: str, text_columns: list[str]) -> list[str]:
     return frame[columns].fillna("").astype(str).agg(" ".join, axis=1).tolist()
 
 
-def write_rows(path: str | None, texts: list[str], rows: list[dict], names: list[str]) -> None:
-    """JSON Lines (stdout when no path), or CSV when the path ends in .csv."""
+def write_rows(path: str | None, texts: list[str], rows: list[dict], names: list[str], separator: str = "|") -> None:
+    """JSON Lines (stdout when no path), or CSV when the path ends in .csv: text, then every field of the
+    rows but the probabilities (single-label: label, confidence; multi-label: labels, the set joined by
+    `separator`, empty for none), then prob_<name> per label."""
     if path and path.endswith(".csv"):
         import pandas as pd
 
-        frame = pd.DataFrame({"text": texts, "label": [r["label"] for r in rows],
-                              "confidence": [r["confidence"] for r in rows]})
+        fields = [f for f in (rows[0] if rows else []) if f != "probabilities"]
+        frame = pd.DataFrame({"text": texts})
+        for field in fields:
+            frame[field] = [separator.join(r[field]) if isinstance(r[field], list) else r[field] for r in rows]
         for name in names:
             frame[f"prob_{name}"] = [r["probabilities"][name] for r in rows]
         frame.to_csv(path, index=False)
@@ -59,11 +63,11 @@ def run(args) -> int:
     if args.output:
         output_file(args.output, "--output")
     predictor = load_predictor(args.run_dir, batch_size=args.batch_size)
-    text_columns = RunDir(args.run_dir).config().data.text_columns
+    data = RunDir(args.run_dir).config().data
     # undecodable command-line bytes become U+FFFD, here and in every output format
-    texts = [valid_text(t) for t in args.text] + (read_texts(args.input, text_columns) if args.input else [])
+    texts = [valid_text(t) for t in args.text] + (read_texts(args.input, data.text_columns) if args.input else [])
     rows = predictor.predict(texts, progress=len(texts) > 1000)
-    write_rows(args.output, texts, rows, predictor.label_names)
+    write_rows(args.output, texts, rows, predictor.label_names, data.label_separator)
     if args.output:
         print(f"{len(rows)} predictions written to {args.output}", file=sys.stderr)
     return 0
