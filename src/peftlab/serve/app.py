@@ -2,8 +2,11 @@
 
     GET    /                     a page: pick an adapter, paste texts, see probabilities as bars
     GET    /health               {"status": "ok", "adapters": N}            (no API key needed)
-    GET    /adapters             the served runs: name, method, base model, labels, model in memory
-    POST   /predict              {"adapter": NAME, "texts": [...]} -> {"adapter", "predictions": [...]}
+    GET    /adapters             the served runs: name, method, base model, labels, model in memory,
+                                 multi_label and the decision rule (temperature, threshold(s))
+    POST   /predict              {"adapter": NAME, "texts": [...]} -> {"adapter", "predictions": [...]}:
+                                 {label, confidence, probabilities} per text, or for a multi-label run
+                                 {labels, probabilities}
     GET    /metrics              Prometheus text format
     POST   /admin/runs           {"run_dir": PATH} -> load a run while serving
     DELETE /admin/runs/{name}    unload a run
@@ -44,14 +47,26 @@ class Error(BaseModel):
 
 
 class Prediction(BaseModel):
-    label: str
-    confidence: float
-    probabilities: dict[str, float]
+    """A single-label run's answer: one label."""
+    label: str = Field(..., description="the predicted label (the run's threshold where it has one, else the "
+                                        "most probable)")
+    confidence: float = Field(..., description="the predicted label's probability")
+    probabilities: dict[str, float] = Field(..., description="label -> probability (softmax: they sum to 1)")
+
+
+class LabelSetPrediction(BaseModel):
+    """A multi-label run's answer: a set of labels, possibly empty."""
+    labels: list[str] = Field(..., description="every label whose probability reaches its threshold, in the "
+                                               "run's label order (empty: none)")
+    probabilities: dict[str, float] = Field(..., description="label -> probability (a sigmoid per label: "
+                                                             "independent, they need not sum to 1)")
 
 
 class PredictResponse(BaseModel):
     adapter: str
-    predictions: list[Prediction]
+    predictions: list[Prediction | LabelSetPrediction] = Field(
+        ..., description="one per text, in order: {label, confidence, probabilities} from a single-label run, "
+                         "{labels, probabilities} from a multi-label one (GET /adapters: multi_label)")
 
 
 class AdapterInfo(BaseModel):
@@ -60,6 +75,15 @@ class AdapterInfo(BaseModel):
     base_model: str
     labels: list[str]
     model_in_memory: int = Field(..., description="runs with the same number share one base model in memory")
+    multi_label: bool = Field(False, description="true: a set of labels per text (a sigmoid per label); "
+                                                 "false: one label per text (softmax)")
+    temperature: float = Field(1.0, description="the logits are divided by it before the softmax or sigmoid "
+                                                "(the run's calibration; 1: none)")
+    threshold: float | None = Field(None, description="single-label, two labels: the second label is predicted "
+                                                      "when its probability reaches this; null: the most probable")
+    thresholds: dict[str, float] | None = Field(None, description="multi-label: label -> the probability at which "
+                                                                  "it is predicted (0.5 unless the run tuned or "
+                                                                  "fixed them); null for single-label runs")
 
 
 class Health(BaseModel):

@@ -111,4 +111,6 @@ class Batcher:
             if self.on_batch:
                 self.on_batch(self.group, batch)
             for job, x in zip(batch, logits):
-                job.future.set_result(job.served.predictor.probabilities_of(x))  # the run's temperature, if any
+                # each run's own task (softmax, or a sigmoid per label for a multi-label run) and temperature:
+                # single- and multi-label adapters of one base share the pass, not the probabilities
+                job.future.set_result(job.served.predictor.probabilities_of(x))

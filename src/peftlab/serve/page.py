@@ -1,4 +1,5 @@
-"""The page at `/`: pick an adapter, paste texts, see labels and probabilities as bars. Self-contained
+"""The page at `/`: pick an adapter, paste texts, see labels and probabilities as bars (a multi-label
+run: the set of labels, and a bar per label with a tick at its threshold). Self-contained
 (no outside resources: the server may be offline); it calls /adapters and /predict with the API key
 typed into it, and writes every server-provided string as text, never as HTML."""
 
@@ -22,6 +23,9 @@ PAGE = """<!doctype html>
   .bar > span { display: block; height: 100%; background: #4a78c2; }
   .top .bar > span { background: #2a9d5c; }
   .value { text-align: right; font-variant-numeric: tabular-nums; }
+  .bar { position: relative; }
+  .bar > i { position: absolute; top: 0; bottom: 0; width: 2px; background: #222; }
+  .labels { margin: 0 0 .4em; font-weight: 600; }
 </style>
 </head>
 <body>
@@ -53,27 +57,41 @@ async function call(path, body) {
   return data;
 }
 
+let served = {};  // adapter name -> its /adapters entry (multi_label, thresholds)
+
 async function loadAdapters() {
   sessionStorage.setItem("peftlab-key", $("key").value.trim());
   try {
     const adapters = await call("adapters");
+    served = Object.fromEntries(adapters.map(a => [a.name, a]));
     $("adapter").replaceChildren(...adapters.map(a =>
-      new Option(`${a.name} (${a.method}: ${a.labels.join(", ")})`, a.name)));
+      new Option(`${a.name} (${a.method}${a.multi_label ? ", multi-label" : ""}: ${a.labels.join(", ")})`, a.name)));
     $("status").textContent = `${adapters.length} adapter(s) served`;
   } catch (e) {
     $("status").textContent = e.message;
   }
 }
 
-function card(text, prediction) {
+function card(text, prediction, adapter) {
+  // single-label: {label, confidence, probabilities}; multi-label: {labels (a set, maybe empty), probabilities}
   const div = el("div", "card");
   div.append(el("p", "text", text));
+  const chosen = new Set(prediction.labels || [prediction.label]);
+  const thresholds = (adapter && adapter.thresholds) || {};
+  if (prediction.labels) div.append(el("p", "labels",
+    prediction.labels.length ? "labels: " + prediction.labels.join(", ") : "no label reaches its threshold"));
   const ranked = Object.entries(prediction.probabilities).sort((a, b) => b[1] - a[1]);
   for (const [name, p] of ranked) {
-    const row = el("div", name === prediction.label ? "row top" : "row");
+    const row = el("div", chosen.has(name) ? "row top" : "row");
     const bar = el("span", "bar"), fill = el("span");
     fill.style.width = (100 * p).toFixed(1) + "%";
     bar.append(fill);
+    if (name in thresholds) {  // where this label's threshold lies
+      const tick = el("i");
+      tick.style.left = (100 * thresholds[name]).toFixed(1) + "%";
+      tick.title = "threshold " + thresholds[name].toFixed(3);
+      bar.append(tick);
+    }
     row.append(el("span", "name", name), bar, el("span", "value", p.toFixed(4)));
     div.append(row);
   }
@@ -88,7 +106,7 @@ $("form").addEventListener("submit", async event => {
   $("status").textContent = "classifying…";
   try {
     const reply = await call("predict", {adapter: $("adapter").value || null, texts});
-    $("results").replaceChildren(...reply.predictions.map((p, i) => card(texts[i], p)));
+    $("results").replaceChildren(...reply.predictions.map((p, i) => card(texts[i], p, served[reply.adapter])));
     $("status").textContent = `${texts.length} text(s) classified by ${reply.adapter}`;
   } catch (e) {
     $("status").textContent = e.message;

@@ -3,8 +3,9 @@
 A group is one model in memory. Runs with the same base model and adapter type (LoRA, or IA3: peft
 holds several adapters of one type on a model, not a mix) are named adapters of one PeftModel, even when
 their label sets differ: every adapter keeps its own classification head (peft's modules_to_save), and a
-head narrower or wider than the group's is taken from a model built for that run's labels. Full
-fine-tuning runs are a group of their own.
+head narrower or wider than the group's is taken from a model built for that run's labels, and
+single-label and multi-label runs mix (the head's logits are the same kind; each run's Predictor turns its
+own into probabilities: softmax, or a sigmoid per label). Full fine-tuning runs are a group of their own.
 """
 from __future__ import annotations
 
@@ -54,8 +55,24 @@ class Served:
         return self.predictor.label_names
 
     def describe(self) -> dict:
+        """The /adapters entry: what the run is, and the rule that turns its probabilities into answers."""
+        p = self.predictor
         return {"name": self.name, "method": self.method, "base_model": self.base, "labels": self.label_names,
-                "model_in_memory": self.group.index}
+                "model_in_memory": self.group.index, **decision_rule(p.label_names, p.multi_label, p.threshold,
+                                                                    p.temperature)}
+
+
+def decision_rule(names: list[str], multi_label: bool, threshold, temperature: float) -> dict:
+    """multi_label; temperature (the logits are divided by it first; 1: none); multi-label: `thresholds`,
+    label -> the probability at which the label is given (0.5 unless the run tuned or fixed them);
+    single-label: `threshold` on the second label's probability (two classes), or None for the most
+    probable label."""
+    if multi_label:
+        values = [0.5] * len(names) if threshold is None else list(threshold)  # the task's default
+        return {"multi_label": True, "temperature": temperature, "threshold": None,
+                "thresholds": {n: float(t) for n, t in zip(names, values)}}
+    return {"multi_label": False, "temperature": temperature,
+            "threshold": None if threshold is None else float(threshold), "thresholds": None}
 
 
 def route_heads_per_row(model: torch.nn.Module) -> None:
@@ -171,7 +188,8 @@ class Registry:
             key = (cfg.model.name, peft_type)
             group = self.groups.get(key)
             if group is None:
-                model = PeftModel.from_pretrained(load_classifier(cfg.model.name, labels), weights, adapter_name=adapter)
+                base = load_classifier(cfg.model.name, labels, multi_label=record.multi_label)
+                model = PeftModel.from_pretrained(base, weights, adapter_name=adapter)
                 if peft_type == "LORA":
                     route_heads_per_row(model)
                 group = self._new_group(key, model.to(self.device).eval(), mixable=peft_type == "LORA")
@@ -190,7 +208,7 @@ class Registry:
                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); retrain the run") from None
         predictor = Predictor(group.model, tokenizer, labels, cfg.data.max_length, self.runtime, adapter=adapter,
                               lock=group.lock, merge_lora=False, temperature=record.temperature,
-                              threshold=record.threshold)
+                              threshold=record.threshold, multi_label=record.multi_label)
         return group, predictor
 
     def _new_group(self, key: tuple, model: torch.nn.Module, mixable: bool) -> Group:
