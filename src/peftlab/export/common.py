@@ -1,5 +1,6 @@
-"""What both export formats share: the run's model as a plain transformers model, a staged output
-directory, and the check against the run's own test predictions (predictions.csv)."""
+"""What both export formats share: the run's model as a plain transformers model carrying the run's
+decision rule, a staged output directory, and the check against the run's own test predictions
+(predictions.csv)."""
 from __future__ import annotations
 
 import contextlib
@@ -14,6 +15,7 @@ import numpy as np
 import torch
 
 from peftlab.errors import UserError
+from peftlab.evaluation.tasks import task_for
 from peftlab.runs.record import RunRecord
 
 # config.json fields that would make a loader expect quantized weights or a peft wrapper
@@ -30,16 +32,43 @@ class Source:
     max_length: int
     metrics: RunRecord
     cache_dir: str | None = None  # the run's tokenization cache
+    separator: str = "|"  # multi-label: joins a label set in predictions.csv (data.label_separator)
     notes: list[str] = field(default_factory=list)
 
     @property
     def pad_id(self) -> int:
         return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
 
+    @property
+    def task(self):
+        return task_for(self.metrics.multi_label)
+
+    def decide(self, logits: np.ndarray) -> np.ndarray:
+        """The run's decisions, as `peftlab predict` makes them: temperature, then threshold(s)."""
+        return self.task.decide(self.task.probabilities(logits, self.metrics.temperature), self.metrics.threshold)
+
     def info(self) -> dict:
+        at = self.metrics.test_at_threshold  # the run's test accuracy under its own decision rule
         return {"run_dir": str(self.run_dir.resolve()), "method": self.metrics.method,
                 "model": self.metrics.model, "label_names": self.label_names, "max_length": self.max_length,
-                "run_test_accuracy": self.metrics.test.accuracy, "notes": self.notes}
+                "multi_label": self.metrics.multi_label, "decision_rule": decision_rule(self.metrics),
+                "run_test_accuracy": (at or self.metrics.test).accuracy, "notes": self.notes}
+
+
+def decision_rule(record: RunRecord) -> dict:
+    """How the run turns logits into answers, written into the exported config.json (`decision_rule`) and
+    export_info.json: pipeline() applies the softmax (sigmoid per label) but knows no temperature or
+    threshold, so a caller who wants the run's own answers applies these."""
+    names, threshold, temperature = record.label_names, record.threshold, record.temperature
+    if record.multi_label:
+        values = [0.5] * len(names) if threshold is None else threshold  # the default rule: 0.5 per label
+        return {"multi_label": True, "temperature": temperature,
+                "thresholds": {n: float(t) for n, t in zip(names, values)},
+                "rule": "labels: every label j with sigmoid(logits[j] / temperature) >= thresholds[label j]"}
+    rule = ("label: the second label when softmax(logits / temperature)[1] >= threshold, else the first"
+            if threshold is not None else "label: argmax(logits)")
+    return {"multi_label": False, "temperature": temperature,
+            "threshold": None if threshold is None else float(threshold), "rule": rule}
 
 
 def check_output(output: str | Path) -> Path:
@@ -101,20 +130,23 @@ def load_source(run_dir: str | Path) -> Source:
             " (the run trained on the unquantized model, so the merge is exact)" if used == "none" else
             f" (the run trained over a {used} base, so probabilities can differ slightly from the run's: see the check)"))
     data = trained.config.data
-    return Source(run_dir, plain_model(model, trained.label_names), trained.tokenizer, trained.label_names,
-                  data.max_length, metrics, data.cache_dir, notes)
+    model = plain_model(model, trained.label_names, metrics.multi_label)
+    model.config.decision_rule = decision_rule(metrics)  # saved in config.json; transformers ignores it
+    return Source(run_dir, model, trained.tokenizer, trained.label_names, data.max_length, metrics,
+                  data.cache_dir, data.label_separator, notes)
 
 
-def plain_model(model: torch.nn.Module, label_names: list[str]) -> torch.nn.Module:
-    """fp32, eval, labels from the run (not whatever the base checkpoint carried: peft #1486), single-label
-    softmax, and no leftover quantization fields in its config."""
+def plain_model(model: torch.nn.Module, label_names: list[str], multi_label: bool = False) -> torch.nn.Module:
+    """fp32, eval, labels from the run (not whatever the base checkpoint carried: peft #1486), the run's
+    problem type, and no leftover quantization fields in its config."""
     model = model.float().eval()
     config = model.config
     config.dtype = torch.float32
     config.num_labels = len(label_names)
     config.id2label = dict(enumerate(label_names))
     config.label2id = {n: i for i, n in enumerate(label_names)}
-    config.problem_type = "single_label_classification"  # so pipeline() applies softmax, as the run did
+    # so pipeline() applies what the run did: a softmax, or a sigmoid per label
+    config.problem_type = "multi_label_classification" if multi_label else "single_label_classification"
     config.architectures = [type(model).__name__]
     for name in _STALE_CONFIG_FIELDS:
         if hasattr(config, name):
@@ -131,8 +163,9 @@ def save_tokenizer(source: Source, directory: Path) -> None:
 @dataclass
 class TestSet:
     texts: list[str]
-    labels: np.ndarray  # label indices
-    probs: np.ndarray   # the run's probabilities, prob_<label> columns in label order
+    labels: np.ndarray     # the true label as written in predictions.csv (multi-label: the set, joined)
+    predicted: np.ndarray  # the run's decision, written the same way
+    probs: np.ndarray      # the run's probabilities (the model's own, no temperature), in label order
 
 
 def test_set(source: Source) -> TestSet | None:
@@ -141,23 +174,34 @@ def test_set(source: Source) -> TestSet | None:
 
     path = source.run_dir / "predictions.csv"
     columns = [f"prob_{n}" for n in source.label_names]
-    try:
-        frame = pd.read_csv(path, dtype={"text": str, "label": str}, keep_default_na=False)
+    try:  # labels as text, and an empty multi-label set as "" (not NaN)
+        frame = pd.read_csv(path, dtype={"text": str, "label": str, "predicted": str}, keep_default_na=False)
     except (OSError, ValueError):
         frame = None
-    if frame is None or not {"text", "label", *columns} <= set(frame.columns):
+    if frame is None or not {"text", "label", "predicted", *columns} <= set(frame.columns):
         source.notes.append(f"no readable {path.name} with prob_* columns: the export was not checked against the run")
         return None
-    index = {str(n): i for i, n in enumerate(source.label_names)}  # the CSV's labels are read as text
-    labels = frame["label"].map(index).fillna(-1).astype(np.int64).to_numpy()
-    return TestSet(frame["text"].tolist(), labels, frame[columns].to_numpy(np.float64))
+    return TestSet(frame["text"].tolist(), frame["label"].to_numpy(str), frame["predicted"].to_numpy(str),
+                   frame[columns].to_numpy(np.float64))
 
 
-def compare(probs: np.ndarray, test: TestSet) -> dict:
-    """How the exported model's probabilities on the run's test rows compare with the run's own."""
+def cells(decided: np.ndarray, names: list[str], separator: str) -> np.ndarray:
+    """Decisions written as predictions.csv writes them: a label, or a label set joined by `separator`."""
+    if decided.ndim == 1:
+        return np.array([str(names[i]) for i in decided], dtype=object).astype(str)
+    return np.array([separator.join(n for n, on in zip(names, row) if on) for row in decided], dtype=object).astype(str)
+
+
+def compare(logits: np.ndarray, test: TestSet, source: Source) -> dict:
+    """How the exported model does on the run's test rows, next to the run's own results: the largest
+    probability difference (softmax, or a sigmoid per label: the model's own, as pipeline() gives them),
+    accuracy (multi-label: subset accuracy, the whole set right) and agreement with the run's
+    decisions, both under the run's decision rule (temperature, threshold(s))."""
+    decided = cells(source.decide(logits), source.label_names, source.separator)
+    probs = source.task.probabilities(logits)
     return {"rows": len(test.texts), "max_abs_diff_vs_run": float(np.abs(probs - test.probs).max()),
-            "accuracy": float((probs.argmax(1) == test.labels).mean()),
-            "agreement_with_run": float((probs.argmax(1) == test.probs.argmax(1)).mean())}
+            "accuracy": float((decided == test.labels).mean()),
+            "agreement_with_run": float((decided == test.predicted).mean())}
 
 
 def encoded(source: Source, texts: list[str]):

@@ -1,5 +1,6 @@
 """`merged`: a plain Hugging Face model folder (adapter folded into the weights, trained head, the run's
-labels, tokenizer) that AutoModelForSequenceClassification and pipeline() load without peft or peftlab."""
+labels, problem type and decision rule, tokenizer) that AutoModelForSequenceClassification and pipeline()
+load without peft or peftlab."""
 from __future__ import annotations
 
 import time
@@ -28,13 +29,10 @@ def reload_checked(directory: Path) -> torch.nn.Module:
     return model.eval()
 
 
-def torch_probabilities(model: torch.nn.Module, source: Source, texts: list[str]):
-    from scipy.special import softmax
-
+def torch_logits(model: torch.nn.Module, source: Source, texts: list[str]):
     from peftlab.evaluation.predict import predict_logits
 
-    logits = predict_logits(model, encoded(source, texts), source.pad_id, torch.device("cpu"))
-    return softmax(logits, axis=1)
+    return predict_logits(model, encoded(source, texts), source.pad_id, torch.device("cpu"))
 
 
 def export_merged(run_dir: str | Path, output: str | Path) -> dict:
@@ -47,7 +45,7 @@ def export_merged(run_dir: str | Path, output: str | Path) -> dict:
         files = sorted(p.name for p in tmp.iterdir())
         model = reload_checked(tmp)
         test = test_set(source)
-        check = None if test is None else compare(torch_probabilities(model, source, test.texts), test)
+        check = None if test is None else compare(torch_logits(model, source, test.texts), test, source)
         info = {"format": "merged", **source.info(), "files": files, "check": check,
                 "seconds": round(time.perf_counter() - start, 2)}
         write_info(tmp, info)

@@ -1,5 +1,7 @@
 """`onnx`: the merged model as one ONNX graph with dynamic batch and sequence axes, for onnxruntime;
-config.json (labels) and the tokenizer beside it; optionally a dynamically quantized int8 copy.
+config.json (labels, problem type, decision rule) and the tokenizer beside it; optionally a dynamically
+quantized int8 copy. The graph's output is the logits: softmax, or a sigmoid per label for a multi-label
+run, is the caller's.
 
 torch.onnx.export's dynamo exporter (torch.export + onnxscript) is the maintained path in torch 2.x;
 the TorchScript one is deprecated and traces Python conditionals on shapes into constants. optimum
@@ -75,11 +77,9 @@ def session(path: Path):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def onnx_probabilities(sess, source: Source, texts: list[str], batch_size: int = 64) -> np.ndarray:
-    """Class probabilities from an onnxruntime session, on the run's own tokenization; batches mix lengths
-    (sorted, padded to the longest), as a real caller's would."""
-    from scipy.special import softmax
-
+def onnx_logits(sess, source: Source, texts: list[str], batch_size: int = 64) -> np.ndarray:
+    """Logits from an onnxruntime session, on the run's own tokenization; batches mix lengths (sorted,
+    padded to the longest), as a real caller's would."""
     from peftlab.data.batching import collate
 
     data = encoded(source, texts)
@@ -93,7 +93,7 @@ def onnx_probabilities(sess, source: Source, texts: list[str], batch_size: int =
         if "token_type_ids" in wanted:  # single texts: segment 0 throughout, as the tokenizer gives
             feed["token_type_ids"] = np.zeros_like(feed["input_ids"])
         logits[index] = sess.run(["logits"], feed)[0]
-    return softmax(logits, axis=1)
+    return logits
 
 
 def quantize_int8(source_path: Path, target: Path) -> None:
@@ -133,13 +133,13 @@ def export_onnx(run_dir: str | Path, output: str | Path, quantize: str | None = 
     source = load_source(run_dir)
     with staged(out) as tmp:
         names = export_graph(source, tmp / MODEL_FILE)
-        source.model.config.save_pretrained(tmp)  # id2label / label2id for whoever reads the outputs
+        source.model.config.save_pretrained(tmp)  # id2label, problem_type, decision_rule for whoever reads the logits
         save_tokenizer(source, tmp)
         export_seconds = time.perf_counter() - start
         opset = next(o.version for o in onnx.load(str(tmp / MODEL_FILE), load_external_data=False).opset_import
                      if o.domain in ("", "ai.onnx"))
         test = test_set(source)
-        check = None if test is None else compare(onnx_probabilities(session(tmp / MODEL_FILE), source, test.texts), test)
+        check = None if test is None else compare(onnx_logits(session(tmp / MODEL_FILE), source, test.texts), test, source)
         info = {"format": "onnx", **source.info(), "file": MODEL_FILE, "inputs": names, "outputs": ["logits"],
                 "dynamic_axes": {"batch": 0, "sequence": 1}, "opset": opset, "check": check,
                 "export_seconds": round(export_seconds, 2)}
@@ -150,7 +150,7 @@ def export_onnx(run_dir: str | Path, output: str | Path, quantize: str | None = 
                             "float_bytes": (tmp / MODEL_FILE).stat().st_size,
                             "quantize_seconds": round(time.perf_counter() - begin, 2),
                             "check": None if test is None else compare(
-                                onnx_probabilities(session(tmp / INT8_FILE), source, test.texts), test)}
+                                onnx_logits(session(tmp / INT8_FILE), source, test.texts), test, source)}
         info["files"] = sorted(p.name for p in tmp.iterdir())
         info["seconds"] = round(time.perf_counter() - start, 2)
         write_info(tmp, info)
