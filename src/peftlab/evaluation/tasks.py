@@ -68,6 +68,14 @@ class SingleLabel:
         return {**{k: m[k] for k in self.detail_keys}, "threshold": threshold, "positive_label": names[1],
                 "tuned_for": tuned_for}
 
+    def rule(self, names: list[str], threshold: Threshold, temperature: float) -> dict:
+        """The decision rule as data (serve's /adapters, export's config.json): temperature first (1: none),
+        then the threshold on the second class's probability, or the argmax when there is none."""
+        text = ("label: the second label when softmax(logits / temperature)[1] >= threshold, else the first"
+                if threshold is not None else "label: argmax(logits)")
+        return {"multi_label": False, "temperature": float(temperature),
+                "threshold": None if threshold is None else float(threshold), "thresholds": None, "rule": text}
+
     def row(self, probs: np.ndarray, decided, names: list[str]) -> dict:
         k = int(decided)
         return {"label": names[k], "confidence": float(probs[k]),
@@ -115,6 +123,13 @@ class MultiLabel:
         m = self.metrics(labels, probs, names, self.decide(probs, threshold))
         return {**{k: m[k] for k in self.detail_keys}, "thresholds": dict(zip(names, map(float, threshold))),
                 "tuned_for": tuned_for}
+
+    def rule(self, names: list[str], threshold: Threshold, temperature: float) -> dict:
+        """The decision rule as data: temperature first, then each label's threshold (0.5 by default)."""
+        values = [0.5] * len(names) if threshold is None else list(threshold)
+        return {"multi_label": True, "temperature": float(temperature), "threshold": None,
+                "thresholds": {n: float(t) for n, t in zip(names, values)},
+                "rule": "labels: every label j with sigmoid(logits[j] / temperature) >= thresholds[label j]"}
 
     def row(self, probs: np.ndarray, decided, names: list[str]) -> dict:
         return {"labels": [n for n, d in zip(names, decided) if d],

@@ -59,16 +59,7 @@ def decision_rule(record: RunRecord) -> dict:
     """How the run turns logits into answers, written into the exported config.json (`decision_rule`) and
     export_info.json: pipeline() applies the softmax (sigmoid per label) but knows no temperature or
     threshold, so a caller who wants the run's own answers applies these."""
-    names, threshold, temperature = record.label_names, record.threshold, record.temperature
-    if record.multi_label:
-        values = [0.5] * len(names) if threshold is None else threshold  # the default rule: 0.5 per label
-        return {"multi_label": True, "temperature": temperature,
-                "thresholds": {n: float(t) for n, t in zip(names, values)},
-                "rule": "labels: every label j with sigmoid(logits[j] / temperature) >= thresholds[label j]"}
-    rule = ("label: the second label when softmax(logits / temperature)[1] >= threshold, else the first"
-            if threshold is not None else "label: argmax(logits)")
-    return {"multi_label": False, "temperature": temperature,
-            "threshold": None if threshold is None else float(threshold), "rule": rule}
+    return task_for(record.multi_label).rule(record.label_names, record.threshold, record.temperature)
 
 
 def check_output(output: str | Path) -> Path:

@@ -58,21 +58,7 @@ class Served:
         """The /adapters entry: what the run is, and the rule that turns its probabilities into answers."""
         p = self.predictor
         return {"name": self.name, "method": self.method, "base_model": self.base, "labels": self.label_names,
-                "model_in_memory": self.group.index, **decision_rule(p.label_names, p.multi_label, p.threshold,
-                                                                    p.temperature)}
-
-
-def decision_rule(names: list[str], multi_label: bool, threshold, temperature: float) -> dict:
-    """multi_label; temperature (the logits are divided by it first; 1: none); multi-label: `thresholds`,
-    label -> the probability at which the label is given (0.5 unless the run tuned or fixed them);
-    single-label: `threshold` on the second label's probability (two classes), or None for the most
-    probable label."""
-    if multi_label:
-        values = [0.5] * len(names) if threshold is None else list(threshold)  # the task's default
-        return {"multi_label": True, "temperature": temperature, "threshold": None,
-                "thresholds": {n: float(t) for n, t in zip(names, values)}}
-    return {"multi_label": False, "temperature": temperature,
-            "threshold": None if threshold is None else float(threshold), "thresholds": None}
+                "model_in_memory": self.group.index, **p.task.rule(p.label_names, p.threshold, p.temperature)}
 
 
 def route_heads_per_row(model: torch.nn.Module) -> None:
