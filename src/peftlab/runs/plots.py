@@ -1,5 +1,8 @@
 """PNG plots of one run directory: training loss, validation per epoch, test confusion matrix, confidence,
-reliability diagram.
+reliability diagram. A multi-label run (a set of labels per text) gets per-label figures instead of the
+class confusion matrix: precision/recall/F1 per label and a 2x2 confusion per label; its confidence and
+reliability plots are over every label decision (label predicted when its probability is >= 0.5, the
+rule of the record's `test` figures), with confidence max(p, 1 - p).
 
 Figures are built with matplotlib's object API (`Figure`, rendered by Agg when saved) rather than
 pyplot, so nothing touches the global backend or pyplot's figure registry: safe in servers, threads
@@ -12,11 +15,14 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import yaml
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from peftlab.evaluation.metrics import ECE_BINS, reliability_bins, softmax
 from peftlab.runs.record import RunRecord
+
+MAX_LABELS_SHOWN = 48  # per-label figures: beyond that, the most frequent labels only
 
 
 def read_history(run_dir: Path) -> list[dict]:
@@ -62,6 +68,10 @@ def draw_confusion(ax, matrix, names: list[str], title: str = "") -> None:
                         color="white" if m[i, j] > threshold else "black")
 
 
+def _nan_or(value) -> float:
+    return np.nan if value is None else value
+
+
 def _new_figure(width: float = 6.4, height: float = 4.0) -> Figure:
     return Figure(figsize=(width, height), layout="constrained")
 
@@ -81,15 +91,19 @@ def _loss_plot(history: list[dict], out: Path) -> Path | None:
     return out
 
 
-def _validation_plot(history: list[dict], out: Path) -> Path | None:
+def _validation_plot(history: list[dict], out: Path, multi_label: bool = False) -> Path | None:
     epochs = [r for r in history if r.get("kind") == "epoch" and isinstance(r.get("validation"), dict)]
     if not epochs:
         return None
     fig = _new_figure()
     ax = fig.subplots()
     x = [r["epoch"] for r in epochs]
-    for key, label in (("accuracy", "accuracy"), ("macro_f1", "macro-F1")):
-        ax.plot(x, [r["validation"].get(key, np.nan) for r in epochs], marker="o", label=label)
+    keys = [("accuracy", "subset accuracy" if multi_label else "accuracy"), ("macro_f1", "macro-F1")]
+    # multi-label: the micro- and samples-F1 too, where history.jsonl holds them
+    keys += [(k, label) for k, label in (("micro_f1", "micro-F1"), ("samples_f1", "samples-F1"))
+             if multi_label and any(r["validation"].get(k) is not None for r in epochs)]
+    for key, label in keys:
+        ax.plot(x, [_nan_or(r["validation"].get(key)) for r in epochs], marker="o", label=label)
     ax.set_xlabel("epoch")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("validation score")
@@ -142,9 +156,13 @@ def _confidence_plot(predictions: pd.DataFrame | None, out: Path) -> Path | None
 
 def _reliability_curve(ax, probs: np.ndarray, labels: np.ndarray, label: str, color: str, offset: float) -> float:
     """Accuracy per confidence bin as bars (shifted by `offset` of a bin width); returns the ECE."""
-    conf, correct = probs.max(axis=1), probs.argmax(axis=1) == labels
+    return _reliability_bars(ax, probs.max(axis=1), probs.argmax(axis=1) == labels, label, color, offset)
+
+
+def _reliability_bars(ax, conf: np.ndarray, correct: np.ndarray, label: str, color: str, offset: float) -> float:
+    """Accuracy per confidence bin of any decisions (confidence, whether right), as bars; returns the ECE."""
     bins = reliability_bins(conf, correct)
-    ece = sum(b["count"] * abs(b["accuracy"] - b["confidence"]) for b in bins if b["count"]) / len(labels)
+    ece = sum(b["count"] * abs(b["accuracy"] - b["confidence"]) for b in bins if b["count"]) / len(conf)
     width = 1.0 / ECE_BINS
     full = [b for b in bins if b["count"]]
     ax.bar([b["lower"] + width * (0.5 + offset) for b in full], [b["accuracy"] for b in full], width=width * 0.45,
@@ -186,6 +204,229 @@ def _reliability_plot(record: RunRecord | None, predictions: pd.DataFrame | None
     return out
 
 
+# ---------------------------------------------------------------- multi-label runs
+
+def is_multi_label(record: RunRecord | None, predictions: pd.DataFrame | None) -> bool:
+    """The record says; without one, a multi-label predictions.csv is the one with label probabilities
+    but no confidence column (a single-label one always has it)."""
+    if record is not None:
+        return bool(record.multi_label)
+    return predictions is not None and "confidence" not in predictions.columns and \
+        any(str(c).startswith("prob_") for c in predictions.columns)
+
+
+def label_separator(run_dir: Path, record: RunRecord | None) -> str:
+    """data.label_separator of the run (its record's config, else its config.yaml; default "|")."""
+    config = (record.config if record is not None else None) or {}
+    if not config:
+        try:
+            config = yaml.safe_load((Path(run_dir) / "config.yaml").read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError):
+            config = {}
+    data = config.get("data") if isinstance(config, dict) else None
+    return str((data if isinstance(data, dict) else {}).get("label_separator") or "|")
+
+
+def label_sets(cells, names: list[str], separator: str) -> np.ndarray:
+    """predictions.csv label-set cells ("a|c", "" for none) as a 0/1 matrix (texts, labels)."""
+    index = {n: j for j, n in enumerate(names)}
+    out = np.zeros((len(cells), len(names)), dtype=np.int64)
+    for i, cell in enumerate(cells):
+        for part in str(cell).split(separator) if str(cell) else []:
+            if part in index:
+                out[i, index[part]] = 1
+    return out
+
+
+def label_decisions(predictions: pd.DataFrame | None, names: list[str], separator: str,
+                    ) -> tuple[np.ndarray, np.ndarray] | None:
+    """(true 0/1 labels, label probabilities), both (texts, labels), from a multi-label predictions.csv;
+    rows with an unreadable probability are left out. None without the columns."""
+    columns = [f"prob_{n}" for n in names]
+    if predictions is None or predictions.empty or not names or not set(columns) <= set(predictions.columns):
+        return None
+    probs = predictions[columns].apply(pd.to_numeric, errors="coerce").to_numpy(float)
+    keep = ~np.isnan(probs).any(axis=1)
+    if not keep.any():
+        return None
+    return label_sets(predictions["label"].to_numpy()[keep], names, separator), probs[keep]
+
+
+def _label_names(record: RunRecord | None, predictions: pd.DataFrame | None) -> list[str]:
+    if record is not None and record.label_names:
+        return list(record.label_names)
+    if predictions is None:
+        return []
+    return [str(c)[len("prob_"):] for c in predictions.columns if str(c).startswith("prob_")]
+
+
+def _label_details(record: RunRecord | None, decisions) -> tuple[dict, dict] | None:
+    """(per label {precision, recall, f1, support}, per label [[tn, fp], [fn, tp]]) at the 0.5 decisions:
+    the record's test figures, else counted from predictions.csv."""
+    if record is not None and record.test is not None and record.test.label_confusion:
+        per_class = {n: s.model_dump() for n, s in record.test.per_class.items()}
+        return per_class, dict(record.test.label_confusion)
+    if decisions is None:
+        return None
+    from peftlab.evaluation.multilabel import multilabel_metrics
+
+    labels, probs, names = decisions
+    m = multilabel_metrics(labels, probs, names)
+    return m["per_class"], m["label_confusion"]
+
+
+def most_frequent(names: list[str], per_class: dict, limit: int = MAX_LABELS_SHOWN) -> tuple[list[str], str]:
+    """The labels a per-label figure shows (in `names` order): all, or the `limit` with the most test
+    support; and the words saying so ("" when all are shown)."""
+    names = [n for n in names if n in per_class]
+    if len(names) <= limit:
+        return names, ""
+    keep = set(sorted(names, key=lambda n: -int(per_class[n].get("support") or 0))[:limit])
+    return [n for n in names if n in keep], f"the {limit} most frequent of {len(names)} labels"
+
+
+def draw_label_scores(ax, per_class: dict, names: list[str], at_threshold: dict | None = None) -> None:
+    """Precision, recall and F1 per label as horizontal bars (one row per label, its support beside its
+    name); with `at_threshold` (label -> scores at the run's thresholds), that F1 as a fourth bar."""
+    names = [n for n in names if n in per_class]
+    y = np.arange(len(names))
+    keys = [("precision", "precision", "tab:blue"), ("recall", "recall", "tab:orange"), ("f1", "F1", "tab:green")]
+    bars = len(keys) + (1 if at_threshold else 0)
+    h = 0.8 / bars
+    for i, (key, label, color) in enumerate(keys):
+        ax.barh(y + (i - (bars - 1) / 2) * h, [per_class[n].get(key, np.nan) for n in names], h, label=label,
+                color=color)
+    if at_threshold:
+        ax.barh(y + (bars - 1) / 2 * h, [(at_threshold.get(n) or {}).get("f1", np.nan) for n in names], h,
+                label="F1 at the run's thresholds", color="tab:purple")
+    ax.set_yticks(y, [f"{n} ({per_class[n].get('support', 0)})" for n in names])
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("test score (label support in brackets)")
+    ax.grid(axis="x", alpha=0.3)
+
+
+def _scores_dump(per_class) -> dict | None:
+    if not per_class:
+        return None
+    return {n: (s.model_dump() if hasattr(s, "model_dump") else dict(s)) for n, s in per_class.items()}
+
+
+def _label_scores_plot(record: RunRecord | None, details, names: list[str], out: Path) -> Path | None:
+    if details is None or not names:
+        return None
+    per_class, _ = details
+    shown, note = most_frequent(names, per_class)
+    if not shown:
+        return None
+    at = record.test_at_threshold if record is not None else None
+    fig = _new_figure(7.0, 1.6 + 0.42 * len(shown))
+    ax = fig.subplots()
+    draw_label_scores(ax, per_class, shown, _scores_dump(at.per_class) if at is not None else None)
+    title = "Test precision, recall, F1 per label (label predicted when p ≥ 0.5)"
+    ax.set_title(title + (f"\n{note}" if note else ""))
+    fig.legend(loc="outside lower center", ncol=4, fontsize=8)
+    fig.savefig(out, dpi=100)
+    return out
+
+
+def _label_confusion_plot(details, names: list[str], out: Path) -> Path | None:
+    """One 2x2 confusion per label (rows true no/yes, columns predicted no/yes), up to MAX_LABELS_SHOWN
+    labels (the most frequent ones beyond that)."""
+    if details is None or not names:
+        return None
+    per_class, confusion = details
+    shown, note = most_frequent([n for n in names if n in confusion], per_class)
+    title = "Test confusion per label (label predicted when p ≥ 0.5)" + (f", {note}" if note else "")
+    if not shown:
+        return None
+    cols = min(len(shown), 4 if len(shown) <= 16 else 6)
+    rows = -(-len(shown) // cols)
+    fig = _new_figure(2.4 * cols + 0.4, 2.3 * rows + 0.6)
+    axes = np.atleast_1d(fig.subplots(rows, cols)).reshape(-1)
+    for ax, name in zip(axes, shown):
+        m = np.asarray(confusion[name], dtype=int)
+        ax.imshow(m, cmap="Blues", vmin=0)
+        ax.set_xticks([0, 1], ["no", "yes"])
+        ax.set_yticks([0, 1], ["no", "yes"])
+        f1 = (per_class.get(name) or {}).get("f1")
+        ax.set_title(name if f1 is None else f"{name} (F1 {f1:.2f})", fontsize=9)
+        for i in range(2):
+            for j in range(2):
+                ax.text(j, i, str(m[i, j]), ha="center", va="center", fontsize=9,
+                        color="white" if m[i, j] > m.max() / 2 else "black")
+    for ax in axes[len(shown):]:
+        ax.set_axis_off()
+    fig.supxlabel("predicted", fontsize=9)
+    fig.supylabel("true", fontsize=9)
+    fig.suptitle(title, fontsize=10)
+    fig.savefig(out, dpi=100)
+    return out
+
+
+def _decision_confidence(labels: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every label decision at 0.5: its confidence max(p, 1 - p) and whether it is right (flattened)."""
+    return np.maximum(probs, 1 - probs).reshape(-1), ((probs >= 0.5) == (labels == 1)).reshape(-1)
+
+
+def _label_confidence_plot(decisions, out: Path) -> Path | None:
+    if decisions is None:
+        return None
+    labels, probs, _ = decisions
+    conf, correct = _decision_confidence(labels, probs)
+    fig = _new_figure()
+    ax = fig.subplots()
+    ax.hist([conf[correct], conf[~correct]], bins=np.linspace(0.5, 1, 11), stacked=True,
+            color=["tab:green", "tab:red"],
+            label=[f"right ({int(correct.sum())})", f"wrong ({int((~correct).sum())})"])
+    ax.set_xlabel("confidence max(p, 1 − p) of each label decision")
+    ax.set_ylabel("label decisions (texts × labels)")
+    ax.set_title("Test confidence of every label decision (label predicted when p ≥ 0.5)", fontsize=10)
+    ax.legend()
+    fig.savefig(out, dpi=100)
+    return out
+
+
+def _label_reliability_plot(record: RunRecord | None, decisions, out: Path) -> Path | None:
+    """Share of right label decisions per confidence bin (max(p, 1 - p), 15 equal-width bins over [0, 1], as
+    the record's ECE), with the calibration temperature's probabilities beside when the run fitted one."""
+    if decisions is None:
+        return None
+    from peftlab.evaluation.multilabel import sigmoid
+
+    labels, probs, _ = decisions
+    fig = _new_figure(5.2, 5.0)
+    ax = fig.subplots()
+    ax.plot([0.5, 1], [0.5, 1], ls="--", color="grey", lw=1, label="perfect calibration")
+    calibration = record.calibration if record is not None else None
+    _reliability_bars(ax, *_decision_confidence(labels, probs), "model", "tab:blue", -0.25 if calibration else 0.0)
+    if calibration is not None:
+        clipped = np.clip(probs, 1e-15, 1 - 1e-15)
+        scaled = sigmoid(np.log(clipped / (1 - clipped)) / calibration.temperature)
+        _reliability_bars(ax, *_decision_confidence(labels, scaled), f"temperature {calibration.temperature:.2f}",
+                          "tab:orange", 0.25)
+    ax.set_xlim(0.45, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("confidence max(p, 1 − p) of each label decision")
+    ax.set_ylabel("share of right decisions")
+    ax.set_title("Test reliability, every label decision\n(label predicted when p ≥ 0.5)", fontsize=10)
+    fig.legend(loc="outside lower center", ncol=2, fontsize=8)  # below the axes: never over a bar
+    fig.savefig(out, dpi=100)
+    return out
+
+
+def _multi_label_plots(run_dir: Path, record: RunRecord | None, predictions: pd.DataFrame | None,
+                       out: Path) -> list[Path | None]:
+    names = _label_names(record, predictions)
+    found = label_decisions(predictions, names, label_separator(run_dir, record))
+    decisions = (*found, names) if found is not None else None
+    details = _label_details(record, decisions)
+    return [_label_scores_plot(record, details, names, out / "label_scores.png"),
+            _label_confusion_plot(details, names, out / "label_confusion.png"),
+            _label_confidence_plot(decisions, out / "confidence.png"),
+            _label_reliability_plot(record, decisions, out / "reliability.png")]
+
+
 def _read_predictions(run_dir: Path) -> pd.DataFrame | None:
     path = run_dir / "predictions.csv"
     if not path.is_file():
@@ -197,7 +438,9 @@ def _read_predictions(run_dir: Path) -> pd.DataFrame | None:
 
 def write_plots(run_dir: Path, record: RunRecord | None = None) -> list[Path]:
     """Write loss.png, validation.png, confusion_matrix.png, confidence.png, reliability.png into run_dir/plots/, from
-    `record` (default: the run's metrics.json), history.jsonl and predictions.csv.
+    `record` (default: the run's metrics.json), history.jsonl and predictions.csv. A multi-label run gets
+    label_scores.png and label_confusion.png instead of confusion_matrix.png, and its confidence.png and
+    reliability.png are over every label decision.
 
     A plot whose data is missing is skipped; the written paths are returned.
     """
@@ -207,11 +450,12 @@ def write_plots(run_dir: Path, record: RunRecord | None = None) -> list[Path]:
     predictions = _read_predictions(run_dir)
     out = run_dir / "plots"
     out.mkdir(parents=True, exist_ok=True)
-    written = [
-        _loss_plot(history, out / "loss.png"),
-        _validation_plot(history, out / "validation.png"),
-        _confusion_plot(record, predictions, out / "confusion_matrix.png"),
-        _confidence_plot(predictions, out / "confidence.png"),
-        _reliability_plot(record, predictions, out / "reliability.png"),
-    ]
+    multi = is_multi_label(record, predictions)
+    written = [_loss_plot(history, out / "loss.png"), _validation_plot(history, out / "validation.png", multi)]
+    if multi:
+        written += _multi_label_plots(run_dir, record, predictions, out)
+    else:
+        written += [_confusion_plot(record, predictions, out / "confusion_matrix.png"),
+                    _confidence_plot(predictions, out / "confidence.png"),
+                    _reliability_plot(record, predictions, out / "reliability.png")]
     return [p for p in written if p is not None]
