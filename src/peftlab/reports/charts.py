@@ -9,7 +9,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from peftlab.reports.collect import Group, Section
-from peftlab.runs.plots import draw_confusion
+from peftlab.runs.plots import draw_confusion, draw_label_scores, most_frequent
 
 MIB = 2**20
 
@@ -55,20 +55,28 @@ def _truncated_note(start: float) -> str:
     return f"; axis starts at {start:.2f}, not 0" if start > 0 else ""
 
 
-def scores_chart(groups: list[Group]) -> Chart:
+SCORES = (("accuracy", "test accuracy"), ("macro_f1", "test macro-F1"))
+MULTI_LABEL_SCORES = (("accuracy", "test subset accuracy"), ("macro_f1", "test macro-F1"),
+                      ("micro_f1", "test micro-F1"), ("samples_f1", "test samples-F1"))
+
+
+def scores_chart(groups: list[Group], multi_label: bool = False) -> Chart:
     fig, ax, y = _barh_figure(groups)
-    h = 0.38
-    for offset, key, label in ((-h / 2, "accuracy", "test accuracy"), (h / 2, "macro_f1", "test macro-F1")):
+    scores = MULTI_LABEL_SCORES if multi_label else SCORES
+    h = 0.76 / len(scores)
+    for i, (key, label) in enumerate(scores):
         stats = [g.stat("test", key) for g in groups]
-        ax.barh(y + offset, [_nan(m) for m, _ in stats], h, label=label, xerr=_clipped(stats, 0.0, 1.0), capsize=3)
-    lows = [g.mean("test", k) for g in groups for k in ("accuracy", "macro_f1")]
+        ax.barh(y + (i - (len(scores) - 1) / 2) * h, [_nan(m) for m, _ in stats], h, label=label,
+                xerr=_clipped(stats, 0.0, 1.0), capsize=3)
+    lows = [g.mean("test", k) for g in groups for k, _ in scores]
     lows = [v for v in lows if v is not None]
     # Zoom in on the range the scores occupy (differences between methods are often small), and say so.
     start = round(max(0.0, min(lows, default=0.0) - 0.05), 2)
     ax.set_xlim(start, 1.0)
     ax.set_xlabel(f"score (error bars: std over seeds, clipped to [0, 1]{_truncated_note(start)})")
-    fig.legend(loc="outside lower center", ncol=2)  # below the axes: never over a bar
-    return Chart("Test metrics by configuration", _png(fig))
+    fig.legend(loc="outside lower center", ncol=len(scores))  # below the axes: never over a bar
+    return Chart("Test metrics by configuration", _png(fig),
+                 "Multi-label: labels predicted when p ≥ 0.5." if multi_label else "")
 
 
 def params_chart(groups: list[Group]) -> Chart:
@@ -100,7 +108,7 @@ def memory_chart(groups: list[Group]) -> Chart:
     return Chart("Peak memory", _png(fig), note)
 
 
-def pareto_chart(groups: list[Group]) -> Chart:
+def pareto_chart(groups: list[Group], multi_label: bool = False) -> Chart:
     fig = Figure(figsize=(7.5, 4.5), layout="constrained")
     ax = fig.subplots()
     pts = [(g.mean("params", "trainable"), g.stat("test", "accuracy"), g) for g in groups]
@@ -116,9 +124,10 @@ def pareto_chart(groups: list[Group]) -> Chart:
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (log scale)")
     bottom = ax.get_ylim()[0]
-    ax.set_ylabel(f"test accuracy{' (axis starts at %.2f, not 0)' % bottom if bottom > 0 else ''}")
+    accuracy = "test subset accuracy" if multi_label else "test accuracy"
+    ax.set_ylabel(f"{accuracy}{' (axis starts at %.2f, not 0)' % bottom if bottom > 0 else ''}")
     ax.grid(alpha=0.3)
-    return Chart("Test accuracy vs trainable parameters", _png(fig),
+    return Chart(f"{accuracy.capitalize()} vs trainable parameters", _png(fig),
                  "Green: on the Pareto front (no other configuration is as accurate with fewer trainable parameters).")
 
 
@@ -143,7 +152,31 @@ def curves_chart(groups: list[Group]) -> Chart | None:
     return Chart("Training loss", _png(fig))
 
 
+def label_scores_chart(report: Section) -> Chart | None:
+    """Multi-label: the best run's test precision, recall and F1 per label (and F1 at its thresholds)."""
+    run = report.best_run
+    test, names = run.metrics.test, run.metrics.get("label_names")
+    if test is None or not test.per_class or not names:
+        return None
+    per_class = {n: s.model_dump() for n, s in test.per_class.items()}
+    at = run.metrics.test_at_threshold
+    at_threshold = {n: s.model_dump() for n, s in at.per_class.items()} if at is not None and at.per_class else None
+    shown, note = most_frequent(names, per_class)
+    if not shown:
+        return None
+    fig = Figure(figsize=(7.5, 1.6 + 0.42 * len(shown)), layout="constrained")
+    draw_label_scores(fig.subplots(), per_class, shown, at_threshold)
+    fig.legend(loc="outside lower center", ncol=4, fontsize=8)
+    return Chart(f"Test precision, recall and F1 per label of the best run by validation ({run.name})", _png(fig),
+                 "Labels predicted when p ≥ 0.5" + (f"; {note}" if note else "")
+                 + ("; the purple bar: F1 at the run's thresholds." if at_threshold else "."))
+
+
 def confusion_chart(report: Section) -> Chart | None:
+    """The best run's test confusion matrix; a multi-label section (a 2x2 confusion per label, no class
+    confusion matrix) shows its per-label scores instead."""
+    if report.multi_label:
+        return label_scores_chart(report)
     run = report.best_run
     matrix, names = run.value("test", "confusion_matrix"), run.metrics.get("label_names")
     if not matrix or not names:
@@ -155,7 +188,7 @@ def confusion_chart(report: Section) -> Chart | None:
 
 
 def all_charts(report: Section) -> list[Chart]:
-    g = report.groups
-    charts = [scores_chart(g), pareto_chart(g), params_chart(g), time_chart(g), memory_chart(g),
+    g, multi = report.groups, report.multi_label
+    charts = [scores_chart(g, multi), pareto_chart(g, multi), params_chart(g), time_chart(g), memory_chart(g),
               curves_chart(g), confusion_chart(report)]
     return [c for c in charts if c is not None]

@@ -87,12 +87,14 @@ class Group:
 
 @dataclass
 class Section:
-    """The runs on one dataset (and label set): scores are only compared within a section."""
+    """The runs on one dataset (and label set), single-label or multi-label: scores are only compared
+    within a section."""
     dataset: str
     groups: list[Group]
     metric: str  # the validation metric used to pick the best
     best: Group
     best_run: Run  # the best group's seed with the best validation metric (for its confusion matrix)
+    multi_label: bool = False  # a set of labels per text: its own figures (subset accuracy, micro-F1, ...)
 
 
 @dataclass
@@ -221,10 +223,15 @@ def mark_pareto(groups: list[Group]) -> None:
         )
 
 
-def selection_metric(groups: list[Group]) -> str:
+SELECTION_METRICS = {"macro_f1", "accuracy"}  # eval.metric values
+MULTI_LABEL_SELECTION_METRICS = SELECTION_METRICS | {"micro_f1", "samples_f1"}
+
+
+def selection_metric(groups: list[Group], multi_label: bool = False) -> str:
     """eval.metric of the runs (they select their best epoch by it); macro_f1 where they disagree."""
     chosen = {str((g.config.get("eval") or {}).get("metric", "macro_f1")) for g in groups}
-    return chosen.pop() if len(chosen) == 1 and chosen <= {"macro_f1", "accuracy"} else "macro_f1"
+    allowed = MULTI_LABEL_SELECTION_METRICS if multi_label else SELECTION_METRICS
+    return chosen.pop() if len(chosen) == 1 and chosen <= allowed else "macro_f1"
 
 
 def pick_best(groups: list[Group], metric: str) -> tuple[Group, Run]:
@@ -236,20 +243,29 @@ def pick_best(groups: list[Group], metric: str) -> tuple[Group, Run]:
     return best, run
 
 
-def dataset_key(run: Run) -> tuple[str, tuple[str, ...]]:
-    return str(run.metrics.dataset), tuple(run.metrics.label_names)
+def dataset_key(run: Run) -> tuple[str, tuple[str, ...], bool]:
+    """Runs are compared only with runs of the same key: dataset, label names, and single- vs multi-label
+    (never ranked together, even on the same dataset: their accuracies mean different things)."""
+    return str(run.metrics.dataset), tuple(run.metrics.label_names), bool(run.metrics.multi_label)
 
 
-def section(dataset: str, runs: list[Run]) -> Section:
+def section(dataset: str, runs: list[Run], multi_label: bool = False) -> Section:
     groups = group_runs(runs)
     mark_pareto(groups)
-    metric = selection_metric(groups)
+    metric = selection_metric(groups, multi_label)
     best, best_run = pick_best(groups, metric)
-    return Section(dataset, groups, metric, best, best_run)
+    return Section(dataset, groups, metric, best, best_run, multi_label)
+
+
+def section_title(dataset: str, labels: tuple[str, ...], multi_label: bool, clash: bool) -> str:
+    """The dataset's name; "(multi-label)" for multi-label runs, and the label names where two sections
+    of the same kind share the dataset's name."""
+    notes = (["multi-label"] if multi_label else []) + ([f"labels {', '.join(labels)}"] if clash else [])
+    return f"{dataset} ({'; '.join(notes)})" if notes else dataset
 
 
 def collect(paths: list[Path]) -> Report:
-    """Every run under `paths`, in one section per dataset and label set."""
+    """Every run under `paths`, in one section per dataset, label set and kind (single- or multi-label)."""
     runs, others = find_runs(paths)
     if not runs:
         where = ", ".join(str(p) for p in paths)
@@ -258,7 +274,7 @@ def collect(paths: list[Path]) -> Report:
     by_dataset: dict[tuple, list[Run]] = {}
     for r in runs:
         by_dataset.setdefault(dataset_key(r), []).append(r)
-    names = [d for d, _ in by_dataset]
-    sections = [section(d if names.count(d) == 1 else f"{d} (labels {', '.join(labels)})", rs)
-                for (d, labels), rs in sorted(by_dataset.items())]
+    kinds = [(d, multi) for d, _, multi in by_dataset]
+    sections = [section(section_title(d, labels, multi, kinds.count((d, multi)) > 1), rs, multi)
+                for (d, labels, multi), rs in sorted(by_dataset.items())]
     return Report(sections, others)
