@@ -14,7 +14,10 @@ from pathlib import Path
 from peftlab.runs.rundir import atomic_write_text
 from peftlab.runs.select import pick_best
 
-METRICS = ("accuracy", "macro_f1")
+# the figures kept per run and summarised per configuration: every run has the first two; multi-label runs
+# (accuracy = subset accuracy) the rest, which a summary of single-label runs leaves out
+METRICS = ("accuracy", "macro_f1", "micro_f1", "samples_f1", "hamming_loss")
+ALWAYS = ("accuracy", "macro_f1")
 SELECTION = "mean validation metric; test figures are reported, never used to choose"
 
 
@@ -26,14 +29,27 @@ def _stat(values: list[float]) -> dict:
             "n": len(values)}
 
 
+def _trim(row: dict) -> dict:
+    """The row without the multi-label figures a single-label run does not have (None)."""
+    out = dict(row)
+    for part in ("validation", "test"):
+        if isinstance(out.get(part), dict):
+            out[part] = {k: v for k, v in out[part].items() if v is not None or k in ALWAYS}
+    return out
+
+
 def summarize(rows: list[dict], metric: str, **meta) -> dict:
     """sweep.json from plain rows, one per run (name, configuration, overrides, teacher, seed, status,
     validation, test, trainable_params, train_seconds, ...): configurations in order of first
     appearance, mean ± std over seeds, and the best by the one selection rule. `meta` (sweep_dir,
     mode, study, seeds, budget, skipped, over_budget_samples) is copied in."""
+    rows = [_trim(r) for r in rows]
     groups: dict[str, list[dict]] = {}
     for r in rows:
         groups.setdefault(r["configuration"], []).append(r)
+    done_rows = [r for r in rows if r["status"] == "completed"]
+    metrics = [k for k in METRICS if k in ALWAYS or k == metric
+               or any((r.get(part) or {}).get(k) is not None for r in done_rows for part in ("validation", "test"))]
     configurations = []
     for name, runs in groups.items():
         done = [r for r in runs if r["status"] == "completed"]
@@ -42,8 +58,8 @@ def summarize(rows: list[dict], metric: str, **meta) -> dict:
             "name": name, "overrides": runs[0].get("overrides", {}), "teacher": bool(runs[0].get("teacher")),
             "runs": [r["name"] for r in runs], "completed": len(done),
             "status": "/".join(sorted({r["status"] for r in runs})),
-            "validation": {k: _stat([r["validation"][k] for r in done]) for k in METRICS},
-            "test": {k: _stat([r["test"][k] for r in done]) for k in METRICS},
+            "validation": {k: _stat([r["validation"].get(k) for r in done]) for k in metrics},
+            "test": {k: _stat([r["test"].get(k) for r in done]) for k in metrics},
             "trainable_params": trainable,
             "train_seconds": _stat([r.get("train_seconds") for r in done]),
         })
@@ -52,8 +68,8 @@ def summarize(rows: list[dict], metric: str, **meta) -> dict:
                   lambda c: c["name"])
     best = None if b is None else {
         "name": b["name"], "selected_by": f"validation {metric} (mean over seeds)",
-        "validation": {k: b["validation"][k]["mean"] for k in METRICS},
-        "test_reported_not_used": {k: b["test"][k]["mean"] for k in METRICS},
+        "validation": {k: b["validation"][k]["mean"] for k in metrics},
+        "test_reported_not_used": {k: b["test"][k]["mean"] for k in metrics},
         "trainable_params": b["trainable_params"]}
     counts: dict[str, int] = {}
     for r in rows:
