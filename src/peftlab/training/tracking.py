@@ -4,9 +4,11 @@ One Trainer callback per backend. What a run logs, under these names in every ba
 
     params                        the resolved config, flattened: data.name, method.r, train.learning_rate, ...
     train/loss, train/lr          at every loss reading (x axis: optimizer step)
-    val/accuracy, val/macro_f1, val/loss, epoch     after each epoch's validation
+    val/accuracy, val/macro_f1, val/loss, epoch     after each epoch's validation (multi-label runs: also
+                                  val/micro_f1, val/samples_f1, val/hamming_loss; accuracy is subset accuracy)
     the final record's numbers    under their metrics.json paths: test.accuracy, validation.macro_f1 (the best
-                                  epoch's), params.trainable, efficiency.train_seconds, best_epoch, ...
+                                  epoch's), params.trainable, efficiency.train_seconds, best_epoch, ...; those a
+                                  run has: test.micro_f1, test.per_class.LABEL.f1, test_at_threshold.thresholds.LABEL
     metrics.json and plots/       as artifacts (MLflow) / run files (W&B)
 
 A sweep adds one tracked run of its own (SweepTracking): the MLflow parent of its trials' runs, the W&B group
@@ -37,6 +39,7 @@ from peftlab.runs.record import RunRecord
 BACKENDS = {"tensorboard": ("torch.utils.tensorboard", "tensorboard"), "mlflow": ("mlflow", "mlflow"),
             "wandb": ("wandb", "wandb")}
 SCORES = ("accuracy", "macro_f1", "loss")  # what on_epoch_end's scores hold besides details
+MULTI_LABEL_SCORES = ("micro_f1", "samples_f1", "hamming_loss")  # and those of a multi-label run
 
 
 class TrackingWarning(UserWarning):
@@ -71,8 +74,9 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def record_figures(record: RunRecord) -> tuple[dict[str, float], dict[str, str]]:
-    """The record's numbers and words, each under its metrics.json path (lists such as the confusion matrix
-    stay in the metrics.json artifact)."""
+    """The record's numbers and words, each under its metrics.json path (lists such as the confusion matrix or
+    a multi-label run's label_confusion stay in the metrics.json artifact; figures a run lacks, None, are left
+    out)."""
     flat = _flatten(record.model_dump(mode="json", exclude={"config", "traceback"}))
     numbers = {k: v for k, v in flat.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     return numbers, {k: v for k, v in flat.items() if isinstance(v, str)}
@@ -275,7 +279,9 @@ class RunTracker:
         self.backend.log({"train/loss": row["loss"], "train/lr": row["lr"]}, row["step"])
 
     def on_epoch_end(self, trainer, epoch: int, scores: dict) -> None:
-        self.backend.log({"epoch": epoch, **{f"val/{k}": scores[k] for k in SCORES}}, trainer.state.step)
+        values = {"epoch": epoch, **{f"val/{k}": scores[k] for k in SCORES},
+                  **{f"val/{k}": scores[k] for k in MULTI_LABEL_SCORES if scores.get(k) is not None}}
+        self.backend.log(values, trainer.state.step)
         self.backend.flush()
 
     def on_finish(self, trainer, record: RunRecord) -> None:
