@@ -20,7 +20,7 @@ def _check_line(name: str, check: dict | None) -> str:
     if check is None:
         return f"  {name:<8} not checked (the run has no predictions.csv)"
     return (f"  {name:<8} test accuracy {check['accuracy']:.4f} on {check['rows']} rows; "
-            f"max |p - run| {check['max_abs_diff_vs_run']:.2e}; same label as the run {check['agreement_with_run']:.2%}")
+            f"max |p - run| {check['max_abs_diff_vs_run']:.2e}; same answer (label or label set) as the run {check['agreement_with_run']:.2%}")
 
 
 def run(args) -> int:
