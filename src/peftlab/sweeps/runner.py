@@ -432,7 +432,7 @@ class Sweep:
             if brief is not None:
                 row["run_dir_host"] = "another worker"
         if brief is not None and brief.get("status") == "completed":
-            row.update(status="completed", validation={k: brief["validation"][k] for k in METRICS},
+            row.update(status="completed", validation={k: brief["validation"].get(k) for k in METRICS},
                        test=brief["test"], trainable_params=brief["params"]["trainable"],
                        trainable_pct=brief["params"]["trainable_pct"], train_seconds=brief["train_seconds"],
                        peak_memory_bytes=brief["peak_memory_bytes"])

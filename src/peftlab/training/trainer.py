@@ -346,7 +346,8 @@ class Trainer:
             st.stale += 1
         st.epoch = epoch + 1
         self.run.append_history({"kind": "epoch", "epoch": epoch + 1, "step": st.step, "train_loss": train_loss,
-                                 "validation": {k: scores[k] for k in SCORE_KEYS}, "seconds": self.epoch_seconds})
+                                 "validation": {k: scores[k] for k in SCORE_KEYS + self.task.metrics_names if k in scores},
+                                 "seconds": self.epoch_seconds})
         self._say(f"epoch {epoch + 1}/{self.schedule.epochs}  train loss {train_loss:.4f}  val loss {scores['loss']:.4f}  "
               f"val acc {scores['accuracy']:.4f}  val macro-F1 {scores['macro_f1']:.4f}  "
               f"{self.epoch_seconds:.1f}s{'  *best' if improved else ''}")
