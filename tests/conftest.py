@@ -64,22 +64,39 @@ def make_rows(n: int, seed: int = 0) -> list[dict]:
     return rows
 
 
+def write_splits(path: Path, make, sizes: tuple[int, int, int]) -> Path:
+    """train/validation/test JSON Lines files of make(n, seed) rows in `path`."""
+    for split, n, seed in zip(("train", "validation", "test"), sizes, (1, 2, 3)):
+        with open(path / f"{split}.jsonl", "w") as f:
+            for row in make(n, seed):
+                f.write(json.dumps(row) + "\n")
+    return path
+
+
+def isolated_module_env(tmp_path_factory, name: str):
+    """For module-scoped fixtures, which run before conftest's function-scoped isolation: a private
+    tokenization cache, the hub offline, and a fresh directory (yielded)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PEFTLAB_CACHE", str(tmp_path_factory.mktemp(f"{name}-tokcache")))
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        yield tmp_path_factory.mktemp(name)
+
+
 @pytest.fixture(scope="session")
 def topic_data_dir(tmp_path_factory) -> Path:
     """A directory with train/validation/test JSON Lines files (string labels)."""
-    path = tmp_path_factory.mktemp("topics")
-    for split, n, seed in (("train", 240, 1), ("validation", 60, 2), ("test", 60, 3)):
-        with open(path / f"{split}.jsonl", "w") as f:
-            for row in make_rows(n, seed):
-                f.write(json.dumps(row) + "\n")
-    return path
+    return write_splits(tmp_path_factory.mktemp("topics"), make_rows, (240, 60, 60))
 
 
 @pytest.fixture
 def tiny_overrides(tiny_model_dir, topic_data_dir) -> list[str]:
     """--set overrides for a fast real run of the tiny model on the topic data."""
-    return [f"model.name={tiny_model_dir}", f"data.path={topic_data_dir}", "data.max_length=48",
-            "train.epochs=2", "train.batch_size=16", "train.learning_rate=0.005", "output.plots=false"]
+    return _tiny_run(tiny_model_dir, topic_data_dir, epochs=2)
+
+
+def _tiny_run(model_dir: Path, data_dir: Path, epochs: int, *extra: str) -> list[str]:
+    return [f"model.name={model_dir}", f"data.path={data_dir}", *extra, "data.max_length=48",
+            f"train.epochs={epochs}", "train.batch_size=16", "train.learning_rate=0.005", "output.plots=false"]
 
 
 def make_label_set_rows(n: int, seed: int = 0) -> list[dict]:
@@ -100,17 +117,10 @@ def make_label_set_rows(n: int, seed: int = 0) -> list[dict]:
 @pytest.fixture(scope="session")
 def label_set_data_dir(tmp_path_factory) -> Path:
     """A directory with multi-label train/validation/test JSON Lines files ("labels": a list per row)."""
-    path = tmp_path_factory.mktemp("label-sets")
-    for split, n, seed in (("train", 300, 1), ("validation", 90, 2), ("test", 90, 3)):
-        with open(path / f"{split}.jsonl", "w") as f:
-            for row in make_label_set_rows(n, seed):
-                f.write(json.dumps(row) + "\n")
-    return path
+    return write_splits(tmp_path_factory.mktemp("label-sets"), make_label_set_rows, (300, 90, 90))
 
 
 @pytest.fixture
 def multi_label_overrides(tiny_model_dir, label_set_data_dir) -> list[str]:
     """--set overrides for a fast real multi-label run of the tiny model."""
-    return [f"model.name={tiny_model_dir}", f"data.path={label_set_data_dir}", "data.multi_label=true",
-            "data.label_column=labels", "data.max_length=48", "train.epochs=3", "train.batch_size=16",
-            "train.learning_rate=0.005", "output.plots=false"]
+    return _tiny_run(tiny_model_dir, label_set_data_dir, 3, "data.multi_label=true", "data.label_column=labels")

@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 from safetensors.numpy import load_file
 
+from conftest import isolated_module_env
 from peftlab.cli import main
 
 METHODS = ["lora", "ia3", "full", "qlora"]
@@ -27,11 +28,7 @@ EXTRA_TEXTS = ["", "soup", " ".join(["goal match team coach"] * 30), " ".join(["
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    # module-scoped work runs before conftest's function-scoped isolation, so isolate it here too
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PEFTLAB_CACHE", str(tmp_path_factory.mktemp("export-tokcache")))
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        yield tmp_path_factory.mktemp("export")
+    yield from isolated_module_env(tmp_path_factory, "export")
 
 
 def cli(*args: str) -> None:

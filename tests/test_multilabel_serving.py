@@ -18,6 +18,7 @@ import pandas as pd
 import pytest
 import torch
 
+from conftest import isolated_module_env
 from peftlab.cli import main
 from tests.test_serve import Browser, _chromium, start
 
@@ -40,11 +41,7 @@ def logit(p):
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    # module-scoped work runs before conftest's function-scoped isolation, so isolate it here too
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PEFTLAB_CACHE", str(tmp_path_factory.mktemp("ml-serving-tokcache")))
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        yield tmp_path_factory.mktemp("ml-serving")
+    yield from isolated_module_env(tmp_path_factory, "ml-serving")
 
 
 def train(out: Path, overrides: list[str]) -> Path:
