@@ -323,7 +323,7 @@ def _label_scores_plot(record: RunRecord | None, details, names: list[str], out:
     fig = _new_figure(7.0, 1.6 + 0.42 * len(shown))
     ax = fig.subplots()
     draw_label_scores(ax, per_class, shown, _scores_dump(at.per_class) if at is not None else None)
-    title = "Test precision, recall, F1 per label (label predicted when p ≥ 0.5)"
+    title = "Test precision, recall, F1 per label\n(label predicted when p ≥ 0.5)"
     ax.set_title(title + (f"\n{note}" if note else ""))
     fig.legend(loc="outside lower center", ncol=4, fontsize=8)
     fig.savefig(out, dpi=100)
@@ -381,7 +381,7 @@ def _label_confidence_plot(decisions, out: Path) -> Path | None:
             label=[f"right ({int(correct.sum())})", f"wrong ({int((~correct).sum())})"])
     ax.set_xlabel("confidence max(p, 1 − p) of each label decision")
     ax.set_ylabel("label decisions (texts × labels)")
-    ax.set_title("Test confidence of every label decision (label predicted when p ≥ 0.5)", fontsize=10)
+    ax.set_title("Test confidence of every label decision\n(label predicted when p ≥ 0.5)", fontsize=10)
     ax.legend()
     fig.savefig(out, dpi=100)
     return out
