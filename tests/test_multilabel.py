@@ -235,3 +235,27 @@ def test_eval_settings_that_do_not_fit_are_one_line(tiny_overrides, multi_label_
     m = _train([*multi_label_overrides, "train.epochs=1", "eval.metric=micro_f1", "eval.threshold=0.3"], tmp_path / "c")
     assert m["test_at_threshold"]["thresholds"] == {"food": 0.3, "sport": 0.3, "tech": 0.3}
     assert m["test_at_threshold"]["tuned_for"] == "fixed" and m["validation"]["micro_f1"] is not None
+
+
+def test_multilabel_distillation_takes_a_multilabel_teacher_only(multi_label_overrides, tiny_overrides,
+                                                                   label_set_data_dir, tmp_path):
+    teacher = tmp_path / "teacher"
+    _train([*multi_label_overrides, "method.name=full", "train.learning_rate=0.003", "train.epochs=3"], teacher)
+    student = _train([*multi_label_overrides, "train.epochs=1", f"distill.teacher={teacher}", "distill.alpha=0.3",
+                      "distill.temperature=2"], tmp_path / "student")
+    assert student["distill"]["teacher"] == str(teacher) and np.isfinite(student["test"]["loss"])
+    from peftlab.cli import main
+
+    # the same label names as a single-label dataset, but one label per text: the teacher does not fit
+    single = tmp_path / "single"
+    single.mkdir()
+    for split in ("train", "validation", "test"):
+        rows = [json.loads(line) for line in (label_set_data_dir / f"{split}.jsonl").read_text().splitlines()]
+        with open(single / f"{split}.jsonl", "w") as f:
+            for i, row in enumerate(rows):
+                f.write(json.dumps({"text": row["text"], "label": ["food", "sport", "tech"][i % 3]}) + "\n")
+    code = main(["train", "--output-dir", str(tmp_path / "bad"), "--set", f"data.path={single}",
+                 *(a for o in multi_label_overrides[:1] + ["train.epochs=1", f"distill.teacher={teacher}"]
+                   for a in ("--set", o))])
+    assert code != 0
+    assert "multi-label run and the student is single-label" in (tmp_path / "bad" / "metrics.json").read_text()

@@ -20,7 +20,7 @@ def distill_loss(student_logits: torch.Tensor, labels: torch.Tensor, teacher_log
 
 
 def teacher_logits(cfg: DistillConfig, texts: list[str], label_names: list[str], runtime: Runtime,
-                   cache_dir: str | None, batch_size: int = 64) -> np.ndarray:
+                   cache_dir: str | None, batch_size: int = 64, multi_label: bool = False) -> np.ndarray:
     """Logits of the teacher run for the training texts (in their order), through the teacher's own
     tokenizer and max_length, computed once per run."""
     from peftlab.runs.trained import load_predictor
@@ -29,6 +29,10 @@ def teacher_logits(cfg: DistillConfig, texts: list[str], label_names: list[str],
     if predictor.label_names != label_names:
         raise UserError(f"distill.teacher {cfg.teacher!r} was trained on labels {predictor.label_names}, "
                         f"the student's are {label_names}: use a teacher trained on the same dataset")
+    if predictor.multi_label != multi_label:
+        kinds = {True: "multi-label", False: "single-label"}
+        raise UserError(f"distill.teacher {cfg.teacher!r} is a {kinds[predictor.multi_label]} run and the student "
+                        f"is {kinds[multi_label]}: use a teacher trained with the same data.multi_label")
     predictor.cache_dir = cache_dir
     logits = predictor.logits(texts)
     del predictor

@@ -173,7 +173,7 @@ class Trainer:
         cached = self.run.checkpoints / "teacher_logits.npy"
         if self.dist.main and not cached.exists():
             logits = teacher_logits(cfg.distill, self.data.train.texts, self.data.label_names, self.runtime,
-                                    cfg.data.cache_dir, cfg.eval.batch_size)
+                                    cfg.data.cache_dir, cfg.eval.batch_size, self.task.multi_label)
             self.run.checkpoints.mkdir(exist_ok=True)
             np.save(cached, logits)
         self.dist.barrier()  # the other ranks read what rank 0 computed
