@@ -92,7 +92,7 @@ def test_teacher_logits_computed_once_and_cached(tmp_path, tiny_overrides, teach
     assert len(calls) == 1  # three epochs, one resume: the teacher ran once
     assert [r["epoch"] for r in run.history() if r["kind"] == "epoch"] == [1, 2, 3]  # resumed after epoch 1
     assert metrics.status == "completed" and metrics.distill.model_dump() == {
-        "teacher": str(teacher_dir), "alpha": 0.3, "temperature": 2.0}
+        "teacher": str(teacher_dir), "alpha": 0.3, "temperature": 2.0, "unlabeled": None, "unlabeled_rows": 0}
     # the cached logits are the teacher's own predictions on the training texts
     from peftlab.data import load_data
     from peftlab.training.distill import teacher_logits
@@ -144,3 +144,53 @@ def test_sweep_trains_its_teacher_first_and_students_use_it(tmp_path, tiny_overr
 def test_train_cli_rejects_a_missing_teacher(tmp_path, tiny_overrides):
     args = sum((["--set", s] for s in tiny_overrides + [f"distill.teacher={tmp_path / 'none'}"]), [])
     assert main(["train", *args, "--output-dir", str(tmp_path / "s"), "--no-progress"]) == 2
+
+
+# --- distill.unlabeled: texts only the teacher labels ------------------------------------------
+
+@pytest.mark.parametrize("multi_label", [False, True])
+@pytest.mark.parametrize("kind,smoothing,weighted", [("cross_entropy", 0.0, False), ("cross_entropy", 0.1, True),
+                                                     ("focal", 0.0, True), ("focal", 0.1, False)])
+def test_masked_loss_is_the_loss_of_the_labelled_rows(multi_label, kind, smoothing, weighted):
+    from peftlab.training.losses import UNLABELED, hard_label_loss, label_set_loss, masked_hard_loss
+
+    torch.manual_seed(0)
+    logits = torch.randn(10, 3)
+    labels = (torch.rand(10, 3) > 0.5).long() if multi_label else torch.randint(0, 3, (10,))
+    weight = torch.tensor([0.5, 2.0, 1.5]) if weighted else None
+    plain = label_set_loss if multi_label else hard_label_loss
+    args = (weight, kind, 2.0, smoothing)
+    assert torch.allclose(masked_hard_loss(logits, labels, *args, multi_label), plain(logits, labels, *args), atol=1e-6)
+    marked = labels.clone()
+    marked[3:7] = UNLABELED  # rows 3..6 have no label: the loss is that of the others
+    keep = torch.tensor([i not in range(3, 7) for i in range(10)])
+    assert torch.allclose(masked_hard_loss(logits, marked, *args, multi_label), plain(logits[keep], labels[keep], *args),
+                          atol=1e-6)
+    none = torch.full_like(labels, UNLABELED)
+    assert masked_hard_loss(logits, none, *args, multi_label).item() == 0.0  # a batch of unlabelled texts only
+
+
+def test_unlabeled_texts_are_labelled_by_the_teacher(tmp_path, tiny_overrides, teacher_dir, topic_data_dir):
+    from conftest import make_rows
+
+    test_texts = [json.loads(line)["text"] for line in (topic_data_dir / "test.jsonl").read_text().splitlines()]
+    extra = [r["text"] for r in make_rows(100, seed=9)]
+    unlabeled = tmp_path / "unlabeled.csv"
+    import pandas as pd
+
+    pd.DataFrame({"text": extra + test_texts[:5] + extra[:3]}).to_csv(unlabeled, index=False)
+    out = tmp_path / "student"
+    code = main(["train", "--output-dir", str(out), *(a for o in tiny_overrides + [
+        "method.name=lora", f"distill.teacher={teacher_dir}", "distill.alpha=0.5", f"distill.unlabeled={unlabeled}"]
+        for a in ("--set", o))])
+    assert code == 0
+    m = json.loads((out / "metrics.json").read_text())
+    kept = len(set(extra) - set(test_texts))
+    assert m["distill"]["unlabeled_rows"] == kept and m["distill"]["unlabeled"] == str(unlabeled)
+    assert m["split_sizes"]["train"] == 240  # the labelled rows; the unlabelled ones come on top
+    assert m["efficiency"]["optimizer_steps"] == 2 * math.ceil((240 + kept) / 16)
+    with pytest.raises(UserError, match="distill.unlabeled needs distill.teacher"):
+        load_config(None, [f"distill.unlabeled={unlabeled}"])
+    code = main(["train", "--output-dir", str(tmp_path / "missing"), *(a for o in tiny_overrides + [
+        f"distill.teacher={teacher_dir}", f"distill.unlabeled={tmp_path / 'nope.csv'}"] for a in ("--set", o))])
+    assert code == 2

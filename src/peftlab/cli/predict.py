@@ -21,18 +21,6 @@ def add_parser(sub):
     return p
 
 
-def read_texts(path: str, text_columns: list[str]) -> list[str]:
-    from peftlab.data.sources import read_table
-
-    frame = read_table(Path(path), keep_blank_rows=True)  # one output row per input row, blank ones too
-    columns = ["text"] if "text" in frame.columns else text_columns
-    missing = [c for c in columns if c not in frame.columns]
-    if missing:
-        raise UserError(f"--input {path!r}: no column {missing[0]!r} (columns: {', '.join(map(str, frame.columns))}); "
-                        f"name the text column 'text' or {' + '.join(text_columns)}")
-    return frame[columns].fillna("").astype(str).agg(" ".join, axis=1).tolist()
-
-
 def write_rows(path: str | None, texts: list[str], rows: list[dict], names: list[str], separator: str = "|") -> None:
     """JSON Lines (stdout when no path), or CSV when the path ends in .csv: text, then every field of the
     rows but the probabilities (single-label: label, confidence; multi-label: labels, the set joined by
@@ -56,6 +44,7 @@ def write_rows(path: str | None, texts: list[str], rows: list[dict], names: list
 
 
 def run(args) -> int:
+    from peftlab.data.sources import read_texts
     from peftlab.runs.trained import load_predictor
 
     if not args.text and not args.input:
@@ -65,7 +54,7 @@ def run(args) -> int:
     predictor = load_predictor(args.run_dir, batch_size=args.batch_size)
     data = RunDir(args.run_dir).config().data
     # undecodable command-line bytes become U+FFFD, here and in every output format
-    texts = [valid_text(t) for t in args.text] + (read_texts(args.input, data.text_columns) if args.input else [])
+    texts = [valid_text(t) for t in args.text] + (read_texts(args.input, data.text_columns, "--input") if args.input else [])
     rows = predictor.predict(texts, progress=len(texts) > 1000)
     write_rows(args.output, texts, rows, predictor.label_names, data.label_separator)
     if args.output:

@@ -151,6 +151,16 @@ class DistillConfig(Section):
     teacher: str | None = Field(None, description="a run directory (or model) whose logits teach the student")
     alpha: float = Field(0.5, ge=0, le=1, description="weight of the hard-label loss; 1 - alpha goes to the teacher")
     temperature: float = Field(2.0, gt=0)
+    unlabeled: str | None = Field(None, description="a file of texts without labels (CSV, TSV, JSON Lines, Parquet; "
+                                                    "column 'text' or data.text_columns): the teacher labels them and "
+                                                    "the student learns from them too, by the teacher's part of the "
+                                                    "loss only. Texts also in the data's splits are dropped")
+
+    @model_validator(mode="after")
+    def _unlabeled_needs_teacher(self) -> "DistillConfig":
+        if self.unlabeled and not self.teacher:
+            raise ValueError("distill.unlabeled needs distill.teacher: only a teacher can label those texts")
+        return self
 
 
 class BudgetConfig(Section):

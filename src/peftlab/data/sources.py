@@ -264,6 +264,18 @@ def read_table(path: Path, keep_blank_rows: bool = False) -> pd.DataFrame:
     return frame
 
 
+def read_texts(path: str, text_columns: list[str], what: str) -> list[str]:
+    """The texts of a file without labels (`peftlab predict --input`, distill.unlabeled): its 'text' column,
+    else data.text_columns joined with a space; one text per row, blank rows included."""
+    frame = read_table(Path(path), keep_blank_rows=True)
+    columns = ["text"] if "text" in frame.columns else text_columns
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise UserError(f"{what} {path!r}: no column {missing[0]!r} (columns: {', '.join(map(str, frame.columns))}); "
+                        f"name the text column 'text' or {' + '.join(text_columns)}")
+    return frame[columns].fillna("").astype(str).agg(" ".join, axis=1).tolist()
+
+
 def _read_jsonl(path: Path) -> pd.DataFrame:
     # A json.loads loop is ~3x faster than pandas.read_json(lines=True) here, and knows the failing line.
     opener = gzip.open if path.name.lower().endswith(".gz") else open

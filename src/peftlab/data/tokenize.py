@@ -28,6 +28,14 @@ class Encoded:
     def sequence(self, i: int) -> np.ndarray:
         return self.ids[self.offsets[i]:self.offsets[i + 1]]
 
+    @staticmethod
+    def join(parts: list["Encoded"]) -> "Encoded":
+        """The parts one after another (ids, offsets and labels)."""
+        starts = np.concatenate([[0], np.cumsum([len(part.ids) for part in parts])])
+        return Encoded(np.concatenate([part.ids for part in parts]),
+                       np.concatenate([[0]] + [part.offsets[1:] + start for part, start in zip(parts, starts)]),
+                       np.concatenate([part.labels for part in parts]))
+
     def subset(self, index: np.ndarray) -> "Encoded":
         seqs = [self.sequence(i) for i in index]
         offsets = np.zeros(len(seqs) + 1, dtype=np.int64)

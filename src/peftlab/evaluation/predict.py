@@ -130,10 +130,7 @@ def logits_together(predictors: list[Predictor], parts: list[Encoded]) -> list[n
     first = predictors[0]
     assert all(p.model is first.model and p.lock is first.lock for p in predictors), "one shared model"
     sizes = [len(part) for part in parts]
-    offsets = np.concatenate([[0], np.cumsum([len(part.ids) for part in parts])])
-    data = Encoded(np.concatenate([part.ids for part in parts]),
-                   np.concatenate([[0]] + [part.offsets[1:] + start for part, start in zip(parts, offsets)]),
-                   np.zeros(sum(sizes), np.int64))
+    data = Encoded.join(parts)
     mixed = len({p.adapter for p in predictors}) > 1
     names = [p.adapter for p, n in zip(predictors, sizes) for _ in range(n)] if mixed else None
     width = max(len(p.label_names) for p in predictors)

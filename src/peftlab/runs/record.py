@@ -107,6 +107,8 @@ class Distillation(Record):
     teacher: str
     alpha: float
     temperature: float
+    unlabeled: str | None = None  # distill.unlabeled: a file of texts only the teacher labelled
+    unlabeled_rows: int = 0  # how many of its texts the student trained on
 
 
 class AtThreshold(Scores):

@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from peftlab.config.schema import TrainConfig
 from peftlab.errors import UserError
 
+UNLABELED = -100  # the label of a text only the teacher labels (distill.unlabeled): no hard-label loss
+
 
 def class_weights(setting: str | dict[str, float], labels: np.ndarray, names: list[str],
                   multi_label: bool = False) -> torch.Tensor | None:
@@ -75,10 +77,39 @@ def soft_target_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: 
     return temperature ** 2 * soft
 
 
+def masked_hard_loss(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None, kind: str,
+                     gamma: float, smoothing: float, multi_label: bool) -> torch.Tensor:
+    """The hard-label loss over the rows that have a label (not UNLABELED), with the same weighting as
+    hard_label_loss / label_set_loss; 0 for a batch with none. No host sync: the mask stays on the device."""
+    logits = logits.float()
+    labelled = (labels[:, 0] if multi_label else labels) != UNLABELED
+    safe = labels.clamp_min(0)
+    if multi_label:
+        target = safe.float() * (1 - smoothing) + smoothing / 2 if smoothing else safe.float()
+        per = F.binary_cross_entropy_with_logits(logits, target, pos_weight=weight, reduction="none")
+        if kind == "focal":
+            p = torch.sigmoid(logits)
+            per = (1 - (p * target + (1 - p) * (1 - target))) ** gamma * per
+        per, row_weight = per.mean(dim=1), torch.ones_like(logits[:, 0])
+    else:
+        per = F.cross_entropy(logits, safe, weight=weight if kind == "cross_entropy" else None, reduction="none",
+                              label_smoothing=smoothing)
+        row_weight = weight[safe] if weight is not None else torch.ones_like(per)
+        if kind == "focal":
+            p_true = F.log_softmax(logits, dim=-1).gather(1, safe[:, None]).squeeze(1).exp()
+            per = (1 - p_true) ** gamma * per * row_weight
+    mask = labelled.float()
+    return (per * mask).sum() / (row_weight * mask).sum().clamp_min(1e-12)
+
+
 def hard_loss(tc: TrainConfig, multi_label: bool, train_labels: np.ndarray, names: list[str],
-              device: torch.device) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """loss(logits, labels) for train.* on this data."""
+              device: torch.device, unlabeled: bool = False) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """loss(logits, labels) for train.* on this data (`train_labels`: the labelled rows). `unlabeled`: some
+    training rows are UNLABELED (distill.unlabeled), and the loss skips them."""
     weight = class_weights(tc.class_weights, train_labels, names, multi_label)
     weight = weight.to(device) if weight is not None else None
+    if unlabeled:
+        return lambda logits, labels: masked_hard_loss(logits, labels, weight, tc.loss, tc.focal_gamma,
+                                                       tc.label_smoothing, multi_label)
     loss = label_set_loss if multi_label else hard_label_loss
     return lambda logits, labels: loss(logits, labels, weight, tc.loss, tc.focal_gamma, tc.label_smoothing)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -24,7 +25,7 @@ from transformers import get_linear_schedule_with_warmup
 from peftlab import runtime as rt
 from peftlab.config import Config, save_config
 from peftlab.data import load_data
-from peftlab.data.sources import split_seed
+from peftlab.data.sources import read_texts, split_seed
 from peftlab.data.batching import batch_order, collate, pad_multiple, to_device
 from peftlab.data.tokenize import Encoded, encode
 from peftlab.errors import UserError
@@ -39,7 +40,7 @@ from peftlab.runs.record import RunRecord
 from peftlab.runs.rundir import RunDir, RunView
 from peftlab.training import distributed
 from peftlab.training.distill import teacher_logits
-from peftlab.training.losses import hard_loss, soft_target_loss
+from peftlab.training.losses import UNLABELED, hard_loss, soft_target_loss
 
 SPLITS = ("train", "validation", "test")
 SCORE_KEYS = ("accuracy", "macro_f1", "loss")
@@ -150,10 +151,34 @@ class Trainer:
         self.encoded: dict[str, Encoded] = {
             s: encode(self.tokenizer, getattr(self.data, s).texts, getattr(self.data, s).labels,
                       cfg.data.max_length, cfg.data.cache_dir) for s in SPLITS}
+        self.unlabeled = self._unlabeled_texts()
+        self.train_texts = self.data.train.texts + self.unlabeled  # what the teacher labels
+        if self.unlabeled:  # after the labelled rows, labelled UNLABELED: the hard-label loss skips them
+            marks = np.full((len(self.unlabeled), *self.data.train.labels.shape[1:]), UNLABELED, dtype=np.int64)
+            self.encoded["train"] = Encoded.join([self.encoded["train"], encode(
+                self.tokenizer, self.unlabeled, marks, cfg.data.max_length, cfg.data.cache_dir)])
+
+    def _unlabeled_texts(self) -> list[str]:
+        """distill.unlabeled: its texts, without blanks, repeats, and texts of the data's own splits."""
+        path = self.cfg.distill.unlabeled
+        if not path:
+            return []
+        if not Path(path).is_file():
+            raise UserError(f"distill.unlabeled {path!r}: no such file; give a CSV, TSV, JSON Lines or Parquet file of texts")
+        texts = read_texts(path, self.cfg.data.text_columns, "distill.unlabeled")
+        known = {t for split in SPLITS for t in getattr(self.data, split).texts}
+        kept = list(dict.fromkeys(t for t in texts if t.strip() and t not in known))
+        dropped = sum(1 for t in texts if t in known)
+        self._say(f"distill.unlabeled: {len(kept):,} texts for the teacher to label"
+                  + (f" ({dropped:,} also in the data's splits dropped)" if dropped else ""))
+        if not kept:
+            raise UserError(f"distill.unlabeled {path!r}: no text left (blank, repeated, or in the data's splits); "
+                            "give texts the data does not hold")
+        return kept
 
     def _setup_loss(self) -> None:
-        self.hard_loss = hard_loss(self.cfg.train, self.task.multi_label, self.encoded["train"].labels,
-                                   self.data.label_names, self.runtime.device)
+        self.hard_loss = hard_loss(self.cfg.train, self.task.multi_label, self.data.train.labels,
+                                   self.data.label_names, self.runtime.device, unlabeled=bool(self.unlabeled))
 
     def _setup_model(self) -> None:
         self.built = build_model(self.cfg, self.data.label_names, self.runtime.device, self.task.multi_label)
@@ -172,7 +197,7 @@ class Trainer:
             return
         cached = self.run.checkpoints / "teacher_logits.npy"
         if self.dist.main and not cached.exists():
-            logits = teacher_logits(cfg.distill, self.data.train.texts, self.data.label_names, self.runtime,
+            logits = teacher_logits(cfg.distill, self.train_texts, self.data.label_names, self.runtime,
                                     cfg.data.cache_dir, cfg.eval.batch_size, self.task.multi_label)
             self.run.checkpoints.mkdir(exist_ok=True)
             np.save(cached, logits)
@@ -438,7 +463,7 @@ class Trainer:
             status="completed", method=cfg.method.name, model=cfg.model.name, dataset=self.data.name,
             run_dir=str(self.run.path), config=cfg.model_dump(mode="json"), label_names=self.data.label_names,
             multi_label=self.task.multi_label,
-            split_sizes={s: len(self.encoded[s]) for s in SPLITS}, split_sources=self.data.split_sources,
+            split_sizes={s: len(getattr(self.data, s)) for s in SPLITS}, split_sources=self.data.split_sources,
             overlap_with_train=self.data.overlap,
             params={**self.params, "adapter_bytes": adapter_bytes}, best_epoch=st.best_epoch,
             validation=validation, test=test, baseline=st.baseline,
@@ -450,8 +475,9 @@ class Trainer:
                 "precision": self.runtime.precision, "optimizer_steps": st.step, "world_size": self.dist.world_size,
                 "wall_seconds": round(time.time() - self.started, 3)},
             quantization=self.built.quantization,
-            distill=({"teacher": cfg.distill.teacher, "alpha": cfg.distill.alpha,
-                      "temperature": cfg.distill.temperature} if cfg.distill.teacher else None),
+            distill=({"teacher": cfg.distill.teacher, "alpha": cfg.distill.alpha, "temperature": cfg.distill.temperature,
+                      "unlabeled": cfg.distill.unlabeled, "unlabeled_rows": len(self.unlabeled)}
+                     if cfg.distill.teacher else None),
             precision_retry=st.precision_retry, **(decision or {}))
 
     def _finish_pruned(self) -> RunRecord:
