@@ -15,8 +15,8 @@ BASE = ["data.path=../shared/data/ag_news/test.jsonl.gz", "data.test_fraction=0.
 
 
 def main(out: str) -> None:
-    labelled = set(load_data(load_config(None, BASE + ["data.max_train_samples=600"]).data, 0).train.texts)
-    pool = load_data(load_config(None, BASE + ["data.max_train_samples=2400"]).data, 0).train.texts
+    labelled = set(load_data(load_config(None, BASE + ["data.max_train_samples=600"]).data, 1).train.texts)
+    pool = load_data(load_config(None, BASE + ["data.max_train_samples=2400"]).data, 1).train.texts
     extra = [t for t in pool if t not in labelled]
     with open(out, "w", encoding="utf-8") as f:
         f.writelines(json.dumps({"text": t}) + "\n" for t in extra)

@@ -405,3 +405,9 @@ def test_read_table_is_usable_on_its_own(tmp_path):
     assert sources.read_table(path).columns.tolist() == ["title", "description", "label", "label_id"]
     with pytest.raises(UserError, match="no such file; check the path"):
         sources.read_table(tmp_path / "missing.csv")
+
+
+def test_data_seed_wins_over_the_seed_passed():
+    fixed = lambda seed: load_data(cfg(max_train_samples=100, max_eval_samples=50, seed=5), seed)  # noqa: E731
+    assert fixed(1).train.texts == fixed(2).train.texts == load_data(cfg(max_train_samples=100, max_eval_samples=50), 5).train.texts
+    assert fixed(1).test.texts == load_data(cfg(max_train_samples=100, max_eval_samples=50), 5).test.texts

@@ -71,7 +71,9 @@ def split_seed(cfg: DataConfig, train_seed: int) -> int:
 
 
 def load_data(cfg: DataConfig, seed: int) -> LoadedData:
-    """Read the configured data and return checked train/validation/test splits (deterministic given seed)."""
+    """Read the configured data and return checked train/validation/test splits, deterministic given the
+    seed of the carved splits and subsets: data.seed when set, else `seed` (the training seed)."""
+    seed = split_seed(cfg, seed)
     if cfg.path:
         raw = _read_path(cfg.path, cfg)
     elif cfg.name and cfg.name.lower() == BUILTIN:

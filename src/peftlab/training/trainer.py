@@ -25,7 +25,7 @@ from transformers import get_linear_schedule_with_warmup
 from peftlab import runtime as rt
 from peftlab.config import Config, save_config
 from peftlab.data import load_data
-from peftlab.data.sources import read_texts, split_seed
+from peftlab.data.sources import read_texts
 from peftlab.data.batching import batch_order, collate, pad_multiple, to_device
 from peftlab.data.tokenize import Encoded, encode
 from peftlab.errors import UserError
@@ -144,7 +144,7 @@ class Trainer:
     def _setup_data(self) -> None:
         cfg = self.cfg
         self.tokenizer = load_tokenizer(cfg.model.name, cfg.model.tokenizer)  # first: a wrong name fails fast
-        self.data = load_data(cfg.data, split_seed(cfg.data, cfg.train.seed))
+        self.data = load_data(cfg.data, cfg.train.seed)  # data.seed, when set, picks the splits
         self.task = task_for(self.data.multi_label)
         check_max_length(model_config(cfg.model.name, self.data.label_names), cfg.data.max_length, cfg.model.name)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
