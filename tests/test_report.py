@@ -10,7 +10,7 @@ from pathlib import Path
 import matplotlib.image
 import pytest
 
-from conftest_report_helpers import LABELS, make_run, make_study
+from conftest_report_helpers import make_run, make_study
 from peftlab.errors import UserError
 from peftlab.reports import build_report
 from peftlab.reports.collect import collect
