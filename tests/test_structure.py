@@ -3,6 +3,9 @@ included), data flowing one way through the folders, and a training recipe made 
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -21,8 +24,8 @@ LAYERS = [
     {"reports", "sweeps", "serve", "export", "bench"},
     {"cli", "api", "__main__", ""},
 ]
-# the config validates method.name against the registry, which depends on nothing of peftlab's
-ALLOWED = {("peftlab.config.load", "peftlab.models.methods.registry")}
+# no exceptions: config validates method.name through config/choices.py, which the methods fill
+ALLOWED: set[tuple[str, str]] = set()
 
 
 def _modules() -> dict[str, object]:
@@ -94,3 +97,17 @@ def test_training_functions_are_small():
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
                 long.append(f"{path.name}:{node.name} ({node.end_lineno - node.lineno + 1} lines)")
     assert not long, long
+
+
+def test_config_imports_nothing_above_it_and_still_knows_the_methods():
+    """config/ reaches no later folder, and a fresh interpreter that imports only peftlab.config still
+    rejects an unknown method.name (the package root wires the methods' names into config/choices.py)."""
+    graph = _graph()
+    up = sorted(f"{m} imports {d}" for m, deps in graph.items() if _folder(m) == "config"
+                for d in deps if _folder(d) not in {"config", "errors"})
+    assert not up, up
+    code = ("from peftlab.config import load_config\nfrom peftlab.errors import UserError\n"
+            "try:\n    load_config(None, ['method.name=nope'])\nexcept UserError as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ,
+                         "PYTHONPATH": str(SRC)}, check=True).stdout
+    assert "unknown method.name 'nope' (allowed: " in out and "lora" in out

@@ -6,6 +6,7 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Callable
 
+from peftlab.config.choices import register_choices
 from peftlab.errors import UserError
 
 
@@ -62,6 +63,9 @@ def find(name: str) -> Method | None:
     """The method, or None for a name this version does not know (e.g. in an old or foreign run)."""
     _load_all()
     return _METHODS.get(name)
+
+
+register_choices("method.name", names)  # config validates method.name against these
 
 
 def get(name: str) -> Method:
