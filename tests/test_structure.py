@@ -12,11 +12,12 @@ import pytest
 from tests.conftest import REPO
 
 SRC = REPO / "src"
-# each folder may import only from folders before it (and from itself): config -> data + models ->
-# evaluation -> runs -> training -> report / sweep / serve / export / bench -> cli / api
+# each folder may import only from folders before it (and from itself): config -> tasks -> data + models
+# -> evaluation -> runs -> training -> report / sweep / serve / export / bench -> cli / api
 LAYERS = [
     {"errors", "hub", "runtime"},
     {"config"},
+    {"tasks"},
     {"data", "models"},
     {"evaluation"},
     {"runs"},

@@ -8,6 +8,7 @@ import torch
 from peftlab.config.schema import Config
 from peftlab.models.loading import load_classifier
 from peftlab.models.methods import registry
+from peftlab.tasks import SINGLE_LABEL, Task
 
 
 @dataclass
@@ -17,12 +18,12 @@ class BuiltModel:
     quantization: dict
 
 
-def build_model(cfg: Config, label_names: list[str], device: torch.device, multi_label: bool = False) -> BuiltModel:
+def build_model(cfg: Config, label_names: list[str], device: torch.device, task: Task = SINGLE_LABEL) -> BuiltModel:
     method = registry.get(cfg.method.name)
     extra, quantization = method.load_kwargs(cfg.method, device)
     if extra:
         extra = {**extra, "device_map": {"": device.index or 0}}
-    model = load_classifier(cfg.model.name, label_names, extra, multi_label)
+    model = load_classifier(cfg.model.name, label_names, extra, task)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # without this, a frozen embedding gives "element 0 of tensors does not require grad" (peft #137)

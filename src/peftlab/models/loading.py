@@ -9,6 +9,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 
 from peftlab.errors import UserError
 from peftlab.hub import hub_unreachable
+from peftlab.tasks import SINGLE_LABEL, Task
 
 # Random-weight shapes: for speed and memory measurements only, never accuracy.
 RANDOM_SHAPES = {
@@ -77,12 +78,12 @@ def load_tokenizer(model_name: str, tokenizer_name: str | None = None):
         raise _not_found("tokenizer", name, e) from None
 
 
-def model_config(model_name: str, label_names: list[str], multi_label: bool = False):
-    """The transformers config with our labels, without loading weights (multi-label: problem_type says
-    so, and pipeline() then applies a sigmoid per label)."""
+def model_config(model_name: str, label_names: list[str], task: Task = SINGLE_LABEL):
+    """The transformers config with our labels, without loading weights (problem_type: the task's, so that
+    pipeline() applies its softmax, or a sigmoid per label)."""
     labels = dict(num_labels=len(label_names), id2label=dict(enumerate(label_names)),
                   label2id={n: i for i, n in enumerate(label_names)},
-                  problem_type="multi_label_classification" if multi_label else "single_label_classification")
+                  problem_type=task.problem_type)
     if is_random(model_name):
         shape = model_name.split(":", 1)[1]
         if shape not in RANDOM_SHAPES:
@@ -96,10 +97,10 @@ def model_config(model_name: str, label_names: list[str], multi_label: bool = Fa
 
 
 def load_classifier(model_name: str, label_names: list[str], extra_kwargs: dict | None = None,
-                    multi_label: bool = False):
+                    task: Task = SINGLE_LABEL):
     """AutoModelForSequenceClassification with a fresh head sized to our labels."""
     _quiet_transformers()
-    config = model_config(model_name, label_names, multi_label)
+    config = model_config(model_name, label_names, task)
     if is_random(model_name):
         return AutoModelForSequenceClassification.from_config(config)
     try:

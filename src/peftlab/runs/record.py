@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
+from peftlab import tasks
 from peftlab.errors import UserError
 
 Status = Literal["completed", "finishing", "failed", "pruned"]
@@ -163,6 +164,7 @@ class RunRecord(Record):
     run_dir: str | None = None
     config: dict | None = None  # the resolved config (as in config.yaml)
     label_names: list[str] = []
+    task: str | None = None  # the task kind's name (tasks/); records written before it say multi_label only
     multi_label: bool = False  # a set of labels per text (sigmoid per label) rather than one class
     split_sizes: dict[str, int] = {}
     split_sources: dict[str, str] = {}
@@ -183,6 +185,15 @@ class RunRecord(Record):
     traceback: str | None = None
     reason: str | None = None  # pruned: why
 
+    @model_validator(mode="before")
+    @classmethod
+    def _kind(cls, data: Any) -> Any:
+        """multi_label follows from the task's name, and the name from multi_label in an older record."""
+        if isinstance(data, dict) and data.get("status") in ("completed", "finishing"):
+            kind = tasks.for_record(data.get("task"), bool(data.get("multi_label")))
+            data = {**data, "task": kind.name, "multi_label": kind.multi_label}
+        return data
+
     @model_validator(mode="after")
     def _complete(self) -> "RunRecord":
         if self.status in ("completed", "finishing"):
@@ -190,6 +201,11 @@ class RunRecord(Record):
             if missing or not self.label_names:
                 raise ValueError(f"a {self.status} run needs {', '.join(missing or ['label_names'])}")
         return self
+
+    @property
+    def kind(self) -> "tasks.Task":
+        """The run's task (tasks/): what its labels, probabilities, decisions and figures are."""
+        return tasks.for_record(self.task, self.multi_label)
 
     @property
     def completed(self) -> bool:

@@ -26,6 +26,7 @@ from peftlab.config import Config, save_config
 from peftlab.config.load import build_config
 from peftlab.errors import UserError
 from peftlab.runs.record import RunRecord
+from peftlab.tasks import SINGLE_LABEL, Task
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -191,21 +192,19 @@ class RunDir:
                                     config=cfg.model_dump(mode="json") if cfg else None))
 
     def write_predictions(self, texts: list[str], labels: np.ndarray, probs: np.ndarray, predicted: np.ndarray,
-                          names: list[str], separator: str = "|") -> None:
+                          names: list[str], separator: str = "|", task: Task = SINGLE_LABEL) -> None:
         """predictions.csv: each test text with its label, the prediction (the run's decision rule), every
         probability (the model's own, before any calibration temperature). Single-label rows also hold the
-        confidence (the predicted class's probability); multi-label label sets are joined by `separator`."""
+        confidence (the predicted class's probability); multi-label label sets are joined by `separator`.
+        The cells are the task's (tasks/)."""
         import pandas as pd
 
-        def cells(values: np.ndarray) -> list[str]:
-            if values.ndim == 1:
-                return [names[i] for i in values]
-            return [separator.join(n for n, on in zip(names, row) if on) for row in values]
-
         labels, predicted, probs = np.asarray(labels), np.asarray(predicted), np.asarray(probs)
-        frame = pd.DataFrame({"text": texts, "label": cells(labels), "predicted": cells(predicted)})
-        if predicted.ndim == 1:
-            frame["confidence"] = probs[np.arange(len(predicted)), predicted]
+        frame = pd.DataFrame({"text": texts, "label": task.label_cells(labels, names, separator),
+                              "predicted": task.label_cells(predicted, names, separator)})
+        confidence = task.confidence(probs, predicted)
+        if confidence is not None:
+            frame["confidence"] = confidence
         for j, name in enumerate(names):
             frame[f"prob_{name}"] = probs[:, j]
         tmp = self.predictions_file.with_name(f".{self.predictions_file.name}.tmp")

@@ -39,7 +39,6 @@ from peftlab.runs.record import RunRecord
 BACKENDS = {"tensorboard": ("torch.utils.tensorboard", "tensorboard"), "mlflow": ("mlflow", "mlflow"),
             "wandb": ("wandb", "wandb")}
 SCORES = ("accuracy", "macro_f1", "loss")  # what on_epoch_end's scores hold besides details
-MULTI_LABEL_SCORES = ("micro_f1", "samples_f1", "hamming_loss")  # and those of a multi-label run
 
 
 class TrackingWarning(UserWarning):
@@ -280,7 +279,7 @@ class RunTracker:
 
     def on_epoch_end(self, trainer, epoch: int, scores: dict) -> None:
         values = {"epoch": epoch, **{f"val/{k}": scores[k] for k in SCORES},
-                  **{f"val/{k}": scores[k] for k in MULTI_LABEL_SCORES if scores.get(k) is not None}}
+                  **{f"val/{k}": scores[k] for k in trainer.task.tracked_scores if scores.get(k) is not None}}
         self.backend.log(values, trainer.state.step)
         self.backend.flush()
 

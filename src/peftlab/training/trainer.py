@@ -29,7 +29,6 @@ from peftlab.data.batching import batch_order, collate, pad_multiple, to_device
 from peftlab.data.tokenize import Encoded, encode
 from peftlab.errors import UserError
 from peftlab.evaluation.predict import predict_logits
-from peftlab.evaluation.tasks import score_logits, task_for
 from peftlab.models.build import build_model
 from peftlab.models.architectures import check_max_length
 from peftlab.models.loading import load_tokenizer, model_config
@@ -37,9 +36,9 @@ from peftlab.models.params import count_parameters
 from peftlab.models.speed import first_token_only
 from peftlab.runs.record import RunRecord
 from peftlab.runs.rundir import RunDir, RunView
+from peftlab.tasks.losses import UNLABELED
 from peftlab.training import distributed
 from peftlab.training.distill import teacher_logits
-from peftlab.training.losses import UNLABELED, hard_loss, soft_target_loss
 
 SPLITS = ("train", "validation", "test")
 SCORE_KEYS = ("accuracy", "macro_f1", "loss")
@@ -144,7 +143,7 @@ class Trainer:
         cfg = self.cfg
         self.tokenizer = load_tokenizer(cfg.model.name, cfg.model.tokenizer)  # first: a wrong name fails fast
         self.data = load_data(cfg.data, cfg.train.seed)  # data.seed, when set, picks the splits
-        self.task = task_for(self.data.multi_label)
+        self.task = self.data.task
         check_max_length(model_config(cfg.model.name, self.data.label_names), cfg.data.max_length, cfg.model.name)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.encoded: dict[str, Encoded] = {
@@ -176,11 +175,11 @@ class Trainer:
         return kept
 
     def _setup_loss(self) -> None:
-        self.hard_loss = hard_loss(self.cfg.train, self.task.multi_label, self.data.train.labels,
-                                   self.data.label_names, self.runtime.device, unlabeled=bool(self.unlabeled))
+        self.hard_loss = self.task.training_loss(self.cfg.train, self.data.train.labels, self.data.label_names,
+                                                 self.runtime.device, unlabeled=bool(self.unlabeled))
 
     def _setup_model(self) -> None:
-        self.built = build_model(self.cfg, self.data.label_names, self.runtime.device, self.task.multi_label)
+        self.built = build_model(self.cfg, self.data.label_names, self.runtime.device, self.task)
         self.model = self.built.model
         self.params = count_parameters(self.model)
         first_token_only(self.model)  # the last layer only where the head reads it: same loss and gradients
@@ -197,7 +196,7 @@ class Trainer:
         cached = self.run.checkpoints / "teacher_logits.npy"
         if self.dist.main and not cached.exists():
             logits = teacher_logits(cfg.distill, self.train_texts, self.data.label_names, self.runtime,
-                                    cfg.data.cache_dir, cfg.eval.batch_size, self.task.multi_label)
+                                    cfg.data.cache_dir, cfg.eval.batch_size, self.task)
             self.run.checkpoints.mkdir(exist_ok=True)
             np.save(cached, logits)
         self.dist.barrier()  # the other ranks read what rank 0 computed
@@ -245,7 +244,7 @@ class Trainer:
         if self.teacher is None:
             return hard
         d, teacher = self.cfg.distill, self.teacher[index].to(self.runtime.device)
-        return d.alpha * hard + (1 - d.alpha) * soft_target_loss(logits, teacher, d.temperature, self.task.multi_label)
+        return d.alpha * hard + (1 - d.alpha) * self.task.soft_loss(logits, teacher, d.temperature)
 
     def _optimizer_step(self) -> None:
         clip = self.cfg.train.max_grad_norm
@@ -338,7 +337,7 @@ class Trainer:
 
     def evaluate(self, split: str) -> dict:
         """Scores of the current weights on a split: accuracy, macro-F1, per class, confusion, loss."""
-        return score_logits(self.task, self.logits(split), self.encoded[split].labels, self.data.label_names)
+        return self.task.score_logits(self.logits(split), self.encoded[split].labels, self.data.label_names)
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         return {n: p.detach().to("cpu", copy=True) for n, p in self.model.named_parameters() if p.requires_grad}
@@ -397,13 +396,13 @@ class Trainer:
         best = self.run.load_checkpoint("best")
         self.model.load_state_dict(best["trainable"], strict=False)
         test_logits = self.logits("test")
-        test = score_logits(self.task, test_logits, self.encoded["test"].labels, self.data.label_names)
+        test = self.task.score_logits(test_logits, self.encoded["test"].labels, self.data.label_names)
         decision, temperature, threshold = self._decision(test_logits)  # every rank: it gathers validation logits
         # the model's own probabilities (as exported), and the labels predict gives (temperature, threshold)
         predicted = self.task.decide(self.task.probabilities(test_logits, temperature), threshold)
         self.run.write_predictions(self.data.test.texts, self.encoded["test"].labels,
                                    self.task.probabilities(test_logits), predicted, self.data.label_names,
-                                   self.cfg.data.label_separator)
+                                   self.cfg.data.label_separator, self.task)
         if not self.dist.main:
             return self._finished(self._record(test, best["validation"], None, decision))
         weights = self.run.weights_dir(self.built.method.weights_dir)
@@ -461,7 +460,7 @@ class Trainer:
         return RunRecord(
             status="completed", method=cfg.method.name, model=cfg.model.name, dataset=self.data.name,
             run_dir=str(self.run.path), config=cfg.model_dump(mode="json"), label_names=self.data.label_names,
-            multi_label=self.task.multi_label,
+            task=self.task.name,
             split_sizes={s: len(getattr(self.data, s)) for s in SPLITS}, split_sources=self.data.split_sources,
             overlap_with_train=self.data.overlap,
             params={**self.params, "adapter_bytes": adapter_bytes}, best_epoch=st.best_epoch,
