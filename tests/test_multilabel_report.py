@@ -19,7 +19,6 @@ import yaml
 
 from conftest_report_helpers import LABELS, make_multilabel_run, make_run
 from peftlab.cli import main
-from peftlab.tasks.multilabel import probability_metrics
 from peftlab.reports import build_report
 from peftlab.reports.charts import all_charts
 from peftlab.reports.collect import collect
@@ -28,6 +27,7 @@ from peftlab.runs.plots import label_decisions, write_plots
 from peftlab.runs.record import RunRecord
 from peftlab.sweeps.runner import _brief
 from peftlab.sweeps.summary import METRICS, summarize
+from peftlab.tasks.multilabel import probability_metrics
 from peftlab.training.tracking import TrackingWarning
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
