@@ -112,3 +112,39 @@ def test_config_imports_nothing_above_it_and_still_knows_the_methods():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ,
                          "PYTHONPATH": str(SRC)}, check=True).stdout
     assert "unknown method.name 'nope' (allowed: " in out and "lora" in out
+
+
+# the run directory's file names (runs/rundir.py's RunDir spells them); the folders are caught where a
+# path is joined with them (`x / "plots"`), the files wherever they are spelled as a whole string
+RUN_FILES = {"metrics.json", "config.yaml", "predictions.csv", "history.jsonl", "teacher_logits.npy"}
+RUN_FOLDERS = {"adapter", "model", "plots", "checkpoints", "tensorboard"}
+# spelled for something else than a run directory
+NOT_A_RUN = {("peftlab.models.loading", "model"),  # the embedded MiniLM's folder inside the package
+             ("peftlab.bench.runner", "config.yaml")}  # the config file a contender is trained from
+
+
+def _run_file_names(tree: ast.AST) -> set[str]:
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and node.value in RUN_FILES:
+            found.add(node.value)
+        elif (isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div) and isinstance(node.right, ast.Constant)
+              and node.right.value in RUN_FOLDERS | RUN_FILES):
+            found.add(node.right.value)
+    return found
+
+
+def test_only_the_run_directory_names_its_files():
+    spelled = []
+    for name, path in _modules().items():
+        if name == "peftlab.runs.rundir":
+            continue
+        spelled += [f"{name}: {n!r}" for n in sorted(_run_file_names(ast.parse(path.read_text())))
+                    if (name, n) not in NOT_A_RUN]
+    assert not spelled, "use runs/rundir.py's RunDir accessors instead: " + ", ".join(spelled)
+
+
+def test_the_run_file_check_sees_what_it_looks_for():
+    """The check above would fail on code that spells a run file, or joins a run folder onto a path."""
+    assert _run_file_names(ast.parse('p = run / "metrics.json"\nq = d / "plots"\nr = "adapter"')) == {"metrics.json",
+                                                                                                       "plots"}

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from peftlab.errors import UserError
+from peftlab.runs.rundir import RunDir
 
 
 def add_parser(sub):
@@ -53,7 +54,7 @@ def _texts(run_dirs: list[str]) -> dict[str, list[str]]:
 
     out = {}
     for path in run_dirs:
-        file = Path(path) / "predictions.csv"
+        file = RunDir(path).predictions_file
         if not file.exists():
             raise UserError(f"{file}: missing; bench-serve sends each run its own test texts: pass completed runs")
         out[Path(path).resolve().name] = pd.read_csv(file)["text"].astype(str).tolist()

@@ -16,6 +16,7 @@ import torch
 
 from peftlab.errors import UserError
 from peftlab.runs.record import RunRecord
+from peftlab.runs.rundir import RunDir
 from peftlab.tasks import SINGLE_LABEL, Task
 
 # config.json fields that would make a loader expect quantized weights or a peft wrapper
@@ -106,7 +107,7 @@ def load_source(run_dir: str | Path) -> Source:
 
     run_dir = Path(run_dir)
     _, metrics, _ = completed_run(run_dir)  # one line for a missing, incomplete or damaged run
-    if str(metrics.model).startswith("random:") and (run_dir / "adapter").is_dir():
+    if str(metrics.model).startswith("random:") and RunDir(run_dir).adapter_dir.is_dir():
         raise UserError(f"run {str(run_dir)!r} trained an adapter on random weights ({metrics.model}) that were "
                         f"never saved, so there is no base to merge it into: export a run of a real model "
                         f"(a local folder, hub id or minilm-l6), or a full fine-tuning run")
@@ -164,7 +165,7 @@ def test_set(source: Source) -> TestSet | None:
     """The run's test rows from predictions.csv, or None (with a note) when it has none."""
     import pandas as pd
 
-    path = source.run_dir / "predictions.csv"
+    path = RunDir(source.run_dir).predictions_file
     columns = [f"prob_{n}" for n in source.label_names]
     try:  # labels as text, and an empty multi-label set as "" (not NaN)
         frame = pd.read_csv(path, dtype={"text": str, "label": str, "predicted": str}, keep_default_na=False)

@@ -17,6 +17,7 @@ import yaml
 from peftlab.errors import UserError
 from peftlab.runs.plots import read_history, read_json
 from peftlab.runs.record import RunRecord
+from peftlab.runs.rundir import RunDir
 from peftlab.runs.select import pick_best as select_best
 from peftlab.tasks import SINGLE_LABEL, Task
 
@@ -106,10 +107,10 @@ class Report:
 
 def _broken_files(run_dir: Path) -> str | None:
     """What a completed run lacks on disk (its weights, its predictions), or None."""
-    weights = [p for name in ("adapter", "model") for p in (run_dir / name).glob("*") if p.suffix in (".safetensors", ".bin")]
-    if not weights:
+    run = RunDir(run_dir)
+    if not run.weight_files():
         return "its trained weights (adapter/ or model/) are missing"
-    if not (run_dir / "predictions.csv").is_file():
+    if not run.predictions_file.is_file():
         return "predictions.csv is missing"
     return None
 
@@ -118,7 +119,7 @@ def _config_of(run_dir: Path, record: RunRecord) -> dict:
     if record.config:
         return record.config
     try:  # older metrics.json without the config: the run's own config.yaml
-        return yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {}
+        return yaml.safe_load(RunDir(run_dir).config_file.read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError):
         return {}
 
@@ -131,13 +132,13 @@ def find_runs(paths: list[Path]) -> tuple[list[Run], list[NotCompleted]]:
         if not p.exists():
             raise UserError(f"report: {p} does not exist (give run or sweep directories)")
         if p.is_file():
-            if p.name != "metrics.json":
+            if p.name != RunDir.METRICS:
                 raise UserError(f"report: {p} is a file; give run or sweep directories")
             dirs[p.parent.resolve()] = True
             continue
-        for m in p.rglob("metrics.json"):
+        for m in p.rglob(RunDir.METRICS):
             dirs[m.parent.resolve()] = True
-        for h in p.rglob("history.jsonl"):
+        for h in p.rglob(RunDir.HISTORY):
             dirs.setdefault(h.parent.resolve(), False)
 
     names = _unique_names(sorted(dirs))
@@ -147,7 +148,7 @@ def find_runs(paths: list[Path]) -> tuple[list[Run], list[NotCompleted]]:
             others.append(NotCompleted(names[d], d, "incomplete (no metrics.json)"))
             continue
         try:
-            record = RunRecord.read(d / "metrics.json")
+            record = RunDir(d).record()
         except UserError as e:
             others.append(NotCompleted(names[d], d, f"unreadable metrics.json ({str(e).split('(', 1)[-1].rstrip(')')}"))
             continue

@@ -21,6 +21,7 @@ from matplotlib.ticker import MaxNLocator
 
 from peftlab import tasks
 from peftlab.runs.record import RunRecord
+from peftlab.runs.rundir import RunDir
 from peftlab.tasks import MULTI_LABEL, SINGLE_LABEL, Task
 from peftlab.tasks.metrics import ECE_BINS, reliability_bins, softmax
 
@@ -29,7 +30,7 @@ MAX_LABELS_SHOWN = 48  # per-label figures: beyond that, the most frequent label
 
 def read_history(run_dir: Path) -> list[dict]:
     """Rows of history.jsonl; a torn last line (run killed mid-write) is skipped, not fatal."""
-    path = Path(run_dir) / "history.jsonl"
+    path = RunDir(run_dir).history_file
     if not path.is_file():
         return []
     rows = []
@@ -221,7 +222,7 @@ def label_separator(run_dir: Path, record: RunRecord | None) -> str:
     config = (record.config if record is not None else None) or {}
     if not config:
         try:
-            config = yaml.safe_load((Path(run_dir) / "config.yaml").read_text(encoding="utf-8")) or {}
+            config = yaml.safe_load(RunDir(run_dir).config_file.read_text(encoding="utf-8")) or {}
         except (OSError, yaml.YAMLError):
             config = {}
     data = config.get("data") if isinstance(config, dict) else None
@@ -434,7 +435,7 @@ PLOT_SETS = {"classes": _class_plots, "label_sets": _label_set_plots}
 
 
 def _read_predictions(run_dir: Path) -> pd.DataFrame | None:
-    path = run_dir / "predictions.csv"
+    path = RunDir(run_dir).predictions_file
     if not path.is_file():
         return None
     # keep_default_na=False: class names such as "None" or "NA" must stay strings.
@@ -452,9 +453,9 @@ def write_plots(run_dir: Path, record: RunRecord | None = None) -> list[Path]:
     """
     run_dir = Path(run_dir)
     history = read_history(run_dir)
-    record = record or RunRecord.read_or_none(run_dir / "metrics.json")
+    record = record or RunRecord.read_or_none(RunDir(run_dir).metrics_file)
     predictions = _read_predictions(run_dir)
-    out = run_dir / "plots"
+    out = RunDir(run_dir).plots
     out.mkdir(parents=True, exist_ok=True)
     task = run_task(record, predictions)
     written = [_loss_plot(history, out / "loss.png"), _validation_plot(history, out / "validation.png", task)]

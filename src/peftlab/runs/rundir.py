@@ -40,25 +40,42 @@ def default_run_dir(method: str) -> Path:
 
 
 class RunDir:
+    """A run directory. Its file names are spelled here and nowhere else: every other module reads and
+    writes a run through these accessors (tests/test_structure.py holds it)."""
+    CONFIG, HISTORY, METRICS, PREDICTIONS = "config.yaml", "history.jsonl", "metrics.json", "predictions.csv"
+    CHECKPOINTS, PLOTS, ADAPTER, MODEL = "checkpoints", "plots", "adapter", "model"
+    TEACHER_LOGITS, TENSORBOARD = "teacher_logits.npy", "tensorboard"
+
     def __init__(self, path: str | Path):
         self.path = Path(path)
 
     # --- files -------------------------------------------------------------------------------
-    config_file = property(lambda self: self.path / "config.yaml")
-    history_file = property(lambda self: self.path / "history.jsonl")
-    metrics_file = property(lambda self: self.path / "metrics.json")
-    predictions_file = property(lambda self: self.path / "predictions.csv")
-    checkpoints = property(lambda self: self.path / "checkpoints")
-    plots = property(lambda self: self.path / "plots")
+    config_file = property(lambda self: self.path / RunDir.CONFIG)
+    history_file = property(lambda self: self.path / RunDir.HISTORY)
+    metrics_file = property(lambda self: self.path / RunDir.METRICS)
+    predictions_file = property(lambda self: self.path / RunDir.PREDICTIONS)
+    checkpoints = property(lambda self: self.path / RunDir.CHECKPOINTS)
+    plots = property(lambda self: self.path / RunDir.PLOTS)
+    adapter_dir = property(lambda self: self.path / RunDir.ADAPTER)
+    model_dir = property(lambda self: self.path / RunDir.MODEL)
+    teacher_logits_file = property(lambda self: self.checkpoints / RunDir.TEACHER_LOGITS)  # distill's cache
+    tensorboard_dir = property(lambda self: self.path / RunDir.TENSORBOARD)  # tracking.log_dir unset
 
-    def weights_dir(self, name: str) -> Path:
-        """adapter/ or model/: the method says which (Method.weights_dir)."""
-        return self.path / name
+    def weights_dir(self, method) -> Path:
+        """adapter/ (PEFT format, beside the base) or model/ (the whole model): the method's saves_adapter says which."""
+        return self.adapter_dir if method.saves_adapter else self.model_dir
 
     def saved_weights(self) -> Path | None:
-        return next((p for p in (self.path / "model", self.path / "adapter") if p.is_dir()), None)
+        return next((p for p in (self.model_dir, self.adapter_dir) if p.is_dir()), None)
 
-    # --- lifecycle ---------------------------------------------------------------------------
+    def weight_files(self) -> list[Path]:
+        """The saved weights' tensor files (.safetensors, .bin) in adapter/ and model/."""
+        return [p for folder in (self.adapter_dir, self.model_dir) for p in folder.glob("*")
+                if p.suffix in (".safetensors", ".bin")]
+
+    def plot_files(self) -> list[Path]:
+        return sorted(self.plots.glob("*.png"))
+
     def create(self) -> "RunDir":
         """Make the directory for a new run and take its lock; refuse one that already holds a run."""
         if self.path.exists() and not self.path.is_dir():

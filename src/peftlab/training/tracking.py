@@ -34,6 +34,7 @@ import yaml
 from peftlab.config import Config
 from peftlab.errors import UserError
 from peftlab.runs.record import RunRecord
+from peftlab.runs.rundir import RunDir
 
 # backend -> (module it needs, the extra that installs it)
 BACKENDS = {"tensorboard": ("torch.utils.tensorboard", "tensorboard"), "mlflow": ("mlflow", "mlflow"),
@@ -83,7 +84,8 @@ def record_figures(record: RunRecord) -> tuple[dict[str, float], dict[str, str]]
 
 def run_files(run_dir: Path) -> list[Path]:
     """What a finished run uploads: metrics.json and its plots."""
-    return [p for p in [run_dir / "metrics.json", *sorted((run_dir / "plots").glob("*.png"))] if p.is_file()]
+    run = RunDir(run_dir)
+    return [p for p in [run.metrics_file, *run.plot_files()] if p.is_file()]
 
 
 # --- backends: start, log, flush, final, upload, end ------------------------------------------
@@ -95,7 +97,7 @@ class TensorBoard:
     def start(self, name: str, params: dict, group=None, tags: dict | None = None) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(str(self.log_dir / name if self.log_dir else self.run_dir / "tensorboard"))
+        self.writer = SummaryWriter(str(self.log_dir / name if self.log_dir else RunDir(self.run_dir).tensorboard_dir))
         self.params = params
         # four leading spaces: TensorBoard renders the text as Markdown, and this keeps it a code block
         self.writer.add_text("config", "\n".join("    " + line for line in yaml.safe_dump(params).splitlines()))
@@ -291,7 +293,7 @@ class RunTracker:
 
     def on_exit(self) -> None:
         """Still open when Python exits: the run failed or was interrupted; its record, if any, says why."""
-        record = RunRecord.read_or_none(self.run_dir / "metrics.json")
+        record = RunRecord.read_or_none(RunDir(self.run_dir).metrics_file)
         if record is not None:
             self.backend.final(*record_figures(record), 0)
         self.backend.close(False)

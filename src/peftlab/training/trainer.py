@@ -193,7 +193,7 @@ class Trainer:
         self.teacher, cfg = None, self.cfg
         if not cfg.distill.teacher:
             return
-        cached = self.run.checkpoints / "teacher_logits.npy"
+        cached = self.run.teacher_logits_file
         if self.dist.main and not cached.exists():
             logits = teacher_logits(cfg.distill, self.train_texts, self.data.label_names, self.runtime,
                                     cfg.data.cache_dir, cfg.eval.batch_size, self.task)
@@ -405,7 +405,7 @@ class Trainer:
                                    self.cfg.data.label_separator, self.task)
         if not self.dist.main:
             return self._finished(self._record(test, best["validation"], None, decision))
-        weights = self.run.weights_dir(self.built.method.weights_dir)
+        weights = self.run.weights_dir(self.built.method)
         self.model.save_pretrained(weights)
         self.tokenizer.save_pretrained(weights)
         adapter_bytes = sum(f.stat().st_size for f in weights.iterdir() if f.suffix in (".safetensors", ".bin"))

@@ -26,10 +26,6 @@ class Method:
     adapter_kind: str = ""  # what its trainable non-head parameters are called, e.g. "LoRA"
 
     @property
-    def weights_dir(self) -> str:
-        return "adapter" if self.saves_adapter else "model"
-
-    @property
     def has_rank(self) -> bool:
         return "r" in self.hyperparameters
 
