@@ -148,3 +148,27 @@ def test_the_run_file_check_sees_what_it_looks_for():
     """The check above would fail on code that spells a run file, or joins a run folder onto a path."""
     assert _run_file_names(ast.parse('p = run / "metrics.json"\nq = d / "plots"\nr = "adapter"')) == {"metrics.json",
                                                                                                        "plots"}
+
+
+# where the task kind may be named: the task package, the config that chooses it, the record that stores it
+KIND_OWNERS = ("peftlab.tasks", "peftlab.config", "peftlab.runs.record")
+
+
+def _kind_tests(tree: ast.AST) -> int:
+    """Reads of `.multi_label`, `multi_label=` arguments, `multi_label` parameters and variables read (a
+    wire schema may still declare the field: serve's /adapters answers multi_label)."""
+    n = 0
+    for node in ast.walk(tree):
+        n += isinstance(node, ast.Attribute) and node.attr == "multi_label"
+        n += isinstance(node, ast.keyword) and node.arg == "multi_label"
+        n += isinstance(node, ast.arg) and node.arg == "multi_label"
+        n += isinstance(node, ast.Name) and node.id == "multi_label" and isinstance(node.ctx, ast.Load)
+    return n
+
+
+def test_only_the_task_knows_which_kind_it_is():
+    """Callers ask the task (tasks/); none tests whether a run is multi-label."""
+    found = [f"{name} ({n})" for name, path in _modules().items() if not name.startswith(KIND_OWNERS)
+             for n in [_kind_tests(ast.parse(path.read_text()))] if n]
+    assert not found, "ask the task (peftlab.tasks) instead of testing multi_label: " + ", ".join(found)
+    assert _kind_tests(ast.parse("if run.multi_label:\n    f(multi_label=True)")) == 2
