@@ -1,7 +1,7 @@
 """The task kind as an object: everything that depends on whether a text has one class or a set of labels,
 owned in one place (as peft's tuners own their facts). Callers ask the task and never test which one it
-is; a new kind is one new module in this folder that subclasses Task and calls `register`, plus its name
-in `_MODULES` below.
+is; a new kind is one new module in this folder that subclasses Task and calls `register` (every module
+of the folder is imported before the registry is first asked).
 
 The run record stores `task.name` (metrics.json "task"); `get(name)` gives the task back when a run is
 loaded. The config says which task a run does (data.multi_label): `for_data(data_config)`.
@@ -9,6 +9,7 @@ loaded. The config says which task a run does (data.multi_label): `for_data(data
 from __future__ import annotations
 
 import importlib
+import pkgutil
 
 import numpy as np
 
@@ -101,7 +102,7 @@ class Task:
 
 
 _TASKS: dict[str, Task] = {}
-_MODULES = ("single_label", "multi_label")
+_LOADED: list[bool] = []
 
 
 def register(task: Task) -> Task:
@@ -110,9 +111,11 @@ def register(task: Task) -> Task:
 
 
 def _load_all() -> None:
-    if len(_TASKS) < len(_MODULES):
-        for m in _MODULES:
-            importlib.import_module(f"peftlab.tasks.{m}")
+    if not _LOADED:
+        _LOADED.append(True)  # first: a module that asks the registry while it loads must not recurse
+        package = importlib.import_module("peftlab.tasks")
+        for m in pkgutil.iter_modules(package.__path__):
+            importlib.import_module(f"{package.__name__}.{m.name}")
 
 
 def names() -> list[str]:

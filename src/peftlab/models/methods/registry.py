@@ -1,8 +1,9 @@
 """One registry of fine-tuning methods. Adding a method is one new file in this folder that calls
-`register(Method(...))`, plus its name in `_MODULES` below."""
+`register(Method(...))`: every module of the folder is imported before the registry is first asked."""
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -36,7 +37,6 @@ class Method:
 
 
 _METHODS: dict[str, Method] = {}
-_MODULES = ("full", "lora", "qlora", "ia3")
 
 
 def register(method: Method) -> Method:
@@ -44,10 +44,15 @@ def register(method: Method) -> Method:
     return method
 
 
+_LOADED: list[bool] = []
+
+
 def _load_all() -> None:
-    if len(_METHODS) < len(_MODULES):
-        for m in _MODULES:
-            importlib.import_module(f"peftlab.models.methods.{m}")
+    if not _LOADED:
+        _LOADED.append(True)  # first: a module that asks the registry while it loads must not recurse
+        package = importlib.import_module("peftlab.models.methods")
+        for m in pkgutil.iter_modules(package.__path__):
+            importlib.import_module(f"{package.__name__}.{m.name}")
 
 
 def names() -> list[str]:
