@@ -32,7 +32,7 @@ class Scores(Record):
     accuracy: float
     macro_f1: float
     loss: float | None = None
-    # the rest came later (records written before lack them): evaluation.metrics.classification_metrics
+    # the rest came later (records written before lack them): tasks.metrics.classification_metrics
     mcc: float | None = None  # Matthews correlation coefficient
     roc_auc: float | None = None  # two classes: plain; more: one-vs-rest macro over the classes that occur
     log_loss: float | None = None
