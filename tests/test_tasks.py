@@ -151,3 +151,15 @@ def test_report_facts(task):
     assert task.selection_metrics >= {"accuracy", "macro_f1"}
     assert task.metric_label("macro_f1") == "macro-F1"
     assert set((task.report_columns or {}).values()) <= set(task.metrics_names)
+
+
+@pytest.mark.parametrize("task", KINDS, ids=lambda t: t.name)
+def test_every_kind_answers_the_whole_interface(task):
+    """What tasks/base.py's Task leaves open (raises NotImplementedError), each kind implements."""
+    import inspect
+
+    open_ = [n for n, v in vars(tasks.Task).items() if callable(v) and not n.startswith("_")
+             and "raise NotImplementedError" in inspect.getsource(v)]
+    assert len(open_) > 15
+    assert [n for n in open_ if getattr(type(task), n) is getattr(tasks.Task, n)] == []
+    assert task.name and task.title and task.problem_type and task.metrics_names and task.plot_set

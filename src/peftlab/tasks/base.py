@@ -92,7 +92,62 @@ class Task:
         return lambda logits, labels: self.hard_loss(logits, labels, weight, tc.loss, tc.focal_gamma,
                                                      tc.label_smoothing)
 
+    def loss_rows(self, logits, labels, weight, kind: str, gamma: float, smoothing: float):
+        """Per row: (loss, row weight), weighed as hard_loss weighs them (for the masked loss)."""
+        raise NotImplementedError
+
     # --- scores and decisions (numpy) ------------------------------------------------------------
+    def probabilities(self, logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+        """Of logits divided by the calibration temperature (1: none)."""
+        raise NotImplementedError
+
+    def loss(self, logits: np.ndarray, labels: np.ndarray) -> float:
+        """The mean evaluation loss of logits."""
+        raise NotImplementedError
+
+    def metrics(self, labels: np.ndarray, probs: np.ndarray, names: list[str], predicted=None) -> dict:
+        """The figures of a split (metrics_names and the details), at `predicted` or the default decisions."""
+        raise NotImplementedError
+
+    def probability_metrics(self, labels: np.ndarray, probs: np.ndarray) -> dict:
+        """Calibration figures (log loss, Brier, ECE) of the probabilities."""
+        raise NotImplementedError
+
+    def decide(self, probs: np.ndarray, threshold: Threshold = None) -> np.ndarray:
+        """The decisions, in the shape of the labels; `threshold` None: the default rule."""
+        raise NotImplementedError
+
+    def fit_temperature(self, logits: np.ndarray, labels: np.ndarray) -> float:
+        raise NotImplementedError
+
+    def check(self, metric: str, threshold, names: list[str]) -> None:
+        """A UserError line when eval.metric or eval.threshold does not fit this data."""
+        raise NotImplementedError
+
+    def check_threshold(self, threshold: Threshold, names: list[str]) -> None:
+        """ValueError when a threshold does not fit the labels (a Predictor given a wrong one)."""
+        raise NotImplementedError
+
+    def threshold_for(self, setting, probs: np.ndarray, labels: np.ndarray, metric: str, scope: str) -> Threshold:
+        """eval.threshold as the threshold(s) to use: None (the default rule), fixed, or tuned on these."""
+        raise NotImplementedError
+
+    def at_threshold(self, probs, labels, names, threshold: Threshold, tuned_for: str) -> dict:
+        """The record's validation_at_threshold / test_at_threshold."""
+        raise NotImplementedError
+
+    def rule(self, names: list[str], threshold: Threshold, temperature: float) -> dict:
+        """The decision rule as data (serve's /adapters, export's config.json)."""
+        raise NotImplementedError
+
+    def row(self, probs: np.ndarray, decided, names: list[str]) -> dict:
+        """One answer of predict / serve."""
+        raise NotImplementedError
+
+    def confidence(self, probs: np.ndarray, decided: np.ndarray) -> np.ndarray | None:
+        """predictions.csv's confidence column, or None when the task has none."""
+        raise NotImplementedError
+
     def score_logits(self, logits: np.ndarray, labels: np.ndarray, names: list[str]) -> dict:
         """The metrics of the logits' probabilities (default decisions), plus the mean loss."""
         return {**self.metrics(labels, self.probabilities(logits), names), "loss": self.loss(logits, labels)}
