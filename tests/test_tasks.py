@@ -154,6 +154,23 @@ def test_report_facts(task):
 
 
 @pytest.mark.parametrize("task", KINDS, ids=lambda t: t.name)
+def test_loss_skips_ignore_index_says_what_the_loss_does(task):
+    """A padded row labelled -100 (cuda_graphs' partial batch) leaves the plain loss as it was exactly when
+    the task says its loss skips the ignore index."""
+    torch.manual_seed(3)
+    labels = torch.tensor(_labels(task, 6))
+    logits = torch.randn(len(labels) + 1, len(NAMES))
+    padded = torch.cat([labels, torch.full_like(labels[:1], UNLABELED)])
+    loss = task.training_loss(load_config(None, []).train, labels.numpy(), NAMES, torch.device("cpu"))
+    try:
+        same = torch.allclose(loss(logits, padded), loss(logits[:-1], labels))
+    except (RuntimeError, ValueError, IndexError):
+        same = False
+    assert same == task.loss_skips_ignore_index
+    assert task.exclusive_classes == (labels.ndim == 1)
+
+
+@pytest.mark.parametrize("task", KINDS, ids=lambda t: t.name)
 def test_every_kind_answers_the_whole_interface(task):
     """What tasks/base.py's Task leaves open (raises NotImplementedError), each kind implements."""
     import inspect

@@ -44,6 +44,8 @@ class Task:
     plot_set: str = ""          # runs/plots.py's plots of the run: "classes" or "label_sets"
     validation_curves: tuple = ()  # (figure, legend) per epoch; the last ones only where history holds them
     prediction_confidence: bool = True  # predictions.csv has a confidence column
+    exclusive_classes: bool = True  # each text has exactly one class (two texts are alike or not)
+    loss_skips_ignore_index: bool = True  # its loss (train.loss=cross_entropy) skips rows labelled -100
 
     def summary_rows(self, test) -> list[tuple[str, str]]:
         """`peftlab train`'s summary rows beyond accuracy and macro-F1, from the record's test scores."""

@@ -45,6 +45,8 @@ class MultiLabel(Task):
     validation_curves = (("accuracy", "subset accuracy"), ("macro_f1", "macro-F1"), ("micro_f1", "micro-F1"),
                          ("samples_f1", "samples-F1"))
     prediction_confidence = False
+    exclusive_classes = False
+    loss_skips_ignore_index = False  # BCE has no ignore index: a padded row would count
 
     def summary_rows(self, test) -> list[tuple[str, str]]:
         # accuracy is subset accuracy; decisions at 0.5
