@@ -70,15 +70,15 @@ def collate(data: Encoded, index: np.ndarray, pad_id: int, pad_to_multiple: int 
             "labels": torch.from_numpy(data.labels[index])}
 
 
-def collate_packed(data: Encoded, index: np.ndarray, pad_id: int, pad_to_multiple: int = 8) -> tuple[torch.Tensor, int]:
+def collate_packed(data: Encoded, index: np.ndarray, pad_id: int, pad_to_multiple: int = 8,
+                   pin: bool = False) -> tuple[torch.Tensor, int]:
     """ids, mask and labels of a batch in ONE int64 host tensor (rows: ids, then mask, then labels; pinned
-    when CUDA is there), so that a batch costs one pinned allocation and one host-to-device copy. Returns
+    when `pin`, for a GPU), so that a batch costs one pinned allocation and one host-to-device copy. Returns
     (packed, width); unpack with `unpack` on the device."""
     width = width_of(data, index, pad_to_multiple)
     n, label_shape = len(index), data.labels.shape[1:]
     label_cols = int(np.prod(label_shape)) if label_shape else 1
-    packed = torch.empty(2 * n * width + n * label_cols, dtype=torch.int64,
-                         pin_memory=torch.cuda.is_available())
+    packed = torch.empty(2 * n * width + n * label_cols, dtype=torch.int64, pin_memory=pin)
     flat = packed.numpy()
     ids, mask = flat[:n * width].reshape(n, width), flat[n * width:2 * n * width].reshape(n, width)
     fill(data, index, pad_id, width, ids, mask)

@@ -13,6 +13,8 @@ into static buffers and writes the learning rate into a device tensor.
 """
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 
@@ -96,11 +98,19 @@ class GraphEngine(StepEngine):
             self.statics[width] = _Static(self.batch_size, width, self.device, pinned=self.capture)
         return self.statics[width]
 
+    def autocast(self):
+        """The run's autocast, without its cache of cast weights when capturing (PyTorch's advice for
+        graphs: a cached cast from outside the capture must not be read inside it)."""
+        dtype = self.parts.runtime.dtype
+        if dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=dtype, cache_enabled=not self.capture)
+
     def body(self, s: _Static) -> None:
         """The step: what is captured (or, with capture off, run as it is)."""
         p = self.parts
         mask = s.mask.bool()[:, None, None, :] if self.mask_4d else s.mask
-        with p.runtime.autocast():
+        with self.autocast():
             logits = p.forward(input_ids=s.ids, attention_mask=mask).logits
             loss = p.loss(logits, s.labels, None)
         loss.backward()
@@ -135,7 +145,7 @@ class GraphEngine(StepEngine):
         with torch.cuda.stream(side):
             mask = s.mask.bool()[:, None, None, :] if self.mask_4d else s.mask
             for _ in range(2):  # kernels chosen, workspaces allocated, before capture
-                with p.runtime.autocast():
+                with self.autocast():
                     loss = p.loss(p.forward(input_ids=s.ids, attention_mask=mask).logits, s.labels, None)
                 loss.backward()
             p.optimizer.zero_grad(set_to_none=False)  # the gradient tensors stay: the graph writes into them

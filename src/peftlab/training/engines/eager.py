@@ -22,7 +22,7 @@ class EagerEngine(StepEngine):
 
     def batch(self, rows: np.ndarray) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         p = self.parts
-        packed, width = collate_packed(p.data, rows, p.pad_id, p.pad_multiple)
+        packed, width = collate_packed(p.data, rows, p.pad_id, p.pad_multiple, pin=self.cuda)
         if self.cuda:
             packed = packed.to(self.device, non_blocking=True)  # pinned: overlaps the previous step's compute
         batch = unpack(packed, len(rows), width, self.label_shape)
