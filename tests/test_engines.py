@@ -176,3 +176,19 @@ def test_random_shapes_load_through_the_pretrained_path(tmp_path, monkeypatch):
     w1 = first.bert.encoder.layer[0].attention.self.query.weight.float()
     w2 = second.bert.encoder.layer[0].attention.self.query.weight
     torch.testing.assert_close(w1, w2, atol=1e-2, rtol=1e-2)  # the same weights (bf16-rounded in the first)
+
+
+def test_frozen_weights_in_bf16_train_and_are_recorded(tmp_path, tiny_overrides, capsys):
+    from peftlab.cli import main
+
+    out = train_cli(tmp_path, tiny_overrides + ["train.precision=bf16", "train.frozen_dtype=bf16", "train.epochs=1",
+                                                "eval.baseline=false"])
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["status"] == "completed" and m["efficiency"]["frozen_dtype"] == "bfloat16"
+    # bf16 frozen weights need bf16 compute: one line, exit 2
+    args = ["train", "--no-progress", "--output-dir", str(tmp_path / "bad")]
+    for o in tiny_overrides + ["train.precision=fp32", "train.frozen_dtype=bf16"]:
+        args += ["--set", o]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "train.frozen_dtype=bf16 needs train.precision=bf16" in err and "\n" not in err

@@ -203,9 +203,10 @@ class Trainer:
     def _setup_model(self) -> None:
         frozen = self._frozen_dtype()
         self.built = build_model(self.cfg, self.data.label_names, self.runtime.device, self.task.multi_label, frozen)
-        self.frozen_dtype = str(frozen or next((p.dtype for p in self.built.model.parameters() if not p.requires_grad),
-                                               torch.float32)).replace("torch.", "")
         self.model = self.built.model
+        # as built: the dtype of the frozen floating-point weights (None: nothing is frozen)
+        held = next((p.dtype for p in self.model.parameters() if not p.requires_grad and p.dtype.is_floating_point), None)
+        self.frozen_dtype = str(held).replace("torch.", "") if held is not None else None
         self.params = count_parameters(self.model)
         first_token_only(self.model)  # the last layer only where the head reads it: same loss and gradients
         self.forward = self.dist.wrap(self.model)  # DDP when several processes train
