@@ -57,6 +57,8 @@ def test_graph_engine_without_capture_matches_eager(tmp_path, no_dropout_model, 
     # 240 rows in batches of 14: 17 full batches and a partial one of 2, over several widths
     assert len(graph_losses) == len(eager_losses) == 18
     assert len(graphs.engine.statics) >= 2
+    # the graph engine hands BERT the prepared 4-D mask (the GPU's sync-free path), eager on CPU the 2-D one
+    assert graphs.engine.mask_4d and not eager.engine.mask_4d
     assert graph_losses == pytest.approx(eager_losses, abs=1e-5)
     a, b = eager.trainable_state(), graphs.trainable_state()
     assert a.keys() == b.keys()
@@ -192,3 +194,14 @@ def test_frozen_weights_in_bf16_train_and_are_recorded(tmp_path, tiny_overrides,
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert "train.frozen_dtype=bf16 needs train.precision=bf16" in err and "\n" not in err
+
+
+def test_layers_bitsandbytes_cannot_take_are_found_without_loading(tiny_model_dir):
+    """On a weightless copy: the 32-wide tiny model has no linear layer bitsandbytes 4-bit can take;
+    bert-base has only its 2-output head, which stays out of quantization anyway."""
+    from peftlab.models.methods.qlora import too_narrow
+
+    narrow = too_narrow(str(tiny_model_dir), ["a", "b", "c"])
+    assert "bert.encoder.layer.0.attention.self.query" in narrow and "classifier" in narrow
+    assert len(narrow) == 2 * 6 + 2  # 6 linear layers per encoder layer, the pooler and the head
+    assert too_narrow("random:bert-base", ["a", "b"]) == ["classifier"]

@@ -55,7 +55,8 @@ def load_kwargs(cfg, device, model_name: str = "", label_names: list[str] = ("0"
     for bits in (4, 8) if cfg.bits == 4 else (8,):
         why = _why_not(bits, device)
         if why is None:
-            skip = too_narrow(model_name, list(label_names)) if model_name else []
+            narrow = too_narrow(model_name, list(label_names)) if model_name else []
+            skip = [n for n in narrow if n.split(".")[-1] not in HEAD_NAMES]  # heads stay out anyway
             return quantization_kwargs(bits, skip), {"requested": requested, "skipped_for_width": skip,
                                                      "reason": "; ".join(reasons) or None}
         reasons.append(why)

@@ -36,9 +36,12 @@ class StepParts:
 
 
 def four_d_mask(model: torch.nn.Module) -> bool:
-    """Whether the model can be given a [batch, 1, 1, width] boolean mask (sdpa attention, a known type)."""
-    config = getattr(model, "config", None)
-    return (config is not None and getattr(config, "model_type", None) in FOUR_D_MASK_TYPES
+    """Whether the model can be given a [batch, 1, 1, width] boolean mask: a transformers classifier
+    (not a wrapper of ours, whose head may read the 2-D mask) of a known type, with sdpa attention."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(base, "config", None)
+    return (type(base).__module__.startswith("transformers.") and config is not None
+            and getattr(config, "model_type", None) in FOUR_D_MASK_TYPES
             and getattr(config, "_attn_implementation", None) == "sdpa")
 
 
