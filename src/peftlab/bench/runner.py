@@ -211,6 +211,7 @@ def run_peftlab(name: str, part: Part, scenario: Scenario, data: dict, overrides
         "device": eff.device, "process_seconds": round(seconds, 1),
         # as built and as run, from the run's own record
         "step_engine": eff.step_engine, "step_engine_reason": eff.step_engine_reason, "frozen_dtype": eff.frozen_dtype,
+        "graph_capture_seconds": eff.graph_capture_seconds,
         "quantization": record.quantization.model_dump() if record.quantization else None,
     }
 

@@ -97,6 +97,7 @@ class Efficiency(Record):
     world_size: int = 1  # processes that trained (peftlab train --nproc, torchrun, accelerate launch)
     step_engine: str | None = None  # which training step engine ran (training/engines/)
     step_engine_reason: str | None = None  # why it is not the one train.step_engine asked for
+    graph_capture_seconds: float | None = None  # cuda_graphs: warm-up and capture, part of train_seconds
     frozen_dtype: str | None = None  # the dtype the frozen weights were stored in
 
 

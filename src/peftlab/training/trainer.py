@@ -511,6 +511,8 @@ class Trainer:
                 "peak_memory_bytes": memory, "peak_memory_kind": memory_kind, "device": rt.device_name(device),
                 "precision": self.runtime.precision, "optimizer_steps": st.step, "world_size": self.dist.world_size,
                 "step_engine": self.engine_name, "step_engine_reason": self.engine_reason,
+                "graph_capture_seconds": round(getattr(self.engine, "capture_seconds", 0.0), 3)
+                if self.engine_name == "cuda_graphs" else None,
                 "frozen_dtype": self.frozen_dtype,
                 "wall_seconds": round(time.time() - self.started, 3)},
             quantization=self.built.quantization,

@@ -14,6 +14,7 @@ into static buffers and writes the learning rate into a device tensor.
 from __future__ import annotations
 
 import contextlib
+import time
 
 import numpy as np
 import torch
@@ -89,6 +90,7 @@ class GraphEngine(StepEngine):
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.pool = torch.cuda.graph_pool_handle() if capture else None
         self.state_ready = bool(parts.optimizer.state)  # a resumed run brings its AdamW state
+        self.capture_seconds = 0.0  # warm-up and capture, inside the training time (one-off per bucket)
 
     def width(self, rows: np.ndarray) -> int:
         return bucket_for(int(self.parts.data.lengths[rows].max()), self.widths)
@@ -169,9 +171,12 @@ class GraphEngine(StepEngine):
         self.state_ready = True
 
     def _capture(self, s: _Static) -> torch.cuda.CUDAGraph:
+        t0 = time.perf_counter()
         self._warm_up(s)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             self.body(s)
+        torch.cuda.synchronize(self.device)  # once per bucket: the time it took is recorded
+        self.capture_seconds += time.perf_counter() - t0
         self.graphs[s.width] = graph
         return graph
