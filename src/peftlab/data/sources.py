@@ -7,7 +7,6 @@ what is wrong, where, and how to fix it.
 """
 from __future__ import annotations
 
-import gzip
 import importlib.util
 import json
 from dataclasses import dataclass, field
@@ -18,13 +17,12 @@ import pandas as pd
 
 from peftlab import tasks
 from peftlab.config.schema import DataConfig
+from peftlab.data import formats
 from peftlab.data.splits import carve, percent, subsample
 from peftlab.errors import UserError
 from peftlab.hub import hub_unreachable
 from peftlab.tasks import SINGLE_LABEL, Task
 
-FORMATS = {".csv": "CSV", ".tsv": "TSV", ".jsonl": "JSON Lines", ".json": "JSON Lines", ".parquet": "Parquet"}
-SUPPORTED = ".csv, .tsv, .jsonl, .json, .parquet (the first four may also end in .gz)"
 SPLIT_ALIASES = {"train": ("train",), "validation": ("validation", "valid", "dev"), "test": ("test",)}
 BUILTIN = "bbc_news"
 
@@ -195,19 +193,9 @@ def _read_path(given: str, cfg: DataConfig) -> _Raw:
                 label_names=_read_label_names(names_file) if names_file.is_file() else None)
 
 
-def _format(path: Path) -> str | None:
-    """The suffix that picks the reader (".csv", ...), or None when we cannot read the file."""
-    name = path.name.lower()
-    gz = name.endswith(".gz")
-    suffix = Path(name[:-3] if gz else name).suffix
-    if suffix not in FORMATS or (gz and suffix == ".parquet"):
-        return None
-    return suffix
-
-
 def _split_files(directory: Path) -> dict[str, Path]:
     """train.*, validation.* (or valid.*, dev.*) and test.* in a directory; train is required."""
-    readable = [p for p in sorted(directory.iterdir()) if p.is_file() and _format(p)]
+    readable = [p for p in sorted(directory.iterdir()) if p.is_file() and formats.of_path(p)]
     files = {}
     for split, aliases in SPLIT_ALIASES.items():
         found = [p for p in readable if p.name.lower().split(".")[0] in aliases]
@@ -218,24 +206,8 @@ def _split_files(directory: Path) -> dict[str, Path]:
     if "train" not in files:
         present = ", ".join(p.name for p in sorted(directory.iterdir())) or "nothing"
         raise UserError(f"{directory}: no train file (found: {present}); a data directory needs train.<ext> "
-                        f"with ext one of {SUPPORTED}, and optionally validation.* and test.*")
+                        f"with ext one of {formats.supported()}, and optionally validation.* and test.*")
     return files
-
-
-def _csv_separator(path: Path, suffix: str) -> str:
-    """Tab for .tsv; for .csv a comma, or a semicolon when the header has semicolons and no comma
-    (spreadsheets in many locales save "CSV" that way)."""
-    if suffix == ".tsv":
-        return "\t"
-    import gzip
-
-    opener = gzip.open if path.name.endswith(".gz") else open
-    try:
-        with opener(path, "rt", encoding="utf-8", errors="replace") as f:
-            header = f.readline()
-    except OSError:
-        return ","
-    return ";" if ";" in header and "," not in header else ","
 
 
 def read_table(path: Path, keep_blank_rows: bool = False) -> pd.DataFrame:
@@ -243,18 +215,12 @@ def read_table(path: Path, keep_blank_rows: bool = False) -> pd.DataFrame:
     predict`, which keeps blank CSV lines as rows so that its output lines up with its input)."""
     if not path.is_file():
         raise UserError(f"{path}: no such file; check the path")
-    suffix = _format(path)
-    if suffix is None:
-        raise UserError(f"{path}: unsupported file type; use one of {SUPPORTED}")
+    found = formats.of_path(path)
+    if found is None:
+        raise UserError(f"{path}: unsupported file type; use one of {formats.supported()}")
+    fmt, suffix = found
     try:
-        if suffix in (".csv", ".tsv"):
-            # Only an empty field is missing: a text that reads "NA" or "null" is still a text.
-            frame = pd.read_csv(path, sep=_csv_separator(path, suffix), keep_default_na=False, na_values=[""],
-                                skip_blank_lines=not keep_blank_rows)
-        elif suffix == ".parquet":
-            frame = pd.read_parquet(path)
-        else:
-            frame = _read_jsonl(path)
+        frame = fmt.read(path, suffix, keep_blank_rows)
     except pd.errors.EmptyDataError:
         frame = pd.DataFrame()
     except UnicodeDecodeError as e:
@@ -263,7 +229,7 @@ def read_table(path: Path, keep_blank_rows: bool = False) -> pd.DataFrame:
     except UserError:
         raise
     except Exception as e:  # the parser's own message is the best hint we have; keep its first line
-        raise UserError(f"{path}: cannot be read as {FORMATS[suffix]} ({_first_line(e)}); check the file") from None
+        raise UserError(f"{path}: cannot be read as {fmt.name} ({_first_line(e)}); check the file") from None
     if len(frame) == 0:
         raise UserError(f"{path}: no rows (the file is empty or has only a header); add data rows")
     return frame
@@ -279,27 +245,6 @@ def read_texts(path: str, text_columns: list[str], what: str) -> list[str]:
         raise UserError(f"{what} {path!r}: no column {missing[0]!r} (columns: {', '.join(map(str, frame.columns))}); "
                         f"name the text column 'text' or {' + '.join(text_columns)}")
     return frame[columns].fillna("").astype(str).agg(" ".join, axis=1).tolist()
-
-
-def _read_jsonl(path: Path) -> pd.DataFrame:
-    # A json.loads loop is ~3x faster than pandas.read_json(lines=True) here, and knows the failing line.
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        content = f.read()
-    if content.lstrip().startswith("["):  # a plain JSON array of objects is accepted too
-        rows = json.loads(content)
-    else:
-        rows = []
-        for number, line in enumerate(content.split("\n"), 1):  # not splitlines(): texts may hold \u2028
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{path}: line {number} is not valid JSON ({e.msg}); "
-                                    "each line must be one JSON object") from None
-    if not all(isinstance(row, dict) for row in rows):
-        raise UserError(f"{path}: every row must be a JSON object like {{\"text\": ..., \"label\": ...}}; fix the file")
-    return pd.DataFrame(rows)
 
 
 def _read_label_names(path: Path) -> list[str]:
