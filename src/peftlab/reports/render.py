@@ -190,7 +190,8 @@ def best_summary(report: Section) -> str:
         text += (f" Before fine-tuning the model scored test {metric_label('accuracy', task)} {fmt_metric(base_acc)}, "
                  f"macro-F1 {fmt_metric(g.mean('baseline', 'test', 'macro_f1'))}{seeds}.")
     if g.n > 1:
-        text += f" Its {task.best_run_figure} is that of seed run {report.best_run.name}, the best of its seeds by validation."
+        text += (f" Its {task.best_run_figure} is that of seed run {report.best_run.name}, the best of its seeds "
+                 f"by validation.")
     return text
 
 

@@ -62,7 +62,7 @@ class RunDir:
     tensorboard_dir = property(lambda self: self.path / RunDir.TENSORBOARD)  # tracking.log_dir unset
 
     def weights_dir(self, method) -> Path:
-        """adapter/ (PEFT format, beside the base) or model/ (the whole model): the method's saves_adapter says which."""
+        """adapter/ (PEFT format, beside the base) or model/ (the whole model), as method.saves_adapter says."""
         return self.adapter_dir if method.saves_adapter else self.model_dir
 
     def saved_weights(self) -> Path | None:
