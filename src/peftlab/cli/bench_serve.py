@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from peftlab.errors import UserError
+from peftlab.files import write_text
 
 
 def add_parser(sub):
@@ -173,7 +174,7 @@ def run(args) -> int:
               f"p99 {r['p99_ms']:7.1f} ms   {r['texts_per_pass']:.1f} texts and {r['adapters_per_pass']:.1f} "
               f"adapters per forward pass", flush=True)
     if args.output:
-        Path(args.output).write_text(json.dumps({"machine": machine(), "command": command, "settings": {
+        write_text(args.output, json.dumps({"machine": machine(), "command": command, "settings": {
             k: getattr(args, k) for k in ("requests", "concurrency", "texts_per_request", "warmup",
                                           "batch_window_ms", "max_batch")}, "results": results}, indent=2) + "\n")
     return 0

@@ -8,6 +8,7 @@ from pathlib import Path
 from peftlab.cli._checks import output_file, positive_int
 from peftlab.data.tokenize import valid_text
 from peftlab.errors import UserError
+from peftlab.files import clean_stale, replacing, write_text
 from peftlab.runs.rundir import RunDir
 
 
@@ -25,6 +26,8 @@ def write_rows(path: str | None, texts: list[str], rows: list[dict], names: list
     """JSON Lines (stdout when no path), or CSV when the path ends in .csv: text, then every field of the
     rows but the probabilities (single-label: label, confidence; multi-label: labels, the set joined by
     `separator`, empty for none), then prob_<name> per label."""
+    if path:
+        clean_stale(Path(path).parent, Path(path).name)  # what a killed earlier predict left
     if path and path.endswith(".csv"):
         import pandas as pd
 
@@ -34,11 +37,12 @@ def write_rows(path: str | None, texts: list[str], rows: list[dict], names: list
             frame[field] = [separator.join(r[field]) if isinstance(r[field], list) else r[field] for r in rows]
         for name in names:
             frame[f"prob_{name}"] = [r["probabilities"][name] for r in rows]
-        frame.to_csv(path, index=False)
+        with replacing(path) as tmp:  # never a truncated out.csv that looks complete
+            frame.to_csv(tmp, index=False)
         return
     lines = "".join(json.dumps({"text": t, **r}) + "\n" for t, r in zip(texts, rows))
     if path:
-        Path(path).write_text(lines, encoding="utf-8")
+        write_text(path, lines)
     else:
         sys.stdout.write(lines)
 

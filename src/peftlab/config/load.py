@@ -112,4 +112,6 @@ def config_tree(cfg: Config) -> dict:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config_tree(cfg), sort_keys=False), encoding="utf-8")
+    from peftlab.files import write_text
+
+    write_text(path, yaml.safe_dump(config_tree(cfg), sort_keys=False))

@@ -20,6 +20,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from peftlab.evaluation.metrics import ECE_BINS, reliability_bins, softmax
+from peftlab.files import replacing
 from peftlab.runs.record import RunRecord
 
 MAX_LABELS_SHOWN = 48  # per-label figures: beyond that, the most frequent labels only
@@ -72,6 +73,11 @@ def _nan_or(value) -> float:
     return np.nan if value is None else value
 
 
+def _save(fig: Figure, out: Path) -> None:
+    with replacing(out) as tmp:  # a failed write leaves no truncated PNG
+        fig.savefig(tmp, dpi=100, format="png")
+
+
 def _new_figure(width: float = 6.4, height: float = 4.0) -> Figure:
     return Figure(figsize=(width, height), layout="constrained")
 
@@ -87,7 +93,7 @@ def _loss_plot(history: list[dict], out: Path) -> Path | None:
     ax.set_ylabel("training loss")
     ax.set_title("Training loss")
     ax.grid(alpha=0.3)
-    fig.savefig(out, dpi=100)
+    _save(fig, out)
     return out
 
 
@@ -110,7 +116,7 @@ def _validation_plot(history: list[dict], out: Path, multi_label: bool = False) 
     ax.set_title("Validation per epoch")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.savefig(out, dpi=100)
+    _save(fig, out)
     return out
 
 
@@ -131,7 +137,7 @@ def _confusion_plot(record: RunRecord | None, predictions: pd.DataFrame | None, 
     size = max(4.0, 0.45 * len(names) + 2.5)
     fig = _new_figure(size, size)
     draw_confusion(fig.subplots(), matrix, names, "Test confusion matrix")
-    fig.savefig(out, dpi=100)
+    _save(fig, out)
     return out
 
 
@@ -150,7 +156,7 @@ def _confidence_plot(predictions: pd.DataFrame | None, out: Path) -> Path | None
     ax.set_ylabel("test examples")
     ax.set_title("Test confidence")
     ax.legend()
-    fig.savefig(out, dpi=100)
+    _save(fig, out)
     return out
 
 
@@ -200,7 +206,7 @@ def _reliability_plot(record: RunRecord | None, predictions: pd.DataFrame | None
     ax.set_ylabel("accuracy")
     ax.set_title("Test reliability")
     ax.legend(loc="upper left")
-    fig.savefig(out, dpi=100)
+    _save(fig, out)
     return out
 
 
@@ -326,7 +332,7 @@ def _label_scores_plot(record: RunRecord | None, details, names: list[str], out:
     title = "Test precision, recall, F1 per label\n(label predicted when p ≥ 0.5)"
     ax.set_title(title + (f"\n{note}" if note else ""))
     fig.legend(loc="outside lower center", ncol=4, fontsize=8)
-    fig.savefig(out, dpi=100)
+    _save(fig, out)
     return out
 
 
@@ -360,7 +366,7 @@ def _label_confusion_plot(details, names: list[str], out: Path) -> Path | None:
     fig.supxlabel("predicted", fontsize=9)
     fig.supylabel("true", fontsize=9)
     fig.suptitle(title, fontsize=10)
-    fig.savefig(out, dpi=100)
+    _save(fig, out)
     return out
 
 
@@ -383,7 +389,7 @@ def _label_confidence_plot(decisions, out: Path) -> Path | None:
     ax.set_ylabel("label decisions (texts × labels)")
     ax.set_title("Test confidence of every label decision\n(label predicted when p ≥ 0.5)", fontsize=10)
     ax.legend()
-    fig.savefig(out, dpi=100)
+    _save(fig, out)
     return out
 
 
@@ -411,7 +417,7 @@ def _label_reliability_plot(record: RunRecord | None, decisions, out: Path) -> P
     ax.set_ylabel("share of right decisions")
     ax.set_title("Test reliability, every label decision\n(label predicted when p ≥ 0.5)", fontsize=10)
     fig.legend(loc="outside lower center", ncol=2, fontsize=8)  # below the axes: never over a bar
-    fig.savefig(out, dpi=100)
+    _save(fig, out)
     return out
 
 

@@ -1,0 +1,197 @@
+"""Hardening, round two (issue 20), each class as a whole: write failures on every writer, figures
+that describe the rows used, finite config floats, BOM-prefixed text everywhere, escaped report text
+and spreadsheet-safe prediction CSVs. (Slow clients and error answers of the server: test_serve.py.)"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from peftlab.cli import main
+from tests.test_train import train_cli
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, tiny_model_dir, topic_data_dir) -> Path:
+    return train_cli(tmp_path_factory.mktemp("hardening2"),
+                     [f"model.name={tiny_model_dir}", f"data.path={topic_data_dir}", "data.max_length=48",
+                      "train.epochs=1", "train.batch_size=16", "output.plots=true", "eval.baseline=false"])
+
+
+# ---------------------------------------------------------------- 2. write failures
+
+def _limited(limit_bytes: int):
+    def apply():
+        # the kernel's answer to a file past the limit is SIGXFSZ (death); ignored, it is EFBIG, as a
+        # program that handles it sees it
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+    return apply
+
+
+def peftlab_limited(args: list[str], limit_bytes: int, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "peftlab", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300, preexec_fn=_limited(limit_bytes))
+
+
+def one_error_line(proc: subprocess.CompletedProcess, needle: str) -> str:
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("peftlab ")]
+    assert len(lines) == 1 and needle in lines[0], proc.stderr[-3000:]
+    return lines[0]
+
+
+def temporaries(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if p.name.endswith(".tmp") or ".tmp." in p.name]
+
+
+@pytest.mark.parametrize("limit, failing", [(300, "config.yaml"), (60_000, "checkpoints/last.pt"),
+                                            (400_000, "adapter")])  # adapter/: its tokenizer.json is ~700 kB
+def test_train_under_a_file_size_limit_is_one_line_and_leaves_nothing_that_looks_complete(
+        tmp_path, tiny_model_dir, topic_data_dir, limit, failing):
+    out = tmp_path / "run"
+    args = ["train", "--no-progress", "--output-dir", str(out)]
+    for o in [f"model.name={tiny_model_dir}", f"data.path={topic_data_dir}", "data.max_length=48", "train.epochs=1",
+              "train.batch_size=16", "eval.baseline=false", "output.plots=false"]:
+        args += ["--set", o]
+    line = one_error_line(peftlab_limited(args, limit, tmp_path), "file too large")
+    assert f"cannot write '{out / failing}'" in line
+    assert not temporaries(out)
+    if (out / "metrics.json").exists():
+        assert json.loads((out / "metrics.json").read_text())["status"] == "failed"
+    assert not (out / "adapter").exists()  # a folder that is there is a whole one
+    sizes = {p.name: p.stat().st_size for p in out.rglob("*") if p.is_file()}
+    assert all(size <= limit for size in sizes.values()), sizes
+    if failing == "adapter":  # with room again, --resume finishes from the checkpoints the failure kept
+        assert main(["train", "--no-progress", "--resume", str(out)]) == 0
+        assert json.loads((out / "metrics.json").read_text())["status"] == "completed"
+        assert (out / "adapter" / "tokenizer.json").stat().st_size > limit and not temporaries(out)
+
+
+def test_predict_under_a_file_size_limit_keeps_no_truncated_output(run_dir, tmp_path):
+    texts = tmp_path / "in.jsonl"
+    texts.write_text("".join(json.dumps({"text": f"the match and the goal number {i}"}) + "\n" for i in range(400)))
+    for name in ("out.csv", "out.jsonl"):
+        out = tmp_path / name
+        proc = peftlab_limited(["predict", str(run_dir), "--input", str(texts), "--output", str(out)], 20_000,
+                               tmp_path)
+        assert str(out) in one_error_line(proc, "file too large")
+        assert not out.exists() and not temporaries(tmp_path)
+
+
+def as_a_user() -> list[str]:
+    """A command prefix under which permissions hold: root passes them by its capabilities, so for root
+    the command runs without CAP_DAC_OVERRIDE (util-linux setpriv)."""
+    if os.geteuid() != 0:
+        return []
+    if shutil.which("setpriv") is None:
+        pytest.skip("running as root without setpriv: read-only folders cannot be tested")
+    caps = "-dac_override,-dac_read_search"
+    return ["setpriv", f"--bounding-set={caps}", f"--inh-caps={caps}"]
+
+
+def test_read_only_folders_are_one_line_for_every_writer(run_dir, tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    ro_run = tmp_path / "ro-run"  # a run whose own folder cannot be written
+    shutil.copytree(run_dir, ro_run)
+    (ro_run / "metrics.json").unlink()  # as if killed before its end
+    for p in ro_run.iterdir():
+        p.chmod(0o444 if p.is_file() else 0o555)
+    ro_run.chmod(0o555)
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+    try:
+        for args, where in ((["predict", str(run_dir), "--text", "x", "--output", str(locked / "p.csv")], locked),
+                            (["report", str(run_dir), "--output", str(locked / "r.html")], locked),
+                            (["export", str(run_dir), "--format", "merged", "--output", str(locked / "merged")], locked),
+                            (["train", "--output-dir", str(locked / "run")], locked),
+                            (["train", "--resume", str(ro_run)], ro_run)):
+            proc = subprocess.run([*as_a_user(), sys.executable, "-m", "peftlab", *args], env=env,
+                                  capture_output=True, text=True, timeout=300)
+            line = one_error_line(proc, str(where))
+            assert "permission denied" in line.lower(), line
+        assert list(locked.iterdir()) == []
+    finally:
+        locked.chmod(0o755)
+        ro_run.chmod(0o755)
+
+
+def test_a_failed_replacement_keeps_the_old_file_whole(tmp_path):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    (folder / "old.txt").write_text("old")
+    folder.chmod(0o555)
+    code = ("import sys; from peftlab.files import write_text; from peftlab.errors import UserError\n"
+            "try:\n  write_text(sys.argv[1], 'new')\nexcept UserError as e:\n  print(e)")
+    try:
+        proc = subprocess.run([*as_a_user(), sys.executable, "-c", code, str(folder / "old.txt")], capture_output=True,
+                              text=True, env={**os.environ, "PYTHONPATH": str(REPO / "src")}, timeout=120)
+    finally:
+        folder.chmod(0o755)
+    assert f"cannot write '{folder / 'old.txt'}': permission denied" in proc.stdout, proc.stderr
+    assert (folder / "old.txt").read_text() == "old" and [p.name for p in folder.iterdir()] == ["old.txt"]
+
+
+def test_temporaries_of_a_killed_writer_are_removed_by_the_next_run(run_dir, tmp_path, tiny_overrides):
+    from peftlab.files import clean_stale, temp_name
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    mine = temp_name(tmp_path / "keep.csv")  # this process is alive: its temporaries stay
+    mine.write_text("")
+    stale = [tmp_path / f".best.pt.{dead.pid}.tmp", tmp_path / f".out.csv.{dead.pid}-0a1b2c3d.tmp",
+             tmp_path / f".adapter.{dead.pid}-0a1b2c3d.tmp"]
+    stale[0].write_text("x")
+    stale[1].write_text("x")
+    stale[2].mkdir()
+    (stale[2] / "tokenizer.json").write_text("{")
+    assert clean_stale(tmp_path, "out.csv") == [stale[1]]
+    assert sorted(clean_stale(tmp_path)) == sorted([stale[0], stale[2]])
+    assert mine.exists() and not any(p.exists() for p in stale)
+
+    # and a resumed run cleans its own directory (the lock is taken first: the folder is the run's)
+    from peftlab.runs.rundir import RunDir
+
+    rd = RunDir(tmp_path / "resumable")
+    rd.path.mkdir()
+    (rd.checkpoints).mkdir()
+    left = [rd.path / f".metrics.json.{dead.pid}.tmp", rd.checkpoints / f".last.pt.{dead.pid}-12345678.tmp"]
+    for p in left:
+        p.write_text("half")
+    rd.lock()
+    rd.unlock()
+    assert not any(p.exists() for p in left)
+
+
+def test_library_write_errors_are_told_as_the_os_error_they_were(tmp_path):
+    import torch
+
+    from peftlab.errors import UserError
+    from peftlab.files import os_error_of, torch_save
+
+    class SafetensorError(Exception):
+        pass
+    assert os_error_of(SafetensorError("Error while serializing: I/O error: File too large (os error 27)")).errno == 27
+    assert os_error_of(RuntimeError("unrelated")) is None
+    code = ("import resource, signal, sys, torch; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (10000, 10000)); from peftlab.files import torch_save\n"
+            "from peftlab.errors import UserError\n"
+            "try:\n  torch_save({'w': torch.zeros(100000)}, sys.argv[1])\nexcept UserError as e:\n  print(e)")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "x.pt")], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO / "src")}, timeout=120)
+    assert "x.pt" in proc.stdout and "file too large" in proc.stdout, proc.stderr
+    assert list(tmp_path.iterdir()) == []
+    torch_save({"w": torch.ones(3)}, tmp_path / "ok.pt")  # without a limit: written, and nothing else
+    assert [p.name for p in tmp_path.iterdir()] == ["ok.pt"] and UserError
