@@ -195,3 +195,62 @@ def test_library_write_errors_are_told_as_the_os_error_they_were(tmp_path):
     assert list(tmp_path.iterdir()) == []
     torch_save({"w": torch.ones(3)}, tmp_path / "ok.pt")  # without a limit: written, and nothing else
     assert [p.name for p in tmp_path.iterdir()] == ["ok.pt"] and UserError
+
+
+# ---------------------------------------------------------------- 4. config floats are finite
+
+def _float_keys() -> list[str]:
+    """Every float setting of the schema (found, not listed: a new one is covered by the test below)."""
+    import typing
+
+    from peftlab.config.schema import Config, Section
+
+    keys = []
+    for section, field in Config.model_fields.items():
+        model = field.annotation
+        for name, f in model.model_fields.items():
+            args = typing.get_args(f.annotation) or (f.annotation,)
+            if float in args and not any(isinstance(a, type) and issubclass(a, Section) for a in args):
+                keys.append(f"{section}.{name}")
+    return keys
+
+
+def test_every_float_setting_is_found():
+    keys = _float_keys()
+    assert {"train.learning_rate", "train.epochs", "method.alpha", "distill.temperature", "eval.threshold",
+            "data.validation_fraction", "train.focal_gamma"} <= set(keys), keys
+
+
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf", "inf", "nan", "1e400"])
+def test_every_float_setting_refuses_nan_and_inf_in_one_line_naming_the_key(value):
+    from peftlab.config import load_config
+    from peftlab.errors import UserError
+
+    for key in _float_keys():
+        with pytest.raises(UserError) as e:
+            load_config(None, [f"{key}={value}"])
+        assert f"'{key}'" in str(e.value) and "\n" not in str(e.value), (key, str(e.value))
+        load_config(None, [f"{key}=0.5"] if key != "train.epochs" else ["train.epochs=2"])  # a finite value is not
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.class_weights={sport: .inf}", "train.class_weights"),
+    ("sweep.grid={train.learning_rate: [0.001, .nan]}", "sweep.grid"),
+    ("sweep.space={train.learning_rate: {type: float, low: 0.0001, high: .inf}}", "sweep.space.train.learning_rate.high"),
+    ("train.learning_rate=1e308", "train.learning_rate"),  # finite, but beyond the documented bound
+    ("train.epochs=1e9", "train.epochs"),
+    ("distill.temperature=1e9", "distill.temperature"),
+])
+def test_numbers_inside_maps_and_lists_and_absurd_magnitudes_are_refused(override, key):
+    from peftlab.config import load_config
+    from peftlab.errors import UserError
+
+    with pytest.raises(UserError, match=f"'{key}'"):
+        load_config(None, [override])
+
+
+def test_command_line_numbers_refuse_inf(capsys):
+    from tests.test_bad_input import run_cli
+
+    assert "out of range" in run_cli(capsys, ["sweep", "--set", "sweep.seeds=[1]", "--stale-after", "inf"])
+    assert "out of range" in run_cli(capsys, ["serve", "RUN", "--batch-window-ms", "nan"])

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+from peftlab.cli._checks import non_negative_float
 from peftlab.errors import UserError
 from peftlab.files import write_text
 
@@ -25,7 +26,7 @@ def add_parser(sub):
     p.add_argument("--concurrency", type=int, default=16, help="clients sending at once (default: %(default)s)")
     p.add_argument("--texts-per-request", type=int, default=1, help="texts in each request (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=20, help="requests sent first and not counted (default: %(default)s)")
-    p.add_argument("--batch-window-ms", type=float, default=5.0, help="passed to serve (default: %(default)s)")
+    p.add_argument("--batch-window-ms", type=non_negative_float, default=5.0, help="passed to serve (default: %(default)s)")
     p.add_argument("--max-batch", type=int, default=64, help="passed to serve (default: %(default)s)")
     p.add_argument("--modes", default="mixed,per-adapter",
                    help="comma-separated: mixed (--mixed-batching), per-adapter (--no-mixed-batching) (default: %(default)s)")

@@ -8,6 +8,7 @@ import os
 import socket
 import sys
 
+from peftlab.cli._checks import non_negative_float
 from peftlab.errors import UserError
 
 
@@ -24,7 +25,7 @@ def add_parser(sub):
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on every route but / and /health, and enable the admin "
                         "routes (default: the PEFTLAB_API_KEY environment variable; unset: no key, no admin routes)")
-    p.add_argument("--batch-window-ms", type=float, default=5.0,
+    p.add_argument("--batch-window-ms", type=non_negative_float, default=5.0,
                    help="how long a request waits for others to share its forward pass (default: %(default)s ms)")
     p.add_argument("--max-batch", type=int, default=64,
                    help="a forward pass closes once it holds this many texts (default: %(default)s)")
