@@ -254,3 +254,57 @@ def test_command_line_numbers_refuse_inf(capsys):
 
     assert "out of range" in run_cli(capsys, ["sweep", "--set", "sweep.seeds=[1]", "--stale-after", "inf"])
     assert "out of range" in run_cli(capsys, ["serve", "RUN", "--batch-window-ms", "nan"])
+
+
+# ---------------------------------------------------------------- 5. a byte-order mark, wherever text is read
+
+BOM = "\ufeff"
+
+
+def _write(path: Path, text: str, bom: bool) -> Path:
+    data = ((BOM if bom else "") + text).encode("utf-8")
+    if path.name.endswith(".gz"):
+        import gzip
+
+        data = gzip.compress(data)
+    path.write_bytes(data)
+    return path
+
+
+ROWS = [{"text": f"match goal {i}" if i % 2 else f"chip data {i}", "label": i % 2} for i in range(30)]
+TABLES = {
+    "train.jsonl": "".join(json.dumps(r) + "\n" for r in ROWS),
+    "train.jsonl.gz": "".join(json.dumps(r) + "\n" for r in ROWS),
+    "train.json": json.dumps(ROWS),  # not a reader suffix: written as .jsonl holding one JSON array below
+    "train.csv": "text,label\n" + "".join(f"{r['text']},{r['label']}\n" for r in ROWS),
+    "train.tsv": "text\tlabel\n" + "".join(f"{r['text']}\t{r['label']}\n" for r in ROWS),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TABLES))
+def test_a_byte_order_mark_is_accepted_in_every_data_format_and_labels_file(tmp_path, name):
+    from peftlab.config.schema import DataConfig
+    from peftlab.data.sources import load_data
+
+    loaded = {}
+    for bom in (False, True):
+        folder = tmp_path / f"bom-{bom}"
+        folder.mkdir()
+        file = "train.jsonl" if name == "train.json" else name
+        _write(folder / file, TABLES[name], bom)
+        _write(folder / "labels.json", json.dumps(["tech", "sport"]), bom)
+        data = load_data(DataConfig(path=str(folder)), seed=0)
+        loaded[bom] = (data.label_names, data.train.texts, data.train.labels.tolist(), data.test.texts)
+    assert loaded[True] == loaded[False] and loaded[True][0] == ["tech", "sport"]
+
+
+def test_a_byte_order_mark_is_accepted_in_texts_to_predict_unlabeled_texts_and_configs(tmp_path):
+    from peftlab.config import load_config
+    from peftlab.data.sources import read_texts
+
+    for name, text in (("in.jsonl", '{"text": "first"}\n{"text": "second"}\n'), ("in.csv", "text\nfirst\nsecond\n"),
+                       ("in.tsv", "text\nfirst\nsecond\n"), ("in.jsonl.gz", '{"text": "first"}\n{"text": "second"}\n')):
+        # predict --input and distill.unlabeled read texts with this one function
+        assert read_texts(str(_write(tmp_path / name, text, True)), ["text"], "--input") == ["first", "second"], name
+    config = _write(tmp_path / "c.yaml", "train:\n  epochs: 2\n", True)
+    assert load_config(str(config)).train.epochs == 2

@@ -228,7 +228,7 @@ def _csv_separator(path: Path, suffix: str) -> str:
 
     opener = gzip.open if path.name.endswith(".gz") else open
     try:
-        with opener(path, "rt", encoding="utf-8", errors="replace") as f:
+        with opener(path, "rt", encoding="utf-8-sig", errors="replace") as f:
             header = f.readline()
     except OSError:
         return ","
@@ -246,7 +246,9 @@ def read_table(path: Path, keep_blank_rows: bool = False) -> pd.DataFrame:
     try:
         if suffix in (".csv", ".tsv"):
             # Only an empty field is missing: a text that reads "NA" or "null" is still a text.
+            # utf-8-sig: a byte-order mark (as spreadsheets and Windows editors write) is not part of the header
             frame = pd.read_csv(path, sep=_csv_separator(path, suffix), keep_default_na=False, na_values=[""],
+                                encoding="utf-8-sig",
                                 skip_blank_lines=not keep_blank_rows)
         elif suffix == ".parquet":
             frame = pd.read_parquet(path)
@@ -281,7 +283,7 @@ def read_texts(path: str, text_columns: list[str], what: str) -> list[str]:
 def _read_jsonl(path: Path) -> pd.DataFrame:
     # A json.loads loop is ~3x faster than pandas.read_json(lines=True) here, and knows the failing line.
     opener = gzip.open if path.name.lower().endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
+    with opener(path, "rt", encoding="utf-8-sig") as f:  # a leading byte-order mark is dropped, as for CSV
         content = f.read()
     if content.lstrip().startswith("["):  # a plain JSON array of objects is accepted too
         rows = json.loads(content)
@@ -301,7 +303,7 @@ def _read_jsonl(path: Path) -> pd.DataFrame:
 
 def _read_label_names(path: Path) -> list[str]:
     try:
-        names = json.loads(path.read_text(encoding="utf-8"))
+        names = json.loads(path.read_text(encoding="utf-8-sig"))
     except (OSError, ValueError) as e:
         raise UserError(f"{path}: cannot be read ({_first_line(e)}); it must be a JSON list of class names") from None
     if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):

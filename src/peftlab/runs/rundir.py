@@ -229,7 +229,7 @@ class RunDir:
         return weights
 
     def config_tree(self) -> dict:
-        return yaml.safe_load(self.config_file.read_text())
+        return yaml.safe_load(self.config_file.read_text(encoding="utf-8-sig"))  # hand-edited: maybe a BOM
 
     # --- checkpoints -------------------------------------------------------------------------
     def save_checkpoint(self, name: str, state: dict) -> None:
