@@ -308,3 +308,68 @@ def test_a_byte_order_mark_is_accepted_in_texts_to_predict_unlabeled_texts_and_c
         assert read_texts(str(_write(tmp_path / name, text, True)), ["text"], "--input") == ["first", "second"], name
     config = _write(tmp_path / "c.yaml", "train:\n  epochs: 2\n", True)
     assert load_config(str(config)).train.epochs == 2
+
+
+# ---------------------------------------------------------------- 7. text from runs, escaped in every format
+
+HOSTILE_RUN = "<img src=x onerror=alert(1)>"
+HOSTILE = {"business": "$\\frac{$ <b>b</b>", "sport": "sp|ort [x](javascript:alert(1))", "tech": "*tech* `x` <!--"}
+
+
+def _rewrite(value, mapping: dict[str, str]):
+    if isinstance(value, str):
+        return mapping.get(value, value)
+    if isinstance(value, list):
+        return [_rewrite(v, mapping) for v in value]
+    if isinstance(value, dict):
+        return {_rewrite(k, mapping): _rewrite(v, mapping) for k, v in value.items()}
+    return value
+
+
+def hostile_runs(root: Path) -> list[Path]:
+    """Two runs whose name, model, dataset and labels are markup (Markdown, HTML, mathtext)."""
+    import yaml
+
+    from conftest_report_helpers import make_run
+
+    runs = [make_run(root, HOSTILE_RUN, r=8), make_run(root, "plain", r=16, seed=1)]
+    for run in runs:
+        record = json.loads((run / "metrics.json").read_text())
+        record = _rewrite(record, {**HOSTILE, "bbc_news": "data <script>x</script>"})
+        record["config"]["model"]["name"] = record["model"] = "[m](http://x) <i>m</i>"
+        (run / "metrics.json").write_text(json.dumps(record))
+        config = yaml.safe_load((run / "config.yaml").read_text())
+        config["model"]["name"] = record["model"]
+        (run / "config.yaml").write_text(yaml.safe_dump(config))
+        csv_text = (run / "predictions.csv").read_text()
+        for old, new in HOSTILE.items():  # csv.writer quotes what needs it
+            csv_text = csv_text.replace(f",{old}", "," + json.dumps(new).replace('\\"', '""'))
+        (run / "predictions.csv").write_text(csv_text)
+    return runs
+
+
+def test_markdown_report_shows_run_text_as_written_and_never_as_markup(tmp_path):
+    from markdown_it import MarkdownIt
+
+    from peftlab.reports import build_report
+
+    hostile_runs(tmp_path / "runs")
+    html_path, md_path = build_report([tmp_path / "runs"], tmp_path / "report.html")
+    md = md_path.read_text()
+    rendered = MarkdownIt("commonmark").enable("table").render(md)  # as a viewer that allows HTML shows it
+    for tag in ("<img", "<b>", "<i>", "<script", "<a ", "<em>", "<code>", "<!--"):
+        assert tag not in rendered, tag
+    assert HOSTILE_RUN.replace("<", "&lt;").replace(">", "&gt;") in rendered  # the name, as text
+    assert "[m](http://x) &lt;i&gt;m&lt;/i&gt;" in rendered
+    rows = [line for line in md.splitlines() if line.startswith("| ")]
+    assert len({line.count(" | ") - line.count("\\|") for line in rows}) == 1  # no cell split by a "|"
+    page = html_path.read_text()
+    assert "<img src=x" not in page and "<script>x" not in page
+
+
+def test_run_plots_and_report_charts_draw_labels_as_written(tmp_path):
+    from peftlab.runs.plots import write_plots
+
+    runs = hostile_runs(tmp_path)
+    written = write_plots(runs[0])  # mathtext would fail on "$\frac{$"
+    assert {p.name for p in written} >= {"confusion_matrix.png", "loss.png"}

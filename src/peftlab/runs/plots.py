@@ -10,6 +10,7 @@ and notebooks alike.
 """
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -71,6 +72,18 @@ def draw_confusion(ax, matrix, names: list[str], title: str = "") -> None:
 
 def _nan_or(value) -> float:
     return np.nan if value is None else value
+
+
+def plain_text(function):
+    """Titles, ticks and legends hold data (label and run names): drawn as written, never as mathtext,
+    where a name like "$\\frac{$" would stop the whole run at its last step."""
+    @functools.wraps(function)
+    def drawn_plainly(*args, **kwargs):
+        import matplotlib
+
+        with matplotlib.rc_context({"text.parse_math": False}):
+            return function(*args, **kwargs)
+    return drawn_plainly
 
 
 def _save(fig: Figure, out: Path) -> None:
@@ -442,6 +455,7 @@ def _read_predictions(run_dir: Path) -> pd.DataFrame | None:
     return df if {"label", "predicted"} <= set(df.columns) else None
 
 
+@plain_text
 def write_plots(run_dir: Path, record: RunRecord | None = None) -> list[Path]:
     """Write loss.png, validation.png, confusion_matrix.png, confidence.png, reliability.png into run_dir/plots/, from
     `record` (default: the run's metrics.json), history.jsonl and predictions.csv. A multi-label run gets
