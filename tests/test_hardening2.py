@@ -373,3 +373,40 @@ def test_run_plots_and_report_charts_draw_labels_as_written(tmp_path):
     runs = hostile_runs(tmp_path)
     written = write_plots(runs[0])  # mathtext would fail on "$\frac{$"
     assert {p.name for p in written} >= {"confusion_matrix.png", "loss.png"}
+
+
+# ---------------------------------------------------------------- 8. spreadsheet formulas in prediction CSVs
+
+FORMULAS = ["=1+2", "+SUM(A1)", "-2+3", "@cmd", "\tx", "\rx", "plain text", "a=b"]
+
+
+def test_predict_csv_is_spreadsheet_safe_by_default_and_exact_on_request(run_dir, tmp_path):
+    import csv
+
+    args = ["predict", str(run_dir)] + [f"--text={t}" for t in FORMULAS]  # "-2+3" is not an option
+    for extra, expect in (([], ["'" + t if t[0] in "=+-@\t\r" else t for t in FORMULAS]), (["--no-csv-safe"], FORMULAS)):
+        out = tmp_path / f"out{len(extra)}.csv"
+        assert main(args + ["--output", str(out)] + extra) == 0
+        with open(out, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+        assert [r["text"] for r in rows] == expect
+        assert all(float(r["confidence"]) > 0 for r in rows)  # numbers stay numbers
+    out = tmp_path / "out.jsonl"  # JSON Lines is data for programs: never changed
+    assert main(args + ["--output", str(out)]) == 0
+    assert [json.loads(line)["text"] for line in out.read_text().splitlines()] == FORMULAS
+
+
+def test_label_cells_are_spreadsheet_safe_too(tmp_path):
+    import csv
+
+    from peftlab.cli.predict import write_rows
+
+    rows = [{"label": "-1", "confidence": 0.75, "probabilities": {"-1": 0.75, "=x": 0.25}},
+            {"labels": ["=x", "-1"], "probabilities": {"-1": 0.6, "=x": 0.7}}]
+    for i, row in enumerate(rows):
+        out = tmp_path / f"{i}.csv"
+        write_rows(str(out), ["t"], [row], ["-1", "=x"])
+        with open(out, newline="", encoding="utf-8") as f:
+            got = next(csv.DictReader(f))
+        assert got.get("label", got.get("labels")) == ("'-1" if i == 0 else "'=x|-1")
+        assert float(got["prob_-1"]) == row["probabilities"]["-1"]

@@ -217,7 +217,9 @@ class RunDir:
         # kept exactly as the data says (no spreadsheet-formula guard): export and report read it back
         # (docs/report.md); `peftlab predict --output x.csv` is the spreadsheet-safe form
         with replacing(self.predictions_file) as tmp:
-            frame.to_csv(tmp, index=False)
+            # CRLF rows (RFC 4180): then a text holding a bare \r is quoted too (with \n rows it is not,
+            # and a reader would split the row there)
+            frame.to_csv(tmp, index=False, lineterminator="\r\n")
 
     def save_weights(self, name: str, model, tokenizer) -> Path:
         """adapter/ or model/ (save_pretrained of the model and its tokenizer), written to a temporary
