@@ -410,3 +410,64 @@ def test_label_cells_are_spreadsheet_safe_too(tmp_path):
             got = next(csv.DictReader(f))
         assert got.get("label", got.get("labels")) == ("'-1" if i == 0 else "'=x|-1")
         assert float(got["prob_-1"]) == row["probabilities"]["-1"]
+
+
+# ---------------------------------------------------------------- 3. figures about a run describe the rows used
+
+def test_recorded_counts_are_those_of_the_rows_trained_and_scored(tmp_path, tiny_overrides, topic_data_dir, capsys):
+    import pandas as pd
+
+    data = tmp_path / "leaky"
+    shutil.copytree(topic_data_dir, data)
+    train_texts = [json.loads(line)["text"] for line in (data / "train.jsonl").read_text().splitlines()]
+    with open(data / "test.jsonl", "a") as f:  # 30 train rows also in test (the file's test rows: 60 + 30)
+        f.write((data / "train.jsonl").read_text().splitlines()[-30:][0] + "\n")
+        f.write("\n".join((data / "train.jsonl").read_text().splitlines()[-29:]) + "\n")
+    base = [o for o in tiny_overrides if not o.startswith("data.path")] + [
+        f"data.path={data}", "train.max_steps=2", "data.max_eval_samples=20"]
+
+    # every train row is used: the overlap is counted on the 20 test rows scored, not on the file's 90
+    out = train_cli(tmp_path, base, "subset")
+    m = json.loads((out / "metrics.json").read_text())
+    scored = pd.read_csv(out / "predictions.csv", keep_default_na=False)
+    assert m["split_sizes"] == {"train": 240, "validation": 20, "test": 20} and len(scored) == 20
+    assert m["overlap_with_train"]["test"] == sum(t in set(train_texts) for t in scored["text"])
+    assert m["overlap_with_train"]["test"] < 30
+    warned = capsys.readouterr().err
+    if m["overlap_with_train"]["test"]:
+        assert f"{m['overlap_with_train']['test']:,} test texts also occur in train" in warned
+    for name, scores in m["test"]["per_class"].items():  # label counts: those of the rows scored
+        assert scores["support"] == int((scored["label"] == name).sum())
+    assert sum(m["test"]["confusion_matrix"][i][j] for i in range(3) for j in range(3)) == 20
+
+    # a train subset: leakage is against the rows trained on; dropped, the evaluation subsets keep their size
+    out = train_cli(tmp_path, base + ["data.max_train_samples=60", "data.drop_duplicates_across_splits=true"], "drop")
+    m = json.loads((out / "metrics.json").read_text())
+    scored = pd.read_csv(out / "predictions.csv", keep_default_na=False)
+    assert m["split_sizes"] == {"train": 60, "validation": 20, "test": 20} and len(scored) == 20
+    assert m["overlap_with_train"] == {"validation": 0, "test": 0}
+
+
+def test_load_data_counts_overlap_on_the_subsets(tmp_path, topic_data_dir):
+    """The data layer alone, with every combination of subsets: the recorded overlap is recomputed from
+    the rows it returns."""
+    from peftlab.config.schema import DataConfig
+    from peftlab.data.sources import load_data
+
+    data = tmp_path / "leaky"
+    shutil.copytree(topic_data_dir, data)
+    lines = (data / "train.jsonl").read_text().splitlines()
+    with open(data / "test.jsonl", "a") as f:
+        f.write("\n".join(lines[::4]) + "\n")  # 60 train rows also in test
+    for train_limit in (None, 50):
+        for eval_limit in (None, 15):
+            for drop in (False, True):
+                loaded = load_data(DataConfig(path=str(data), max_train_samples=train_limit,
+                                              max_eval_samples=eval_limit, drop_duplicates_across_splits=drop), 0)
+                used = set(loaded.train.texts)
+                for split in ("validation", "test"):
+                    rows = getattr(loaded, split).texts
+                    assert loaded.overlap[split] == sum(t in used for t in rows), (train_limit, eval_limit, drop)
+                    assert not drop or loaded.overlap[split] == 0
+                    if eval_limit:
+                        assert len(rows) == eval_limit
