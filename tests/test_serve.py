@@ -395,6 +395,15 @@ def test_half_open_and_slow_clients_are_cut_off_and_health_keeps_answering(guard
         s.close()
     assert httpx.get(f"{guarded}/health", timeout=5).json()["status"] == "ok"
 
+    # on a kept-alive connection, the clock starts again at the next request's first byte
+    s = socket.create_connection((host, int(port)), timeout=10)
+    s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert b'"status":"ok"' in s.recv(4096)
+    s.sendall(b"GET /health HTTP/1.1\r\nHo")
+    status, _, reply = read_answer(s)
+    s.close()
+    assert status == 408 and "headers not received" in reply["detail"]
+
     # a body sent a byte at a time is cut off at the body deadline (3 s), not when it ends
     s = socket.create_connection((host, int(port)), timeout=10)
     s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode() +

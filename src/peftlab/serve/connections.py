@@ -115,7 +115,8 @@ def guarded_protocol(limits: ConnectionLimits) -> type[H11Protocol]:
             self._deadline = self._phase = None
             if self.transport.is_closing():
                 return
-            if self.cycle is not None and self.cycle.response_started:
+            cycle = self.cycle  # on a kept-alive connection, the previous request's (answered) until new headers
+            if cycle is not None and cycle.response_started and not cycle.response_complete:
                 self.transport.close()  # the app answers already: nothing else may be written
                 return
             what = "request headers" if phase == "headers" else "request body"
