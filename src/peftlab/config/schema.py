@@ -107,6 +107,15 @@ class TrainConfig(Section):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16 on a GPU that has it, else fp32")
     sampler: Literal["length_grouped", "random"] = Field("length_grouped", description="length_grouped: similar lengths share a batch (less padding)")
     compile: bool = Field(False, description="torch.compile the model (GPU)")
+    step_engine: Literal["auto", "eager", "cuda_graphs"] = Field(
+        "eager", description="how each training step runs. eager: plain PyTorch; cuda_graphs: the whole step (forward, "
+                             "backward, clipping, AdamW) replayed as one CUDA graph per length bucket; auto: cuda_graphs "
+                             "where it can run, else eager. Where cuda_graphs cannot run (CPU, several processes, fp16, "
+                             "gradient accumulation, distillation, ...) eager runs and metrics.json says why")
+    frozen_dtype: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="the dtype frozen (non-trained) weights are stored in. auto: bf16 on a bf16 GPU run of a "
+                            "method that freezes the backbone (half the memory, no re-cast each step), else as loaded; "
+                            "fp32: upcast them (what peft's prepare_model_for_kbit_training does for QLoRA)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     log_every: int = Field(10, ge=1, description="optimizer steps between loss readings (the only host syncs; a non-finite loss is caught there)")
     checkpoint_every_epoch: bool = Field(True, description="save a resumable checkpoint at each epoch end")

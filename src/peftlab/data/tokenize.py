@@ -24,7 +24,12 @@ class Encoded:
 
     @property
     def lengths(self) -> np.ndarray:
-        return np.diff(self.offsets)
+        # computed once per offsets array (the training loop reads it every step)
+        cached = self.__dict__.get("_lengths")
+        if cached is None or cached[0] is not self.offsets:
+            cached = (self.offsets, np.diff(self.offsets))
+            self.__dict__["_lengths"] = cached
+        return cached[1]
 
     def sequence(self, i: int) -> np.ndarray:
         return self.ids[self.offsets[i]:self.offsets[i + 1]]

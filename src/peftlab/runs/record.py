@@ -94,12 +94,22 @@ class Efficiency(Record):
     optimizer_steps: int | None = None
     wall_seconds: float | None = None
     world_size: int = 1  # processes that trained (peftlab train --nproc, torchrun, accelerate launch)
+    step_engine: str | None = None  # which training step engine ran (training/engines/)
+    step_engine_reason: str | None = None  # why it is not the one train.step_engine asked for
+    graph_capture_seconds: float | None = None  # cuda_graphs: warm-up and capture, part of train_seconds
+    frozen_dtype: str | None = None  # the dtype the frozen weights were stored in
 
 
 class Quantization(Record):
     requested: str | None = None
-    used: str | None = None
+    used: str | None = None  # read from the built model's modules (older records: from the request)
     reason: str | None = None
+    modules_4bit: int | None = None  # bitsandbytes 4-bit / 8-bit linear layers, and their stored bytes
+    bytes_4bit: int | None = None
+    modules_8bit: int | None = None
+    bytes_8bit: int | None = None
+    frozen_linear_unquantized: int | None = None  # frozen linear layers left in floating point
+    skipped_for_width: int | None = None  # of those, left out because bitsandbytes cannot take their widths
 
 
 class Distillation(Record):
