@@ -128,6 +128,7 @@ def guarded_protocol(limits: ConnectionLimits) -> type[H11Protocol]:
                 self.cycle.disconnected = True  # the app, if it waits for this body, sees a disconnect
                 self.cycle.message_event.set()
             self._refused = True
+            self.connections.discard(self)  # draining, not served: it no longer counts against the cap
             self.transport.write(raw_response(status, detail, headers))
             # closing at once with unread input would reset the connection, and the client might never
             # see the answer: end our side, drop what still comes, close shortly after
