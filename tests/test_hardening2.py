@@ -471,3 +471,24 @@ def test_load_data_counts_overlap_on_the_subsets(tmp_path, topic_data_dir):
                     assert not drop or loaded.overlap[split] == 0
                     if eval_limit:
                         assert len(rows) == eval_limit
+
+
+def test_export_under_a_file_size_limit_is_one_line_and_leaves_no_folder(run_dir, tmp_path):
+    out = tmp_path / "merged"
+    proc = peftlab_limited(["export", str(run_dir), "--format", "merged", "--output", str(out)], 200_000, tmp_path)
+    assert f"cannot write '{out}'" in one_error_line(proc, "file too large")
+    assert not out.exists() and not temporaries(tmp_path)
+
+
+def test_predictions_csv_keeps_texts_with_carriage_returns_in_their_row(tmp_path):
+    import numpy as np
+    import pandas as pd
+
+    from peftlab.runs.rundir import RunDir
+
+    texts = ["one\rtwo", "three\r\nfour", "=five", 'six "quoted", seven']
+    rd = RunDir(tmp_path)
+    probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7]])
+    rd.write_predictions(texts, np.array([0, 1, 0, 1]), probs, probs.argmax(1), ["a", "b"])
+    frame = pd.read_csv(rd.predictions_file, keep_default_na=False)
+    assert frame["text"].tolist() == texts and frame["predicted"].tolist() == ["a", "b", "a", "b"]
