@@ -3,6 +3,7 @@ that describe the rows used, finite config floats, BOM-prefixed text everywhere,
 and spreadsheet-safe prediction CSVs. (Slow clients and error answers of the server: test_serve.py.)"""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import resource
@@ -185,6 +186,9 @@ def test_library_write_errors_are_told_as_the_os_error_they_were(tmp_path):
         pass
     assert os_error_of(SafetensorError("Error while serializing: I/O error: File too large (os error 27)")).errno == 27
     assert os_error_of(RuntimeError("unrelated")) is None
+    import sqlite3
+
+    assert os_error_of(sqlite3.OperationalError("database or disk is full")).errno == errno.ENOSPC
     code = ("import resource, signal, sys, torch; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
             "resource.setrlimit(resource.RLIMIT_FSIZE, (10000, 10000)); from peftlab.files import torch_save\n"
             "from peftlab.errors import UserError\n"

@@ -33,6 +33,7 @@ WRITE_ERRORS = frozenset(_REASONS)
 # .NAME.PID.tmp, .NAME.PID-HEX.tmp (optionally with a suffix kept for libraries that want one: .tmp.npz)
 _TEMP = re.compile(r"^\.(.+)\.(\d+)(?:-[0-9a-f]+)?\.tmp(?:\.\w+)?$")
 _OS_ERROR = re.compile(r"os error (\d+)")
+_SQLITE = (("database or disk is full", errno.ENOSPC), ("attempt to write a readonly database", errno.EROFS))
 
 
 def temp_name(path: Path) -> Path:
@@ -51,6 +52,9 @@ def os_error_of(error: BaseException) -> OSError | None:
     if match:
         code = int(match.group(1))
         return OSError(code, os.strerror(code))
+    for words, code in _SQLITE:  # optuna's study.db (sqlite names no errno)
+        if words in str(error):
+            return OSError(code, os.strerror(code))
     cause = error.__cause__ or error.__context__
     return os_error_of(cause) if cause is not None and cause is not error else None
 
