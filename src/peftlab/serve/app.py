@@ -271,6 +271,7 @@ def _errors(*codes: int) -> dict:
             403: "admin routes are off: the server has no --api-key", 404: "no such adapter (or run directory)",
             409: "conflicts with what is served: a run of that name is served already (/admin/runs), or "
                  "no adapter was named while several runs are served (/predict)", 413: "request body too large",
+            408: "the body did not arrive within the server's --body-timeout of its headers (the connection is closed)",
             422: "invalid request (the detail names the field)",
             503: "busy: the texts waiting for a forward pass reach --max-queue-texts; retry after the Retry-After "
                  "header's seconds"}
@@ -352,7 +353,7 @@ def create_app(run_dirs: list[str], device: torch.device | None = None, settings
         return [s.describe() for s in list(registry.served.values())]
 
     @app.post("/predict", response_model=PredictResponse, dependencies=[Depends(authorized)],
-              responses=_errors(400, 401, 404, 409, 413, 422, 503), summary="classify texts with one served run")
+              responses=_errors(400, 401, 404, 408, 409, 413, 422, 503), summary="classify texts with one served run")
     async def predict(req: PredictRequest):
         served = registry.served.get(req.adapter) if req.adapter is not None else None
         if req.adapter is None:
@@ -387,7 +388,7 @@ def create_app(run_dirs: list[str], device: torch.device | None = None, settings
         return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/admin/runs", response_model=AdapterInfo, status_code=201, dependencies=[Depends(admin)],
-              responses=_errors(400, 401, 403, 404, 409, 413, 422), summary="load a run while serving")
+              responses=_errors(400, 401, 403, 404, 408, 409, 413, 422), summary="load a run while serving")
     async def load_run(body: LoadRun):
         if "\0" in body.run_dir or not Path(body.run_dir).is_dir():
             raise HTTPException(404, f"run_dir: no directory {body.run_dir!r} on the server")
