@@ -444,9 +444,7 @@ class Trainer:
                                    self.cfg.data.label_separator)
         if not self.dist.main:
             return self._finished(self._record(test, best["validation"], None, decision))
-        weights = self.run.weights_dir(self.built.method.weights_dir)
-        self.model.save_pretrained(weights)
-        self.tokenizer.save_pretrained(weights)
+        weights = self.run.save_weights(self.built.method.weights_dir, self.model, self.tokenizer)
         adapter_bytes = sum(f.stat().st_size for f in weights.iterdir() if f.suffix in (".safetensors", ".bin"))
         record = self._record(test, best["validation"], adapter_bytes, decision)
         if self.cfg.output.plots:
