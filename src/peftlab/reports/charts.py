@@ -9,7 +9,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from peftlab.reports.collect import Group, Section
-from peftlab.runs.plots import draw_confusion, draw_label_scores, most_frequent
+from peftlab.runs.plots import draw_confusion, draw_label_scores, most_frequent, plain_text
 from peftlab.tasks import SINGLE_LABEL, Task
 
 MIB = 2**20
@@ -184,6 +184,7 @@ def confusion_chart(report: Section) -> Chart | None:
 BEST_RUN_CHARTS = {"confusion_matrix": confusion_chart, "label_scores": label_scores_chart}
 
 
+@plain_text
 def all_charts(report: Section) -> list[Chart]:
     g, task = report.groups, report.task
     charts = [scores_chart(g, task), pareto_chart(g, task), params_chart(g), time_chart(g), memory_chart(g),

@@ -7,7 +7,6 @@ is not a record at all fails with one line naming it.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -260,10 +259,9 @@ class RunRecord(Record):
 
     def write(self, path: str | Path) -> None:
         """Atomically: a reader sees the previous record or this one, never a torn file."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(self.model_dump_json(indent=2, exclude_none=False) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        from peftlab.files import write_text
+
+        write_text(path, self.model_dump_json(indent=2, exclude_none=False) + "\n")
 
 
 def _first_error(e: ValidationError) -> str:

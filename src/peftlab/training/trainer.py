@@ -443,9 +443,7 @@ class Trainer:
                                    self.cfg.data.label_separator, self.task)
         if not self.dist.main:
             return self._finished(self._record(test, best["validation"], None, decision))
-        weights = self.run.weights_dir(self.built.method)
-        self.model.save_pretrained(weights)
-        self.tokenizer.save_pretrained(weights)
+        weights = self.run.save_weights(self.built.method, self.model, self.tokenizer)
         adapter_bytes = sum(f.stat().st_size for f in weights.iterdir() if f.suffix in (".safetensors", ".bin"))
         record = self._record(test, best["validation"], adapter_bytes, decision)
         if self.cfg.output.plots:
