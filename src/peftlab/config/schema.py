@@ -31,6 +31,11 @@ class DataConfig(Section):
     seed: int | None = Field(None, description="seed of the carved splits and subsets; default: train.seed. Set it for seed studies, so that every training seed is scored on the same rows")
     max_train_samples: int | None = Field(None, ge=2, description="stratified subset of train, for quick runs")
     max_eval_samples: int | None = Field(None, ge=2, description="stratified subset of validation and of test")
+    min_validation_rows: int = Field(20, ge=1, description="a validation split with fewer rows cannot choose an epoch "
+                                     "(its metric moves in steps of 1/rows and many epochs tie): it is warned about "
+                                     "and the last epoch is kept (a fixed budget of train.epochs); a validation "
+                                     "split that would be carved this small is not carved, so train keeps every "
+                                     "labelled row (validation then scores the training rows, for the history only)")
     drop_duplicates_across_splits: bool = Field(False, description="drop validation/test rows whose text also occurs in train (they are counted and warned about either way)")
     cache_dir: str | None = Field(None, description="tokenization cache; default ~/.cache/peftlab (or $PEFTLAB_CACHE)")
 
@@ -75,6 +80,10 @@ class TrainConfig(Section):
     epochs: float = Field(3, gt=0)
     max_steps: int | None = Field(None, ge=1, description="optimizer steps; overrides epochs")
     batch_size: int = Field(16, ge=1)
+    min_steps_per_epoch: int = Field(4, ge=1, description="few training rows: the batch size is lowered (never below 1) "
+                                     "so that an epoch has at least this many optimizer steps (recorded in "
+                                     "metrics.json tiny_data); 16 rows in one batch of 16 would learn from one step "
+                                     "per epoch")
     learning_rate: float | None = Field(None, gt=0, description="default: the method's own (full 5e-5, lora/qlora 1e-3, ia3 5e-3)")
     weight_decay: float = Field(0.01, ge=0)
     warmup_ratio: float = Field(0.1, ge=0, lt=1)

@@ -98,3 +98,41 @@ def _allocate(counts: np.ndarray, n: int) -> np.ndarray:
     # The rows lost to rounding go to the largest remainders (ties: the earlier class, for determinism).
     share[np.argsort(-(exact - share), kind="stable")[: rest - share.sum()]] += 1
     return quota + share
+
+
+# --- few labelled rows (docs/few-shot.md) ------------------------------------------------------------
+def too_small_to_carve(n_train: int, cfg) -> bool:
+    """Would a carved validation split of `n_train` rows be too small to choose an epoch with
+    (cfg: DataConfig)? Then none is carved: every labelled row trains, and the last epoch is kept."""
+    return math.ceil(cfg.validation_fraction * n_train) < cfg.min_validation_rows
+
+
+def selection_plan(n_validation: int, min_rows: int, validation_is_train: bool) -> dict:
+    """How the run picks its best epoch: by validation (RULE of peftlab.runs.select is the trainer's), or,
+    when validation is too small to tell epochs apart (or is the training rows), the last epoch."""
+    if validation_is_train:
+        return {"rule": "last epoch", "validation_rows": n_validation,
+                "reason": "too few rows to carve a validation split: every labelled row trains, for train.epochs"}
+    if n_validation < min_rows:
+        return {"rule": "last epoch", "validation_rows": n_validation,
+                "reason": f"validation has {n_validation} rows, fewer than data.min_validation_rows={min_rows}: "
+                          f"too few to choose an epoch"}
+    return {"rule": None, "validation_rows": n_validation, "reason": None}
+
+
+def capped_batch_size(n_rows: int, batch_size: int, accumulation: int, min_steps: int) -> int:
+    """The batch size, lowered where needed so that an epoch of `n_rows` has at least `min_steps`
+    optimizer steps (never below 1: a handful of rows then gives one step per row group)."""
+    if math.ceil(math.ceil(n_rows / batch_size) / accumulation) >= min_steps:
+        return batch_size
+    return max(1, min(batch_size, n_rows // (min_steps * accumulation)))
+
+
+def check_not_empty(splits: dict, sources: dict) -> None:
+    """Every split must keep a row: an emptied one (e.g. data.drop_duplicates_across_splits dropped
+    every validation row, all also in train) is a user error, named in one line."""
+    for split, rows in splits.items():
+        if len(rows) == 0:
+            raise UserError(f"data: the {split} split is empty ({sources.get(split, 'no rows')}); give it rows of "
+                            f"its own (e.g. a {split} file with texts not in train), or leave "
+                            f"data.drop_duplicates_across_splits off")

@@ -433,7 +433,7 @@ class Sweep:
                 row["run_dir_host"] = "another worker"
         if brief is not None and brief.get("status") == "completed":
             row.update(status="completed", validation={k: brief["validation"].get(k) for k in METRICS},
-                       test=brief["test"], trainable_params=brief["params"]["trainable"],
+                       validation_loss=brief["validation"].get("loss"), test=brief["test"], trainable_params=brief["params"]["trainable"],
                        trainable_pct=brief["params"]["trainable_pct"], train_seconds=brief["train_seconds"],
                        peak_memory_bytes=brief["peak_memory_bytes"])
         elif blocked:
