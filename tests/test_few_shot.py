@@ -114,3 +114,80 @@ def test_an_emptied_split_is_one_line_exit_2(tmp_path, capsys, tiny_model_dir, t
                  "data.drop_duplicates_across_splits=true")
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "validation split is empty" in err[0], err
+
+
+# --- the pooled head ----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_st_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny model as a sentence-transformers checkpoint: mean pooling, then unit length."""
+    import shutil
+
+    path = tmp_path_factory.mktemp("tiny-st") / "model"
+    shutil.copytree(tiny_model_dir, path)
+    (path / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]))
+    (path / "1_Pooling").mkdir()
+    (path / "1_Pooling" / "config.json").write_text(json.dumps(
+        {"word_embedding_dimension": 32, "pooling_mode_cls_token": False, "pooling_mode_mean_tokens": True}))
+    return path
+
+
+def test_head_follows_the_checkpoint(tiny_model_dir, tiny_st_dir):
+    import torch
+
+    from peftlab.models.heads import embed, installed
+    from peftlab.models.loading import head_for, load_classifier
+
+    assert head_for(str(tiny_st_dir))["kind"] == "pooled" and head_for(str(tiny_st_dir))["normalize"] is True
+    assert head_for(str(tiny_model_dir))["kind"] == "own"
+    assert head_for(str(tiny_st_dir), "cls")["kind"] == "own"
+    assert head_for(str(tiny_model_dir), "pooled")["pooling"] == "mean"
+    assert head_for("minilm-l6") == {**head_for("minilm-l6"), "kind": "pooled", "pooling": "mean", "normalize": True}
+    head = head_for(str(tiny_st_dir))
+    model = load_classifier(str(tiny_st_dir), ["a", "b"], head=head).eval()
+    assert installed(model) == head
+    ids = torch.tensor([[101, 2000, 2001, 102, 0, 0], [101, 2003, 2004, 2005, 2006, 102]])
+    mask = (ids != 0).long()
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        hidden = load_classifier(str(tiny_model_dir), ["a", "b"]).eval().bert(input_ids=ids, attention_mask=mask)[0]
+        expected = model.classifier(embed(hidden, mask, head))
+    torch.testing.assert_close(logits, expected)  # the classifier reads the masked mean, unit length
+    # padding does not change a text's logits (the mean is over real tokens only)
+    with torch.no_grad():
+        alone = model(input_ids=ids[:1, :4], attention_mask=mask[:1, :4]).logits
+    torch.testing.assert_close(alone, logits[:1], atol=1e-5, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def pooled_run(tiny_st_dir, topic_data_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("pooled") / "run"
+    assert train(out, f"model.name={tiny_st_dir}", f"data.path={topic_data_dir}", "train.epochs=2",
+                 "train.learning_rate=0.01", "method.name=lora") == 0
+    return out
+
+
+def test_pooled_run_records_its_head_and_predicts_as_it_tested(pooled_run, capsys):
+    import pandas as pd
+
+    m = record(pooled_run)
+    assert m["head"]["kind"] == "pooled" and m["head"]["pooling"] == "mean"
+    frame = pd.read_csv(pooled_run / "predictions.csv")
+    texts = frame["text"].tolist()[:12]
+    from peftlab.runs.trained import load_predictor
+
+    probs = load_predictor(pooled_run).probabilities(texts)
+    assert abs(probs - frame[[c for c in frame.columns if c.startswith("prob_")]].to_numpy()[:12]).max() < 1e-4
+
+
+def test_pooled_run_exports_merged_and_onnx(pooled_run, tmp_path):
+    from peftlab.export.merged import export_merged
+    from peftlab.export.onnx_export import export_onnx
+
+    merged = export_merged(pooled_run, tmp_path / "merged")
+    assert merged["check"]["agreement_with_run"] == 1.0 and merged["check"]["max_abs_diff_vs_run"] < 1e-4
+    assert "peftlab_head.py" in merged["files"]
+    onnx = export_onnx(pooled_run, tmp_path / "onnx")
+    assert onnx["check"]["agreement_with_run"] == 1.0 and onnx["check"]["max_abs_diff_vs_run"] < 1e-4

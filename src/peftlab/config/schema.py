@@ -49,6 +49,12 @@ class ModelConfig(Section):
     name: str = Field("minilm-l6", description="hub id, local folder, built-in alias (minilm-l6), or random:SHAPE (random weights: speed and memory only)")
     tokenizer: str | None = Field(None, description="tokenizer to use when it differs from the model (needed for random:SHAPE)")
     gradient_checkpointing: bool = False
+    head: Literal["auto", "pooled", "cls"] = Field(
+        "auto", description="what the classifier reads. auto: the pooled sentence embedding where the checkpoint is a "
+                            "sentence-transformers one (its modules.json and 1_Pooling/config.json say how: mean "
+                            "pooling, then unit length for MiniLM and MPNet), else the checkpoint's own head. pooled: "
+                            "that embedding (mean pooling where the checkpoint does not say). cls: the checkpoint's own "
+                            "head ([CLS] pooler / first token). Recorded in metrics.json head")
 
 
 class MethodConfig(Section):

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from peftlab.config.schema import Config
-from peftlab.models.loading import load_classifier
+from peftlab.models.loading import head_for, load_classifier
 from peftlab.models.methods import registry
 
 
@@ -15,6 +15,7 @@ class BuiltModel:
     model: torch.nn.Module
     method: registry.Method
     quantization: dict
+    head: dict  # what the classifier reads (models.loading.head_for), recorded in metrics.json
 
 
 def build_model(cfg: Config, label_names: list[str], device: torch.device, multi_label: bool = False) -> BuiltModel:
@@ -22,7 +23,8 @@ def build_model(cfg: Config, label_names: list[str], device: torch.device, multi
     extra, quantization = method.load_kwargs(cfg.method, device)
     if extra:
         extra = {**extra, "device_map": {"": device.index or 0}}
-    model = load_classifier(cfg.model.name, label_names, extra, multi_label)
+    head = head_for(cfg.model.name, cfg.model.head)
+    model = load_classifier(cfg.model.name, label_names, extra, multi_label, head)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # without this, a frozen embedding gives "element 0 of tensors does not require grad" (peft #137)
@@ -30,4 +32,4 @@ def build_model(cfg: Config, label_names: list[str], device: torch.device, multi
     model = method.apply(model, cfg.method, device)
     if not extra:
         model.to(device)
-    return BuiltModel(model=model, method=method, quantization=quantization)
+    return BuiltModel(model=model, method=method, quantization=quantization, head=head)

@@ -508,7 +508,7 @@ class Trainer:
             distill=({"teacher": cfg.distill.teacher, "alpha": cfg.distill.alpha, "temperature": cfg.distill.temperature,
                       "unlabeled": cfg.distill.unlabeled, "unlabeled_rows": len(self.unlabeled)}
                      if cfg.distill.teacher else None),
-            precision_retry=st.precision_retry, selection=self.selection, **(decision or {}))
+            precision_retry=st.precision_retry, selection=self.selection, head=self.built.head, **(decision or {}))
 
     def _finish_pruned(self) -> RunRecord:
         record = RunRecord(status="pruned", reason=self.state.stopped.removeprefix("pruned: "),
