@@ -66,6 +66,16 @@ class MethodConfig(Section):
     layers: list[int] | None = Field(None, description="adapt only these layer indices (LoRA, IA3)")
     rank_pattern: dict[str, int] = Field({}, description="per-module-type rank, e.g. {attention.output.dense: 4}")
     bits: Literal[4, 8] = Field(4, description="QLoRA backbone precision; falls back to 8-bit, then none, where it cannot run")
+    pair_iterations: int = Field(5, ge=1, description="contrastive-* methods: sentence pairs per labelled row = 2 x this "
+                                 "(each row with one row of its class and one of another, per iteration; SetFit's "
+                                 "num_iterations). 5 keeps 64 rows per class of 4 classes at 2,560 pairs")
+    body_epochs: float = Field(1, gt=0, description="contrastive-* methods: passes over the sentence pairs")
+    head_fit: Literal["logistic", "linear"] = Field(
+        "logistic", description="contrastive-* and probe: how the head is fitted on the labelled rows' embeddings. "
+                                "logistic: scikit-learn's logistic regression (SetFit's default head), written into the "
+                                "linear head; linear: the head trained by gradient descent (train.epochs full-batch "
+                                "passes of 20 steps)")
+    head_c: float = Field(1.0, gt=0, description="inverse regularisation strength of head_fit=logistic (scikit-learn's C)")
 
     @field_validator("target_modules", mode="before")
     @classmethod

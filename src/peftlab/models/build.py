@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from peftlab.config.schema import Config
+from peftlab.errors import UserError
 from peftlab.models.loading import head_for, load_classifier
 from peftlab.models.methods import registry
 
@@ -23,7 +24,10 @@ def build_model(cfg: Config, label_names: list[str], device: torch.device, multi
     extra, quantization = method.load_kwargs(cfg.method, device)
     if extra:
         extra = {**extra, "device_map": {"": device.index or 0}}
-    head = head_for(cfg.model.name, cfg.model.head)
+    if method.pooled_head and cfg.model.head == "cls":
+        raise UserError(f"method {method.name} classifies from the pooled sentence embedding: set model.head=auto "
+                        f"(or pooled), not cls")
+    head = head_for(cfg.model.name, "pooled" if method.pooled_head else cfg.model.head)
     model = load_classifier(cfg.model.name, label_names, extra, multi_label, head)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

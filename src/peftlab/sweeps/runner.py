@@ -374,7 +374,7 @@ class Sweep:
     def train_one(self, run: Run, trial) -> RunRecord:
         from peftlab.runtime import reset_peak_rss
         from peftlab.training.tracking import callbacks_for
-        from peftlab.training.trainer import Trainer
+        from peftlab.training.trainer import trainer_for
 
         rd = RunDir(self.run_dir(run))
         if rd.status() == "completed":
@@ -384,7 +384,7 @@ class Sweep:
         reset_peak_rss()
         callbacks = [PruneCallback(trial, self.metric)] if trial is not None else []
         callbacks += callbacks_for(cfg, rd.path, group=self.tracking)
-        return Trainer(cfg, rd, self.opts.progress, callbacks).fit(resume)
+        return trainer_for(cfg)(cfg, rd, self.opts.progress, callbacks).fit(resume)
 
     # --- the summary ---------------------------------------------------------------------------
     def rows(self) -> tuple[list[dict], list[dict]]:

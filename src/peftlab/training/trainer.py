@@ -572,4 +572,17 @@ def train(cfg: Config, run: RunDir, resume: bool = False, progress: bool = True,
     except BaseException:
         run.unlock()
         raise
-    return Trainer(cfg, run, progress, callbacks).fit(resume)
+    return trainer_for(cfg)(cfg, run, progress, callbacks).fit(resume)
+
+
+def trainer_for(cfg: Config) -> type[Trainer]:
+    """The method's own training recipe (Method.trainer, e.g. the few-shot methods'), else Trainer."""
+    import importlib
+
+    from peftlab.models.methods import registry
+
+    method = registry.find(cfg.method.name)
+    if method is None or not method.trainer:
+        return Trainer
+    module, name = method.trainer.split(":")
+    return getattr(importlib.import_module(module), name)
