@@ -104,8 +104,7 @@ def run_peftlab(system: str, folder: Path, per_class: int, seed: int, out: Path)
     overrides = [f"data.path={folder}", f"train.seed={seed}", "output.plots=false", "eval.baseline=false", *extra]
     if system.startswith("contrastive"):
         overrides.append(f"method.pair_iterations={pair_iterations(per_class)}")
-    cmd = [sys.executable, "-m", "peftlab", "train", "--no-progress", "--config", str(REPO / config),
-           "--output-dir", str(run_dir)]
+    cmd = [sys.executable, "-m", "peftlab", "train", str(REPO / config), "--no-progress", "--output-dir", str(run_dir)]
     for o in overrides:
         cmd += ["--set", o]
     if run_dir.exists():

@@ -191,3 +191,130 @@ def test_pooled_run_exports_merged_and_onnx(pooled_run, tmp_path):
     assert "peftlab_head.py" in merged["files"]
     onnx = export_onnx(pooled_run, tmp_path / "onnx")
     assert onnx["check"]["agreement_with_run"] == 1.0 and onnx["check"]["max_abs_diff_vs_run"] < 1e-4
+
+
+# --- the few-shot methods -----------------------------------------------------------------------------
+def test_pairs_join_a_row_with_its_class_and_another():
+    import numpy as np
+
+    from peftlab.training.contrastive import make_pairs
+
+    labels = np.array([0, 0, 0, 1, 1, 2, 2, 2])
+    pairs = make_pairs(labels, 3, seed=0)
+    assert len(pairs) == 2 * 3 * len(labels)
+    for i, j, target in pairs:
+        assert (labels[i] == labels[j]) == bool(target) and (i != j or not target)
+    assert (make_pairs(labels, 3, seed=0) == pairs).all() and not (make_pairs(labels, 3, seed=1) == pairs).all()
+
+
+def few_shot_run(out: Path, model: Path, data: Path, method: str, *extra: str) -> dict:
+    assert train(out, f"model.name={model}", f"data.path={data}", f"method.name={method}",
+                 "method.pair_iterations=2", "train.batch_size=8", "train.learning_rate=0.01", *extra) == 0
+    return record(out)
+
+
+def predictions_match(run: Path) -> None:
+    """predict gives the probabilities the run wrote for its test rows (the ordinary reload path)."""
+    import pandas as pd
+
+    from peftlab.runs.trained import load_predictor
+
+    frame = pd.read_csv(run / "predictions.csv")
+    probs = frame[[c for c in frame.columns if c.startswith("prob_")]].to_numpy()
+    assert abs(load_predictor(run).probabilities(frame["text"].tolist()) - probs).max() < 1e-4
+
+
+@pytest.fixture(scope="module")
+def contrastive_run(tmp_path_factory, tiny_model_dir, few_rows_dir) -> Path:
+    out = tmp_path_factory.mktemp("contrastive") / "run"
+    # a plain BERT checkpoint: the method still reads a pooled embedding (mean), as model.head=pooled
+    few_shot_run(out, tiny_model_dir, few_rows_dir, "contrastive-lora")
+    return out
+
+
+def test_contrastive_lora_tunes_the_body_on_pairs_then_fits_the_head(contrastive_run):
+    from safetensors.torch import load_file
+
+    m = record(contrastive_run)
+    assert m["method"] == "contrastive-lora" and m["head"]["kind"] == "pooled" and m["head"]["pooling"] == "mean"
+    fs = m["few_shot"]
+    assert fs["pairs"] == 2 * 2 * 24 and fs["body_steps"] == 12 and fs["head_fit"].startswith("logistic")
+    assert m["selection"]["rule"].startswith("none") and m["best_epoch"] == 1
+    steps = [json.loads(line) for line in (contrastive_run / "history.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps if s["kind"] == "step"][-1] == 12
+    weights = load_file(contrastive_run / "adapter" / "adapter_model.safetensors")
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in weights.items())  # the body moved
+    assert any("classifier" in k for k in weights)  # the fitted head is saved with the adapter
+    assert m["validation"]["accuracy"] >= 0.9  # logistic regression fits the 24 labelled rows
+    predictions_match(contrastive_run)
+
+
+def test_probe_fits_the_head_alone(tmp_path, tiny_st_dir, few_rows_dir):
+    from safetensors.torch import load_file
+
+    m = few_shot_run(tmp_path / "run", tiny_st_dir, few_rows_dir, "probe")
+    assert m["few_shot"]["pairs"] == 0 and m["few_shot"]["body_steps"] == 0
+    assert m["params"]["trainable"] == 32 * 3 + 3  # the linear head on the 32-wide embedding
+    weights = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
+    assert all(v.abs().sum() == 0 for k, v in weights.items() if "lora_B" in k)  # the body never moved
+    predictions_match(tmp_path / "run")
+
+
+def test_contrastive_full_and_ia3_are_ordinary_runs(tmp_path, tiny_st_dir, few_rows_dir):
+    full = few_shot_run(tmp_path / "full", tiny_st_dir, few_rows_dir, "contrastive-full", "method.head_fit=linear")
+    assert (tmp_path / "full" / "model").is_dir() and full["few_shot"]["head_fit"].startswith("linear head")
+    predictions_match(tmp_path / "full")
+    ia3 = few_shot_run(tmp_path / "ia3", tiny_st_dir, few_rows_dir, "contrastive-ia3")
+    assert ia3["few_shot"]["pairs"] == 96 and (tmp_path / "ia3" / "adapter").is_dir()
+    predictions_match(tmp_path / "ia3")
+
+
+def test_few_shot_methods_refuse_what_they_cannot_do(tmp_path, capsys, tiny_st_dir, few_rows_dir, label_set_data_dir):
+    code = train(tmp_path / "a", f"model.name={tiny_st_dir}", f"data.path={few_rows_dir}",
+                 "method.name=contrastive-lora", "model.head=cls")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "model.head=auto" in err[0], err
+    code = train(tmp_path / "b", f"model.name={tiny_st_dir}", f"data.path={label_set_data_dir}", "method.name=probe",
+                 "data.multi_label=true", "data.label_column=labels")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "single-label" in err[-1], err
+
+
+def test_few_shot_methods_sweep_and_report(tmp_path, capsys, tiny_st_dir, few_rows_dir):
+    import yaml
+
+    config = tmp_path / "study.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": {"name": str(tiny_st_dir)}, "data": {"path": str(few_rows_dir), "max_length": 48},
+        "method": {"pair_iterations": 2}, "train": {"batch_size": 8, "learning_rate": 0.01},
+        "output": {"plots": False}, "eval": {"baseline": False},
+        "sweep": {"grid": {"method.name": ["probe", "contrastive-lora"]}}}))
+    out = tmp_path / "sweep"
+    assert main(["sweep", str(config), "--output-dir", str(out), "--no-progress"]) == 0
+    summary = json.loads((out / "sweep.json").read_text())
+    assert summary["counts"] == {"completed": 2} and "validation loss" in summary["selection"]
+    assert all(c["validation_loss"]["n"] == 1 for c in summary["configurations"])
+    assert main(["report", str(out), "--output", str(tmp_path / "r.html")]) == 0
+    md = (tmp_path / "r.md").read_text()
+    assert "probe" in md and "contrastive-lora" in md
+
+
+def test_served_heads_do_not_share_a_base(tmp_path, tiny_st_dir, topic_data_dir, pooled_run):
+    """A pooled-head run and an own-head run of one checkpoint are served side by side, each as it tested."""
+    import numpy as np
+    import pandas as pd
+    import torch
+
+    from peftlab.serve.registry import Registry
+
+    own = tmp_path / "own"
+    assert train(own, f"model.name={tiny_st_dir}", f"data.path={topic_data_dir}", "train.epochs=1",
+                 "method.name=lora", "model.head=cls") == 0
+    assert record(own)["head"]["kind"] == "own"
+    registry = Registry(torch.device("cpu"))
+    served = [registry.add(pooled_run), registry.add(own)]
+    assert served[0].group is not served[1].group
+    for s, run in zip(served, (pooled_run, own)):
+        frame = pd.read_csv(run / "predictions.csv")
+        probs = frame[[c for c in frame.columns if c.startswith("prob_")]].to_numpy()
+        assert np.abs(s.predictor.probabilities(frame["text"].tolist()[:10]) - probs[:10]).max() < 1e-4
