@@ -58,7 +58,8 @@ class ModelConfig(Section):
 
 
 class MethodConfig(Section):
-    name: str = Field("lora", description="a method from the registry: full, lora, qlora, ia3")
+    name: str = Field("lora", description="a method from the registry: full, lora, qlora, ia3; few labelled rows: "
+                                    "contrastive-lora, contrastive-ia3, contrastive-full, probe (docs/few-shot.md)")
     r: int = Field(16, ge=1, description="LoRA rank")
     alpha: float = Field(32, gt=0, description="LoRA alpha (scaling = alpha / r)")
     dropout: float = Field(0.1, ge=0, lt=1, description="LoRA dropout")
@@ -73,8 +74,8 @@ class MethodConfig(Section):
     head_fit: Literal["logistic", "linear"] = Field(
         "logistic", description="contrastive-* and probe: how the head is fitted on the labelled rows' embeddings. "
                                 "logistic: scikit-learn's logistic regression (SetFit's default head), written into the "
-                                "linear head; linear: the head trained by gradient descent (train.epochs full-batch "
-                                "passes of 20 steps)")
+                                "linear head; linear: the head trained by gradient descent (300 full-batch Adam "
+                                "steps at 1e-2; also what a head that is not one linear layer gets)")
     head_c: float = Field(1.0, gt=0, description="inverse regularisation strength of head_fit=logistic (scikit-learn's C)")
 
     @field_validator("target_modules", mode="before")
