@@ -39,8 +39,23 @@ def checkpoint_pooling(folder: str | Path) -> dict | None:
     mode = next((name for key, name in POOLINGS.items() if pooling.get(key)), None)
     if mode is None:
         return None  # a pooling this head does not compute (e.g. mean_sqrt_len, weighted mean)
-    return {"kind": "pooled", "pooling": mode, "normalize": "Normalize" in kinds,
+    normalize = "Normalize" in kinds
+    head = {"kind": "pooled", "pooling": mode, "normalize": normalize,
             "source": f"{kinds['Pooling'].get('path') or '.'}/config.json, modules.json"}
+    width = pooling.get("word_embedding_dimension") or _hidden_size(folder)
+    if normalize and width:
+        # unit length, times sqrt(width): entries of order 1, as the [CLS] pooler's tanh gives, so that a
+        # head trained at the methods' usual learning rates is not starved of scale (the direction, and so
+        # every cosine similarity, is the checkpoint's own)
+        head["scale"] = round(float(width) ** 0.5, 6)
+    return head
+
+
+def _hidden_size(folder: Path) -> int | None:
+    try:
+        return json.loads((folder / "config.json").read_text(encoding="utf-8")).get("hidden_size")
+    except (OSError, ValueError):
+        return None
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor | None, mode: str) -> torch.Tensor:
@@ -57,7 +72,9 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor | None, mode: str) -> torch.Te
 
 def embed(hidden: torch.Tensor, mask: torch.Tensor | None, head: dict) -> torch.Tensor:
     pooled = pool(hidden, mask, head["pooling"])
-    return torch.nn.functional.normalize(pooled, dim=-1) if head.get("normalize") else pooled
+    if head.get("normalize"):
+        pooled = torch.nn.functional.normalize(pooled, dim=-1)
+    return pooled * head["scale"] if head.get("scale") else pooled
 
 
 def _pooled_output(head: dict):

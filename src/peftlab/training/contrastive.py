@@ -165,7 +165,10 @@ class ContrastiveTrainer(Trainer):
         if self.cfg.method.head_fit == "logistic" and isinstance(head, torch.nn.Linear) and len(np.unique(y)) > 1:
             from sklearn.linear_model import LogisticRegression
 
-            lr = LogisticRegression(C=self.cfg.method.head_c, max_iter=1000).fit(x, y)
+            # C on the unit-length embedding, as SetFit fits it: the head's scale s (models/heads.py) divides
+            # it by s^2, which gives exactly the same classifier
+            scale = (self.built.head.get("scale") or 1.0) ** 2
+            lr = LogisticRegression(C=self.cfg.method.head_c / scale, max_iter=1000).fit(x, y)
             weight, bias = np.zeros((k, x.shape[1]), np.float32), np.zeros(k, np.float32)
             if len(lr.classes_) == 2:  # one coefficient vector: logits -w/2, +w/2 give the same softmax
                 weight[lr.classes_] = np.stack([-lr.coef_[0] / 2, lr.coef_[0] / 2])

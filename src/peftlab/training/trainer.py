@@ -174,7 +174,7 @@ class Trainer:
             self.selection["rule"] = RULE
 
     def _cap_batch_size(self) -> None:
-        """Few training rows: a smaller batch, so that an epoch is not one optimizer step (metrics.json tiny_data)."""
+        """Few training rows: a smaller batch, so that an epoch is not one optimizer step (metrics.json selection.batch_size)."""
         tc = self.cfg.train
         size = capped_batch_size(len(self.encoded["train"]), tc.batch_size, tc.gradient_accumulation_steps,
                                  tc.min_steps_per_epoch)
