@@ -318,3 +318,25 @@ def test_served_heads_do_not_share_a_base(tmp_path, tiny_st_dir, topic_data_dir,
         frame = pd.read_csv(run / "predictions.csv")
         probs = frame[[c for c in frame.columns if c.startswith("prob_")]].to_numpy()
         assert np.abs(s.predictor.probabilities(frame["text"].tolist()[:10]) - probs[:10]).max() < 1e-4
+
+
+def test_pooled_adapters_share_a_base_and_mix_in_one_batch(tmp_path, tiny_st_dir, few_rows_dir, pooled_run):
+    """Two pooled-head adapter runs of one checkpoint share a base; one mixed pass gives each row its own
+    run's logits, as that run alone gives them."""
+    import numpy as np
+    import torch
+
+    from peftlab.evaluation.predict import logits_together
+    from peftlab.serve.registry import Registry
+
+    probe = tmp_path / "probe"
+    few_shot_run(probe, tiny_st_dir, few_rows_dir, "probe")
+    registry = Registry(torch.device("cpu"))
+    a, b = registry.add(pooled_run), registry.add(probe)
+    assert a.group is b.group
+    texts = [r["text"] for r in make_rows(8, seed=11)]
+    parts = [a.predictor.encode(texts[:5], cache=False), b.predictor.encode(texts[5:], cache=False)]
+    mixed = logits_together([a.predictor, b.predictor], parts)
+    alone = [a.predictor.logits(texts[:5], cache=False), b.predictor.logits(texts[5:], cache=False)]
+    for m, one in zip(mixed, alone):
+        assert np.abs(m - one).max() < 1e-4
