@@ -78,17 +78,18 @@ def test_batch_size_is_capped_for_steps_per_epoch():
     assert capped_batch_size(64, 16, 2, 4) == 8
 
 
-def test_few_rows_keep_every_row_and_the_last_epoch(tmp_path, capsys, tiny_model_dir, few_rows_dir):
+def test_few_rows_keep_the_last_epoch_and_take_several_steps(tmp_path, capsys, tiny_model_dir, few_rows_dir):
+    """The issue's folder: 3 validation rows are carved from 24; they cannot choose an epoch."""
     out = tmp_path / "run"
     assert train(out, f"model.name={tiny_model_dir}", f"data.path={few_rows_dir}", "train.epochs=3",
                  "train.learning_rate=0.005") == 0
     printed = capsys.readouterr().out
     m = record(out)
-    assert m["split_sizes"]["train"] == 24 and m["split_sizes"]["validation"] == 24  # nothing carved
+    assert m["split_sizes"]["train"] == 21 and m["split_sizes"]["validation"] == 3
     assert m["selection"]["rule"] == "last epoch" and m["best_epoch"] == 3
-    assert m["selection"]["batch_size"] == {"asked": 16, "used": 6, "reason": m["selection"]["batch_size"]["reason"]}
-    assert m["efficiency"]["optimizer_steps"] == 12  # 4 per epoch, not 2
-    assert "the last epoch is kept" in printed and "batch size 16 -> 6" in printed
+    assert m["selection"]["batch_size"] == {"asked": 16, "used": 5, "reason": m["selection"]["batch_size"]["reason"]}
+    assert m["efficiency"]["optimizer_steps"] == 15  # 5 per epoch, not 2
+    assert "the last epoch is kept" in printed and "batch size 16 -> 5" in printed
 
 
 def test_a_tiny_given_validation_is_warned_about(tmp_path, capsys, tiny_model_dir, topic_data_dir):
@@ -238,14 +239,15 @@ def test_contrastive_lora_tunes_the_body_on_pairs_then_fits_the_head(contrastive
     m = record(contrastive_run)
     assert m["method"] == "contrastive-lora" and m["head"]["kind"] == "pooled" and m["head"]["pooling"] == "mean"
     fs = m["few_shot"]
-    assert fs["pairs"] == 2 * 2 * 24 and fs["body_steps"] == 12 and fs["head_fit"].startswith("logistic")
+    rows = m["split_sizes"]["train"]
+    assert fs["pairs"] == 2 * 2 * rows and fs["body_steps"] == -(-fs["pairs"] // 8) and fs["head_fit"].startswith("logistic")
     assert m["selection"]["rule"].startswith("none") and m["best_epoch"] == 1
     steps = [json.loads(line) for line in (contrastive_run / "history.jsonl").read_text().splitlines()]
-    assert [s["step"] for s in steps if s["kind"] == "step"][-1] == 12
+    assert [s["step"] for s in steps if s["kind"] == "step"][-1] == fs["body_steps"]
     weights = load_file(contrastive_run / "adapter" / "adapter_model.safetensors")
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in weights.items())  # the body moved
     assert any("classifier" in k for k in weights)  # the fitted head is saved with the adapter
-    assert m["validation"]["accuracy"] >= 0.9  # logistic regression fits the 24 labelled rows
+    assert m["test"]["accuracy"] > 0.6  # 3 topics, chance 1/3: pairs and head learned them (0.92 measured)
     predictions_match(contrastive_run)
 
 
@@ -265,7 +267,7 @@ def test_contrastive_full_and_ia3_are_ordinary_runs(tmp_path, tiny_st_dir, few_r
     assert (tmp_path / "full" / "model").is_dir() and full["few_shot"]["head_fit"].startswith("linear head")
     predictions_match(tmp_path / "full")
     ia3 = few_shot_run(tmp_path / "ia3", tiny_st_dir, few_rows_dir, "contrastive-ia3")
-    assert ia3["few_shot"]["pairs"] == 96 and (tmp_path / "ia3" / "adapter").is_dir()
+    assert ia3["few_shot"]["pairs"] == 4 * ia3["split_sizes"]["train"] and (tmp_path / "ia3" / "adapter").is_dir()
     predictions_match(tmp_path / "ia3")
 
 

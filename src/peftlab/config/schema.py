@@ -33,9 +33,7 @@ class DataConfig(Section):
     max_eval_samples: int | None = Field(None, ge=2, description="stratified subset of validation and of test")
     min_validation_rows: int = Field(20, ge=1, description="a validation split with fewer rows cannot choose an epoch "
                                      "(its metric moves in steps of 1/rows and many epochs tie): it is warned about "
-                                     "and the last epoch is kept (a fixed budget of train.epochs); a validation "
-                                     "split that would be carved this small is not carved, so train keeps every "
-                                     "labelled row (validation then scores the training rows, for the history only)")
+                                     "and the last epoch is kept (a fixed budget of train.epochs)")
     drop_duplicates_across_splits: bool = Field(False, description="drop validation/test rows whose text also occurs in train (they are counted and warned about either way)")
     cache_dir: str | None = Field(None, description="tokenization cache; default ~/.cache/peftlab (or $PEFTLAB_CACHE)")
 

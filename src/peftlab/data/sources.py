@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from peftlab.config.schema import DataConfig
-from peftlab.data.splits import carve, percent, subsample, too_small_to_carve
+from peftlab.data.splits import carve, percent, subsample
 from peftlab.errors import UserError
 from peftlab.hub import hub_unreachable
 
@@ -99,11 +99,6 @@ def load_data(cfg: DataConfig, seed: int) -> LoadedData:
                              where=raw.where["train"], label_names=names)
         splits["train"], splits["test"] = _take(splits["train"], kept), _take(splits["train"], carved)
         sources["test"] = f"stratified {percent(cfg.test_fraction)} of {whole} (seed {seed})"
-    if "validation" not in splits and too_small_to_carve(len(splits["train"]), cfg):
-        # a few labelled rows: keep them all for training (data.min_validation_rows; the trainer keeps the last epoch)
-        splits["validation"] = splits["train"]
-        sources["validation"] = (f"train itself: a {percent(cfg.validation_fraction)} split would have fewer than "
-                                 f"data.min_validation_rows={cfg.min_validation_rows} rows")
     if "validation" not in splits:
         kept, carved = carve(splits["train"].labels, cfg.validation_fraction, seed, purpose="validation",
                              where=raw.where["train"], label_names=names)
@@ -129,9 +124,6 @@ def _overlap_with_train(splits: dict[str, "TextSplit"], drop: bool, sources: dic
     seen = set(splits["train"].texts)
     overlap = {}
     for split in ("validation", "test"):
-        if splits[split] is splits["train"]:  # validation is train on purpose (too few rows to carve one)
-            overlap[split] = 0
-            continue
         shared = np.array([t in seen for t in splits[split].texts], dtype=bool)
         overlap[split] = int(shared.sum())
         if drop and shared.any():

@@ -101,18 +101,9 @@ def _allocate(counts: np.ndarray, n: int) -> np.ndarray:
 
 
 # --- few labelled rows (docs/few-shot.md) ------------------------------------------------------------
-def too_small_to_carve(n_train: int, cfg) -> bool:
-    """Would a carved validation split of `n_train` rows be too small to choose an epoch with
-    (cfg: DataConfig)? Then none is carved: every labelled row trains, and the last epoch is kept."""
-    return math.ceil(cfg.validation_fraction * n_train) < cfg.min_validation_rows
-
-
-def selection_plan(n_validation: int, min_rows: int, validation_is_train: bool) -> dict:
+def selection_plan(n_validation: int, min_rows: int) -> dict:
     """How the run picks its best epoch: by validation (RULE of peftlab.runs.select is the trainer's), or,
-    when validation is too small to tell epochs apart (or is the training rows), the last epoch."""
-    if validation_is_train:
-        return {"rule": "last epoch", "validation_rows": n_validation,
-                "reason": "too few rows to carve a validation split: every labelled row trains, for train.epochs"}
+    when validation is too small to tell epochs apart, the last epoch (a fixed budget of train.epochs)."""
     if n_validation < min_rows:
         return {"rule": "last epoch", "validation_rows": n_validation,
                 "reason": f"validation has {n_validation} rows, fewer than data.min_validation_rows={min_rows}: "

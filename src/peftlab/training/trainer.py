@@ -166,7 +166,7 @@ class Trainer:
         epoch where validation is too small to tell epochs apart (docs/few-shot.md)."""
         data, dc = self.data, self.cfg.data
         check_not_empty({s: getattr(data, s) for s in SPLITS}, data.split_sources)
-        self.selection = selection_plan(len(data.validation), dc.min_validation_rows, data.validation is data.train)
+        self.selection = selection_plan(len(data.validation), dc.min_validation_rows)
         if self.selection["rule"] == "last epoch":
             self._say(f"peftlab: warning: {self.selection['reason']}; the last epoch is kept (set "
                       f"data.min_validation_rows lower to select by validation anyway)")
