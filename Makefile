@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench-cpu clean
+.PHONY: demo test bench-cpu gpu-bundle clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ test: $(STAMP)
 bench-cpu: $(STAMP)
 	$(BIN)/peftlab bench --scenario cpu-sst2
 	$(BIN)/peftlab bench --scenario cpu-imdb
+
+# what a bare GPU machine lacks, for bench/gpu-check in one device call (docs/gpu.md); ignored by git, <= 60 MB
+gpu-bundle: $(STAMP)
+	$(BIN)/python bench/gpu_bundle.py --out .gpu-bundle
 
 clean:
 	rm -rf $(VENV) .pytest_cache

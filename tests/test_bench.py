@@ -3,6 +3,7 @@ peftlab and the reference baseline script side by side."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -26,11 +27,17 @@ def test_repository_scenarios_load():
     for name in scenarios.names(source):
         s = scenarios.load(name, source)
         for part in s.parts:
-            assert part.batch_size == 32 and part.max_length == 128 and part.learning_rate == 3e-4
+            # CPU scenarios at 1e-3: at 3e-4 their few steps left every contender at chance
+            assert part.batch_size == 32 and part.max_length == 128
+            assert part.learning_rate == (1e-3 if s.device == "cpu" else 3e-4)
             assert part.lora == {"r": 16, "alpha": 32, "dropout": 0.1, "target_modules": ["query", "value"]}
         assert s.path(s.parts[0].data) == (REPO.parent / "shared" / "data" / s.parts[0].data.split("/")[-1]).resolve()
     gpu = scenarios.load("gpu-imdb", source)
     assert [p.model for p in gpu.parts] == ["random:bert-base", "minilm-l6"] and gpu.parts[1].epochs == 2
+    for name in ("gpu-sst2", "gpu-imdb"):  # the engines and QLoRA compared; no contender that compiles for minutes
+        speed = scenarios.load(name, source).parts[0]
+        assert speed.variants["graphs"] == {"train.step_engine": "cuda_graphs"} and "qlora" in speed.variants
+        assert not any("train.compile" in v for p in scenarios.load(name, source).parts for v in p.variants.values())
 
 
 def test_scenario_file_errors_are_one_line(tmp_path):
@@ -49,6 +56,26 @@ def test_gpu_scenario_without_gpu_is_one_clear_error(capsys):
     assert main(["bench", "--scenario", "gpu-sst2", "--scenarios", str(REPO / "bench" / "scenarios.yaml")]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "needs a CUDA GPU" in err and "Traceback" not in err
+
+
+def test_ratios_between_runs_at_chance_are_not_results():
+    from peftlab.bench.runner import at_chance
+    from peftlab.cli.bench import summary
+
+    learnt = {"a": {"ok": True, "test_accuracy": 0.78}, "b": {"ok": True, "test_accuracy": 0.51}}
+    assert not at_chance(learnt, 0.509)
+    chance = {"a": {"ok": True, "test_accuracy": 0.509}, "b": {"ok": True, "test_accuracy": 0.52}, "c": {"ok": False}}
+    assert at_chance(chance, 0.509)
+    c = {"ok": True, "kind": "peftlab", "real_tokens_per_second": 300.0, "samples_per_second": 3.0, "peak_memory_bytes": 2**20,
+         "test_accuracy": 0.509, "test_macro_f1": 0.34, "mfu": None, "step_engine": "eager"}
+    result = {"scenario": "s", "device": "cpu", "host": {"load_average_before": None, "load_average_after": None},
+              "parts": [{"name": "main", "model": "m", "data": {"train_rows": 96, "test_rows": 40, "chance_accuracy": 0.509},
+                         "settings": {"epochs": 1}, "contenders": {"peftlab": c}, "all_at_chance": True,
+                         "ratios": {"peftlab": {"ratio_vs_seed": 1.5, "ratio_vs_tuned": 2.0}}}]}
+    text = summary(result)
+    assert "(1.50)" in text and "(2.00)" in text and "nothing was learnt" in text
+    result["parts"][0]["all_at_chance"] = False
+    assert "(1.50)" not in summary(result) and " 1.50" in summary(result)
 
 
 def test_flops_and_mfu():
@@ -75,8 +102,16 @@ def test_tiny_benchmark_writes_consistent_results(tmp_path, tiny_model_dir):
         "peftlab": {}, "variants": {}, "parts": [{"name": "main", "model": str(tiny_model_dir)}]}}}))
     out = tmp_path / "results"
     assert main(["bench", "--scenario", "tiny", "--scenarios", str(scenario_file), "--output-dir", str(out),
-                 "--threads", "1"]) == 0
+                 "--threads", "1", "--append", str(tmp_path / "rows.jsonl")]) == 0
     result = json.loads((out / "tiny.json").read_text())
+    # each contender's row was appended as it finished, with what it ran on and as what
+    rows = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
+    assert [r["contender"] for r in rows] == ["peftlab", "seed", "tuned"]
+    for r in rows:
+        assert r["device"] == "cpu" and r["torch"] == torch.__version__ and "cuda" in r and r["ok"]
+        assert r["peak_memory_bytes"] > 0 and 0 <= r["test_accuracy"] <= 1 and r["chance_accuracy"] >= 0.5
+    assert rows[0]["step_engine"] == "eager" and rows[0]["quantization"]["used"] is None
+    assert isinstance(result["all_at_chance"], bool)
 
     assert result["scenario"] == "tiny" and result["device"] == "cpu"
     assert set(result["versions"]) >= {"torch", "transformers", "peft", "python"}
@@ -101,3 +136,37 @@ def test_tiny_benchmark_writes_consistent_results(tmp_path, tiny_model_dir):
     assert result["ratio_vs_tuned"] == pytest.approx(tps["peftlab"] / tps["tuned"], abs=0.006)
     assert part["ratios"]["peftlab"] == {"ratio_vs_seed": result["ratio_vs_seed"], "ratio_vs_tuned": result["ratio_vs_tuned"]}
     assert not any(Path(p).name.startswith("peftlab-bench") for p in tmp_path.iterdir())  # no work files left here
+
+
+@pytest.mark.skipif(not BASELINE.is_file() or not SST2.is_dir(), reason="needs ../shared/bench and ../shared/data")
+def test_gpu_check_dry_run_on_cpu(tmp_path, tiny_model_dir):
+    """bench/gpu-check as it runs on a lent GPU, on CPU with tiny sizes, so that it cannot rot: the bundle
+    built (without wheels), every step and contender run, rows appended, the table at the end."""
+    import subprocess
+    import sys
+
+    bundle, out = tmp_path / "bundle", tmp_path / "out"
+    subprocess.run([sys.executable, str(REPO / "bench" / "gpu_bundle.py"), "--out", str(bundle), "--no-wheels",
+                    "--sst2-rows", "300", "--imdb-train", "80", "--imdb-test", "40"], check=True)
+    manifest = json.loads((bundle / "MANIFEST.json").read_text())
+    assert manifest["bytes"] <= 60_000_000 and manifest["rows"] == {"imdb_train": 80, "imdb_test": 40}
+    assert (bundle / "baseline" / "hf_trainer_baseline.py").read_bytes() == BASELINE.read_bytes()
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "gpu-check"), "--bundle", str(bundle), "--out", str(out),
+                           "--dry-run", "--model", str(tiny_model_dir), "--budget", "400"],
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert sorted(p.name for p in out.iterdir()) == ["gpu-check.json", "gpu-check.jsonl", "gpu-check.log"]
+    result = json.loads((out / "gpu-check.json").read_text())
+    rows = result["rows"]
+    tests = {r["select"]: r for r in rows if r["kind"] == "tests"}
+    assert set(tests) == {"not compile", "compile"}  # the compile tests last: they must not starve the rest
+    assert all(t["exit"] == 0 and "collected" in t["summary"] for t in tests.values())  # they import and are found
+    assert next(r for r in rows if r["kind"] == "matmul")["tflops"] > 0
+    contenders = [(r["scenario"], r["contender"]) for r in rows if "contender" in r]
+    assert sorted(contenders) == sorted([("gpu-sst2", c) for c in ("seed", "tuned", "peftlab", "peftlab-graphs",
+                                                                     "peftlab-qlora")] + [("gpu-imdb", "peftlab")])
+    assert all(r["ok"] for r in rows if "contender" in r)
+    by_name = {r["contender"]: r for r in rows if r.get("scenario") == "gpu-sst2"}
+    assert "CUDA device" in by_name["peftlab-graphs"]["step_engine_reason"]  # on CPU it fell back, and says so
+    assert by_name["peftlab-qlora"]["quantization"]["used"] == "none"
+    assert "gpu-sst2/speed" in done.stdout and "peftlab-graphs" in done.stdout and result["table"] in done.stdout

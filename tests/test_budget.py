@@ -136,4 +136,4 @@ def test_budgeted_sweep_skips_and_lists_over_budget(tmp_path, tiny_overrides, ca
     # the report lists the skipped configuration with its count
     assert main(["report", str(tmp_path / "budget")]) == 0
     md = (tmp_path / "budget" / "report.md").read_text()
-    assert f"skipped: over budget ({count_config(full).trainable:,} trainable parameters > 5,000)" in md
+    assert f"skipped: over budget ({count_config(full).trainable:,} trainable parameters &gt; 5,000)" in md  # escaped

@@ -218,19 +218,28 @@ def test_explicit_16_bit_does_not_retry(tmp_path, tiny_overrides, monkeypatch):
 
 
 def test_loss_is_read_only_at_logging_steps(tmp_path, tiny_overrides, monkeypatch):
-    """The finiteness check adds no host sync: the trainer reads a tensor (Tensor.item) once per logging
-    step, as before (AdamW's own reads on CPU are not the trainer's)."""
+    """The finiteness check adds no host sync: the trainer and its step engine read a tensor on the host
+    (Tensor.item / Tensor.cpu) once per logging step, as before (AdamW's own reads on CPU are not theirs)."""
     import sys
 
     from peftlab.training.trainer import Trainer
 
     calls, inside = [], [False]
-    real_item, real_epoch = torch.Tensor.item, Trainer.train_epoch
+    real_item, real_cpu, real_epoch = torch.Tensor.item, torch.Tensor.cpu, Trainer.train_epoch
+
+    def ours() -> bool:
+        name = sys._getframe(2).f_code.co_filename
+        return inside[0] and (name.endswith("trainer.py") or "engines" in name)
 
     def item(self):
-        if inside[0] and sys._getframe(1).f_code.co_filename.endswith("trainer.py"):
+        if ours():
             calls.append(1)
         return real_item(self)
+
+    def cpu(self, *args, **kwargs):
+        if ours():
+            calls.append(1)
+        return real_cpu(self, *args, **kwargs)
 
     def train_epoch(self, epoch):
         inside[0] = True
@@ -240,6 +249,7 @@ def test_loss_is_read_only_at_logging_steps(tmp_path, tiny_overrides, monkeypatc
             inside[0] = False
 
     monkeypatch.setattr(torch.Tensor, "item", item)
+    monkeypatch.setattr(torch.Tensor, "cpu", cpu)
     monkeypatch.setattr(Trainer, "train_epoch", train_epoch)
     out = train_cli(tmp_path, tiny_overrides + ["train.log_every=4", "eval.baseline=false"])
     readings = [r for r in map(json.loads, (out / "history.jsonl").read_text().splitlines()) if r["kind"] == "step"]

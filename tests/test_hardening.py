@@ -194,7 +194,7 @@ def test_report_separates_datasets_and_repeated_seeds(tmp_path):
     assert [s.best.name for s in report.sections] == ["bbc-run", "imdb-run"]
     html_path, md_path = build_report([tmp_path / "mixed"], tmp_path / "r.html")
     md = md_path.read_text()
-    assert "## Results: bbc_news" in md and "## Results: imdb" in md
+    assert "## Results: bbc\\_news" in md and "## Results: imdb" in md  # Markdown-escaped: shown as bbc_news
 
 
 def test_report_charts_clip_error_bars_and_mark_truncated_axes(tmp_path):

@@ -5,6 +5,7 @@ from the runs' own metrics.json."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import statistics
 import warnings
@@ -83,12 +84,12 @@ def _md_tables(md: str) -> dict[str, list[dict[str, str]]]:
     tables, title, lines = {}, None, md.splitlines()
     for i, line in enumerate(lines):
         if line.startswith("## Results"):
-            title = line.removeprefix("## Results").removeprefix(": ")
+            title = re.sub(r"\\(.)", r"\1", line.removeprefix("## Results").removeprefix(": "))  # as shown
             rows = []
             for row in lines[i + 2:]:
                 if not row.startswith("|"):
                     break
-                rows.append([c.strip().replace("\\|", "|") for c in row.strip("|").split(" | ")])
+                rows.append([re.sub(r"\\(.)", r"\1", c.strip()) for c in row.strip("|").split(" | ")])
             tables[title] = [dict(zip(rows[0], r)) for r in rows[2:]]
     return tables
 

@@ -38,7 +38,8 @@ def _md_table(md: str, heading: str) -> list[dict[str, str]]:
     lines = md.split(heading, 1)[1].strip().splitlines()
     is_row = lambda line: line.startswith("|")  # noqa: E731
     rows = list(takewhile(is_row, dropwhile(lambda line: not is_row(line), lines)))
-    split = lambda line: [c.strip() for c in line.strip("|").split(" | ")]  # noqa: E731
+    # cells as a viewer shows them: Markdown escapes and entities undone
+    split = lambda line: [html.unescape(re.sub(r"\\(.)", r"\1", c.strip())) for c in line.strip("|").split(" | ")]  # noqa: E731
     head = split(rows[0])
     return [dict(zip(head, split(r))) for r in rows[2:]]
 

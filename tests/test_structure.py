@@ -12,7 +12,7 @@ SRC = REPO / "src"
 # each folder may import only from folders before it (and from itself): config -> data + models ->
 # evaluation -> runs -> training -> report / sweep / serve / export / bench -> cli / api
 LAYERS = [
-    {"errors", "hub", "runtime"},
+    {"errors", "files", "hub", "runtime"},
     {"config"},
     {"data", "models"},
     {"evaluation"},

@@ -79,9 +79,12 @@ def prepare_data(part: Part, scenario: Scenario, baseline: Path, into: Path) -> 
     labels = data_dir / "labels.json"
     if labels.is_file():
         shutil.copy(labels, into / "labels.json")
+    counts = statistics.multimode(r["label"] for r in test)
+    majority = sum(1 for r in test if r["label"] == counts[0]) / max(len(test), 1)
     return {"source": str(data_dir), "train_file": part.train_file, "test_file": part.test_file,
             "train_rows": len(train), "test_rows": len(test), "validation_rows": min(part.validation_rows, len(train)),
-            "num_labels": max(r["label"] for r in train + test) + 1, "dir": into}
+            "num_labels": max(r["label"] for r in train + test) + 1,
+            "chance_accuracy": round(majority, 4), "dir": into}  # chance: always the test's commonest label
 
 
 # ------------------------------------------------------------------------------------- processes
@@ -207,6 +210,10 @@ def run_peftlab(name: str, part: Part, scenario: Scenario, data: dict, overrides
         "peak_memory_kind": "gpu_max_allocated" if gpu else "cpu_process_peak_rss",
         "test_accuracy": round(record.test.accuracy, 4), "test_macro_f1": round(record.test.macro_f1, 4),
         "device": eff.device, "process_seconds": round(seconds, 1),
+        # as built and as run, from the run's own record
+        "step_engine": eff.step_engine, "step_engine_reason": eff.step_engine_reason, "frozen_dtype": eff.frozen_dtype,
+        "graph_capture_seconds": eff.graph_capture_seconds,
+        "quantization": record.quantization.model_dump() if record.quantization else None,
     }
 
 
@@ -239,6 +246,7 @@ def run_baseline(style: str, part: Part, scenario: Scenario, data: dict, baselin
         "peak_memory_kind": "gpu_max_allocated" if gpu else "cpu_process_peak_rss",
         "test_accuracy": res["test_accuracy"], "test_macro_f1": res["test_macro_f1"],
         "device": res["device"], "process_seconds": round(seconds, 1),
+        "step_engine": "transformers Trainer", "quantization": None,
     }
 
 
@@ -276,9 +284,17 @@ def summarise(runs: list[dict], flops_token: float | None, peak: float | None) -
         "mfu": _round(flops.mfu(tps, flops_token, peak) if flops_token else None, 4),
         "runs": runs,
     }
-    if "overrides" in first:
-        out["overrides"] = first["overrides"]
+    for key in ("overrides", "step_engine", "step_engine_reason", "frozen_dtype", "quantization"):
+        if key in first:
+            out[key] = first[key]
     return out
+
+
+def at_chance(summaries: dict, chance: float, margin: float = 0.02) -> bool:
+    """Every contender that ran is within `margin` of always answering the commonest test label: then
+    nothing was learnt, and a speed ratio between them says nothing about training."""
+    ok = [s for s in summaries.values() if s.get("ok")]
+    return bool(ok) and all(s["test_accuracy"] <= chance + margin for s in ok)
 
 
 def _ratio(a: dict | None, b: dict | None) -> float | None:
@@ -319,11 +335,25 @@ def _load() -> list[float] | None:
 
 # ------------------------------------------------------------------------------------------- main
 
+def _append(path: Path | None, row: dict) -> None:
+    """One finished contender as one JSON line, written as soon as it finishes (a later timeout or crash
+    still leaves it)."""
+    if path is None:
+        return
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def run_scenario(scenario: Scenario, output_dir: str | Path, *, repeats: int | None = None,
                  only: list[str] | None = None, threads: int | None = None, max_train: int | None = None,
                  max_test: int | None = None, keep_work: bool = False, peak_tflops: float | None = None,
-                 log: Callable[[str], None] = print) -> dict:
-    """Run every part and contender of `scenario`; write and return <output_dir>/<name>.json."""
+                 log: Callable[[str], None] = print, parts: list[str] | None = None, timeout_s: float | None = None,
+                 append: str | Path | None = None) -> dict:
+    """Run every part and contender of `scenario` (or the named `parts`); write and return
+    <output_dir>/<name>.json. `timeout_s`: each contender's limit; `append`: a JSON Lines file that gets
+    every contender's result as it finishes."""
     import torch
 
     if scenario.device == "cuda" and not torch.cuda.is_available():
@@ -331,8 +361,17 @@ def run_scenario(scenario: Scenario, output_dir: str | Path, *, repeats: int | N
                         f"on this machine run a CPU scenario (cpu-sst2, cpu-imdb)")
     overrides = {k: v for k, v in {"repeats": repeats, "max_train": max_train, "max_test": max_test,
                                    "only": only, "threads": threads}.items() if v is not None}
+    if parts:
+        unknown = set(parts) - {p.name for p in scenario.parts}
+        if unknown:
+            raise UserError(f"--part: scenario {scenario.name} has no part {', '.join(sorted(unknown))} "
+                            f"(its parts: {', '.join(p.name for p in scenario.parts)})")
+        scenario.parts = [p for p in scenario.parts if p.name in parts]
+        overrides["parts"] = parts
+    if timeout_s:
+        overrides["timeout_s"] = timeout_s
     for part in scenario.parts:
-        for key in ("repeats", "max_train", "max_test"):
+        for key in ("repeats", "max_train", "max_test", "timeout_s"):
             if key in overrides:
                 part.settings[key] = overrides[key]
     baselines = {scenario.path(p.baseline) for p in scenario.parts}
@@ -343,6 +382,7 @@ def run_scenario(scenario: Scenario, output_dir: str | Path, *, repeats: int | N
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     device_name = torch.cuda.get_device_name(0) if scenario.device == "cuda" else "cpu"
+    versions = _versions()
     peak = peak_tflops * 1e12 if peak_tflops else (flops.peak_bf16_flops(device_name) if scenario.device == "cuda" else None)
     env = _env(scenario, threads)
     work_root = Path(tempfile.mkdtemp(prefix=f"peftlab-bench-{scenario.name}-"))
@@ -378,6 +418,11 @@ def run_scenario(scenario: Scenario, output_dir: str | Path, *, repeats: int | N
                         res = run_peftlab(name, part, scenario, data, variant, work, env, part.timeout_s)
                     res.update(repeat=k, position=position, load_after=_load())
                     runs[name].append(res)
+                    _append(Path(append) if append else None, {
+                        "scenario": scenario.name, "part": part.name, "model": part.model, "device": device_name,
+                        "torch": versions["torch"], "cuda": versions["cuda"], "chance_accuracy": data["chance_accuracy"],
+                        "train_rows": data["train_rows"], "test_rows": data["test_rows"],
+                        "model_flops_per_token": flops.flops_per_token(params, res.get("method", "lora")), **res})
                     if res["ok"]:
                         log(f"    {res['real_tokens_per_second']:>12,.1f} real tokens/s  {res['samples_per_second']:>9,.2f} samples/s  "
                             f"train {res['train_seconds']:.1f}s  test acc {res['test_accuracy']:.4f}  ({res['process_seconds']:.0f}s in all)")
@@ -393,6 +438,7 @@ def run_scenario(scenario: Scenario, output_dir: str | Path, *, repeats: int | N
             ratios = {name: {"ratio_vs_seed": _ratio(s, summaries.get("seed")),
                              "ratio_vs_tuned": _ratio(s, summaries.get("tuned"))}
                       for name, s in summaries.items() if name.startswith(PEFTLAB_MAIN)}
+            chance = at_chance(summaries, data["chance_accuracy"])
             parts_out.append({
                 "name": part.name, "model": part.model, "non_embedding_params": params,
                 "data": {k: v for k, v in data.items() if k != "dir"},
@@ -404,6 +450,8 @@ def run_scenario(scenario: Scenario, output_dir: str | Path, *, repeats: int | N
                 "real_tokens_agree": bool(tokens) and (max(tokens) - min(tokens)) <= 0.01 * max(tokens),
                 "contenders": summaries,
                 "ratios": ratios,
+                # every contender at chance: the ratios compare runs that learnt nothing (not a result)
+                "all_at_chance": chance,
                 "ratio_vs_seed": ratios.get(PEFTLAB_MAIN, {}).get("ratio_vs_seed"),
                 "ratio_vs_tuned": ratios.get(PEFTLAB_MAIN, {}).get("ratio_vs_tuned"),
             })
@@ -424,13 +472,14 @@ def run_scenario(scenario: Scenario, output_dir: str | Path, *, repeats: int | N
         "peak_bf16_flops": peak,
         "mfu_formula": "real tokens/s x FLOPs per real token / device dense bf16 peak; FLOPs per real token = "
                        "4 x non-embedding params (frozen backbone: LoRA, QLoRA, IA3) or 6 x (full fine-tuning)",
-        "versions": _versions(),
+        "versions": versions,
         "cli_overrides": overrides,
         "scenario_file": str(scenario.source),
         # the first part is the speed part: its contenders and ratios are the headline figures
         "contenders": head["contenders"],
         "ratio_vs_seed": head["ratio_vs_seed"],
         "ratio_vs_tuned": head["ratio_vs_tuned"],
+        "all_at_chance": head["all_at_chance"],
         "parts": parts_out,
     }
     path = output_dir / f"{scenario.name}.json"

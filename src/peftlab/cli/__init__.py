@@ -1,7 +1,8 @@
 """`peftlab COMMAND ...`: one module per command in this folder, each with add_parser() and run();
 a new command is a new module here (found automatically).
 
-Bad input (UserError) prints one line and exits 2; --debug shows the traceback instead."""
+Bad input (UserError) and operating-system errors (a file that cannot be written: too large, no
+space, read-only) print one line and exit 2; --debug shows the traceback instead."""
 from __future__ import annotations
 
 import argparse
@@ -11,6 +12,7 @@ import sys
 import warnings
 
 from peftlab.errors import UserError
+from peftlab.files import WRITE_ERRORS, os_error_of, write_error
 
 
 
@@ -59,6 +61,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"peftlab {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - only operating-system errors are answered here
+        # a write (or read) the command did not translate itself: still one line naming the file, exit 2
+        found = os_error_of(e)
+        if args.debug or found is None or found.errno not in WRITE_ERRORS:
+            raise
+        where = getattr(e, "filename", None) or getattr(found, "filename", None) or "a file"
+        print(f"peftlab {args.command}: error: {write_error(found, where)}", file=sys.stderr)
+        return 2
 
 
 def add_config_arguments(p: argparse.ArgumentParser) -> None:

@@ -17,7 +17,8 @@ def _number(kind, low, inclusive: bool, what: str):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a number ({what})") from None
-        if value < low or (not inclusive and value == low) or value != value:
+        # nan and inf are never a setting (inf would pass a lower bound)
+        if value != value or value in (float("inf"), float("-inf")) or value < low or (not inclusive and value == low):
             raise argparse.ArgumentTypeError(f"{text} is out of range ({what})")
         return value
     check.__name__ = what  # argparse names the type in its messages
@@ -26,7 +27,8 @@ def _number(kind, low, inclusive: bool, what: str):
 
 positive_int = _number(int, 1, True, "a whole number of at least 1")
 at_least_two = _number(int, 2, True, "a whole number of at least 2")
-positive_float = _number(float, 0.0, False, "a number above 0")
+positive_float = _number(float, 0.0, False, "a finite number above 0")
+non_negative_float = _number(float, 0.0, True, "a finite number of at least 0")
 
 
 def port(text: str) -> int:

@@ -24,6 +24,9 @@ def add_parser(sub):
     p.add_argument("--max-test", type=positive_int, help="override the scenario's test rows (quick checks)")
     p.add_argument("--peak-tflops", type=positive_float, help="the GPU's dense bf16 peak, when the built-in table lacks it")
     p.add_argument("--keep-work", action="store_true", help="keep the temporary data, logs and run directories")
+    p.add_argument("--part", action="append", help="run only this part of the scenario (repeatable)")
+    p.add_argument("--timeout", type=positive_float, help="seconds each contender may run (killed after; recorded as failed)")
+    p.add_argument("--append", metavar="FILE", help="append each contender's result to this JSON Lines file as it finishes")
     return p
 
 
@@ -48,7 +51,7 @@ def run(args) -> int:
     only = [c.strip() for c in args.only.split(",") if c.strip()] if args.only else None
     result = run_scenario(scenario, output_dir, repeats=args.repeats, only=only, threads=args.threads,
                           max_train=args.max_train, max_test=args.max_test, keep_work=args.keep_work,
-                          peak_tflops=args.peak_tflops)
+                          peak_tflops=args.peak_tflops, parts=args.part, timeout_s=args.timeout, append=args.append)
     print(summary(result))
     print(f"results: {result['path']}")
     failed = [f"{p['name']}/{n}" for p in result["parts"] for n, c in p["contenders"].items() if not c.get("ok")]
@@ -68,8 +71,9 @@ def summary(result: dict) -> str:
     for part in result["parts"]:
         lines.append(f"  part {part['name']}: {part['model']}, {part['data']['train_rows']:,} train rows x "
                      f"{part['settings']['epochs']} epoch(s), {part['data']['test_rows']:,} test rows")
+        chance = part.get("all_at_chance")
         lines.append(f"    {'contender':<16}{'real tok/s':>12}{'samples/s':>11}{'peak MiB':>10}{'test acc':>10}"
-                     f"{'macro-F1':>10}{'MFU':>8}{'vs seed':>9}{'vs tuned':>9}")
+                     f"{'macro-F1':>10}{'MFU':>8}{'vs seed':>9}{'vs tuned':>9}  engine")
         for name, c in part["contenders"].items():
             if not c.get("ok"):
                 lines.append(f"    {name:<16}FAILED")
@@ -78,5 +82,24 @@ def summary(result: dict) -> str:
             mem = c["peak_memory_bytes"] / 2**20 if c["peak_memory_bytes"] else None
             lines.append(f"    {name:<16}{_fmt(c['real_tokens_per_second'], ',.0f'):>12}{_fmt(c['samples_per_second'], ',.1f'):>11}"
                          f"{_fmt(mem, ',.0f'):>10}{_fmt(c['test_accuracy'], '.4f'):>10}{_fmt(c['test_macro_f1'], '.4f'):>10}"
-                         f"{_fmt(c['mfu'], '.1%'):>8}{_fmt(r.get('ratio_vs_seed'), '.2f'):>9}{_fmt(r.get('ratio_vs_tuned'), '.2f'):>9}")
+                         f"{_fmt(c['mfu'], '.1%'):>8}{_ratio_text(r.get('ratio_vs_seed'), chance):>9}"
+                         f"{_ratio_text(r.get('ratio_vs_tuned'), chance):>9}  {_engine(c)}")
+        if chance:
+            lines.append(f"    every contender sits at chance (test accuracy <= {part['data']['chance_accuracy']:.4f} + 0.02): "
+                         f"nothing was learnt, so the speed ratios are not a result")
     return "\n".join(lines)
+
+
+def _ratio_text(value, at_chance: bool) -> str:
+    if value is None:
+        return "-"
+    return f"({value:.2f})" if at_chance else f"{value:.2f}"  # in brackets: runs that learnt nothing
+
+
+def _engine(c: dict) -> str:
+    if c.get("kind") != "peftlab":
+        return ""
+    q = c.get("quantization") or {}
+    quant = f", {q.get('used')} ({q.get('modules_4bit') or q.get('modules_8bit') or 0} layers)" if q.get("requested") else ""
+    fell = " (fell back)" if c.get("step_engine_reason") else ""
+    return f"{c.get('step_engine') or '?'}{fell}{quant}"

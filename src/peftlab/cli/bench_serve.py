@@ -11,7 +11,9 @@ import sys
 import time
 from pathlib import Path
 
+from peftlab.cli._checks import non_negative_float
 from peftlab.errors import UserError
+from peftlab.files import write_text
 
 
 def add_parser(sub):
@@ -24,7 +26,7 @@ def add_parser(sub):
     p.add_argument("--concurrency", type=int, default=16, help="clients sending at once (default: %(default)s)")
     p.add_argument("--texts-per-request", type=int, default=1, help="texts in each request (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=20, help="requests sent first and not counted (default: %(default)s)")
-    p.add_argument("--batch-window-ms", type=float, default=5.0, help="passed to serve (default: %(default)s)")
+    p.add_argument("--batch-window-ms", type=non_negative_float, default=5.0, help="passed to serve (default: %(default)s)")
     p.add_argument("--max-batch", type=int, default=64, help="passed to serve (default: %(default)s)")
     p.add_argument("--modes", default="mixed,per-adapter",
                    help="comma-separated: mixed (--mixed-batching), per-adapter (--no-mixed-batching) (default: %(default)s)")
@@ -173,7 +175,7 @@ def run(args) -> int:
               f"p99 {r['p99_ms']:7.1f} ms   {r['texts_per_pass']:.1f} texts and {r['adapters_per_pass']:.1f} "
               f"adapters per forward pass", flush=True)
     if args.output:
-        Path(args.output).write_text(json.dumps({"machine": machine(), "command": command, "settings": {
+        write_text(args.output, json.dumps({"machine": machine(), "command": command, "settings": {
             k: getattr(args, k) for k in ("requests", "concurrency", "texts_per_request", "warmup",
                                           "batch_window_ms", "max_batch")}, "results": results}, indent=2) + "\n")
     return 0

@@ -1,6 +1,7 @@
 """peftlab predict RUN_DIR --text "..." [--text ...] | --input FILE [--output FILE]"""
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -8,6 +9,7 @@ from pathlib import Path
 from peftlab.cli._checks import output_file, positive_int
 from peftlab.data.tokenize import valid_text
 from peftlab.errors import UserError
+from peftlab.files import clean_stale, replacing, write_text
 from peftlab.runs.rundir import RunDir
 
 
@@ -18,13 +20,30 @@ def add_parser(sub):
     p.add_argument("--input", help="CSV, TSV, JSON Lines or Parquet file with a text column (or the run's text columns)")
     p.add_argument("--output", help="write here (CSV when it ends in .csv, else JSON Lines); default stdout")
     p.add_argument("--batch-size", type=positive_int, default=64, help="texts per forward pass (default 64)")
+    p.add_argument("--csv-safe", action=argparse.BooleanOptionalAction, default=True,
+                   help="CSV output: a text or label cell that starts with = + - @ (or a tab or carriage return) gets "
+                        "a leading ' so spreadsheets show it instead of running it as a formula (CSV injection); "
+                        "--no-csv-safe writes cells exactly, for programs (default: on; JSON Lines is never changed)")
     return p
 
 
-def write_rows(path: str | None, texts: list[str], rows: list[dict], names: list[str], separator: str = "|") -> None:
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # what spreadsheets read as a formula (OWASP CSV injection)
+
+
+def spreadsheet_safe(cell):
+    """A text cell a spreadsheet shows as text: ' before a formula start (the common mitigation;
+    spreadsheets hide the quote). Numbers are left as they are."""
+    return "'" + cell if isinstance(cell, str) and cell.startswith(FORMULA_STARTS) else cell
+
+
+def write_rows(path: str | None, texts: list[str], rows: list[dict], names: list[str], separator: str = "|",
+               csv_safe: bool = True) -> None:
     """JSON Lines (stdout when no path), or CSV when the path ends in .csv: text, then every field of the
     rows but the probabilities (single-label: label, confidence; multi-label: labels, the set joined by
-    `separator`, empty for none), then prob_<name> per label."""
+    `separator`, empty for none), then prob_<name> per label; with csv_safe, text cells are made
+    spreadsheet-safe (spreadsheet_safe)."""
+    if path:
+        clean_stale(Path(path).parent, Path(path).name)  # what a killed earlier predict left
     if path and path.endswith(".csv"):
         import pandas as pd
 
@@ -34,11 +53,16 @@ def write_rows(path: str | None, texts: list[str], rows: list[dict], names: list
             frame[field] = [separator.join(r[field]) if isinstance(r[field], list) else r[field] for r in rows]
         for name in names:
             frame[f"prob_{name}"] = [r["probabilities"][name] for r in rows]
-        frame.to_csv(path, index=False)
+        if csv_safe:
+            frame = frame.map(spreadsheet_safe)  # text and label(s); headers start with letters
+        with replacing(path) as tmp:  # never a truncated out.csv that looks complete
+            # CRLF rows (RFC 4180): then a text holding a bare \r is quoted too (with \n rows it is not,
+            # and a reader would split the row there)
+            frame.to_csv(tmp, index=False, lineterminator="\r\n")
         return
     lines = "".join(json.dumps({"text": t, **r}) + "\n" for t, r in zip(texts, rows))
     if path:
-        Path(path).write_text(lines, encoding="utf-8")
+        write_text(path, lines)
     else:
         sys.stdout.write(lines)
 
@@ -56,7 +80,7 @@ def run(args) -> int:
     # undecodable command-line bytes become U+FFFD, here and in every output format
     texts = [valid_text(t) for t in args.text] + (read_texts(args.input, data.text_columns, "--input") if args.input else [])
     rows = predictor.predict(texts, progress=len(texts) > 1000)
-    write_rows(args.output, texts, rows, predictor.label_names, data.label_separator)
+    write_rows(args.output, texts, rows, predictor.label_names, data.label_separator, args.csv_safe)
     if args.output:
         print(f"{len(rows)} predictions written to {args.output}", file=sys.stderr)
     return 0

@@ -8,6 +8,7 @@ import os
 import socket
 import sys
 
+from peftlab.cli._checks import non_negative_float
 from peftlab.errors import UserError
 
 
@@ -24,7 +25,7 @@ def add_parser(sub):
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on every route but / and /health, and enable the admin "
                         "routes (default: the PEFTLAB_API_KEY environment variable; unset: no key, no admin routes)")
-    p.add_argument("--batch-window-ms", type=float, default=5.0,
+    p.add_argument("--batch-window-ms", type=non_negative_float, default=5.0,
                    help="how long a request waits for others to share its forward pass (default: %(default)s ms)")
     p.add_argument("--max-batch", type=int, default=64,
                    help="a forward pass closes once it holds this many texts (default: %(default)s)")
@@ -36,6 +37,18 @@ def add_parser(sub):
                    help="characters per text; longer texts are refused (422), not cut (default: %(default)s)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20,
                    help="request body size; larger bodies get 413 (default: %(default)s)")
+    p.add_argument("--max-queue-texts", type=int, default=1024,
+                   help="texts waiting for a forward pass, per model in memory; a request that would go beyond is "
+                        "answered 503 with Retry-After at once instead of waiting (default: %(default)s)")
+    p.add_argument("--max-connections", type=int, default=256,
+                   help="open connections at once; one more is answered 503 and closed. Kept below the open-files "
+                        "limit (ulimit -n) minus 64 for the server's own files (default: %(default)s)")
+    p.add_argument("--header-timeout", type=non_negative_float, default=10.0, metavar="SECONDS",
+                   help="a request's headers must arrive within this of its connection (or first byte), else 408 "
+                        "and the connection is closed (default: %(default)s)")
+    p.add_argument("--body-timeout", type=non_negative_float, default=30.0, metavar="SECONDS",
+                   help="a request's whole body must arrive within this of its headers, else 408 and the connection "
+                        "is closed (default: %(default)s)")
     p.add_argument("--device", default=None, help="torch device (default: cuda when there is one, else cpu)")
     return p
 
@@ -44,6 +57,23 @@ def _positive(args, *names: str) -> None:
     for name in names:
         if getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be positive")
+
+
+RESERVED_FILES = 64  # file descriptors the server keeps for itself (model files, logs, the listening socket)
+
+
+def connection_cap(wanted: int) -> int:
+    """--max-connections, lowered (with a note) to what the open-files limit leaves: past it, accept()
+    fails and every client, /health too, goes unanswered until the others leave."""
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or wanted <= soft - RESERVED_FILES:
+        return wanted
+    cap = max(1, soft - RESERVED_FILES)
+    print(f"peftlab serve: note: --max-connections {wanted} lowered to {cap}: the open-files limit (ulimit -n) is "
+          f"{soft}", file=sys.stderr)
+    return cap
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -73,8 +103,10 @@ def run(args) -> int:
 
     from peftlab.serve.app import ServeSettings, create_app
     from peftlab.serve.batcher import BatchSettings
+    from peftlab.serve.connections import ConnectionLimits, guarded_protocol
 
-    _positive(args, "max_batch", "max_texts", "max_chars", "max_body_bytes")
+    _positive(args, "max_batch", "max_texts", "max_chars", "max_body_bytes", "max_queue_texts", "max_connections",
+              "header_timeout", "body_timeout")
     if args.batch_window_ms < 0:
         raise UserError(f"--batch-window-ms {args.batch_window_ms}: must be 0 or more")
     key = args.api_key or os.environ.get("PEFTLAB_API_KEY") or None
@@ -89,7 +121,10 @@ def run(args) -> int:
                   f"can use it", file=sys.stderr)
         settings = ServeSettings(api_key=key, max_texts=args.max_texts, max_chars=args.max_chars,
                                  max_body_bytes=args.max_body_bytes,
-                                 batch=BatchSettings(args.batch_window_ms / 1000, args.max_batch, args.mixed_batching))
+                                 batch=BatchSettings(args.batch_window_ms / 1000, args.max_batch, args.mixed_batching,
+                                                     args.max_queue_texts),
+                                 connections=ConnectionLimits(connection_cap(args.max_connections),
+                                                              args.header_timeout, args.body_timeout))
         try:
             device = torch.device(args.device) if args.device else None
         except RuntimeError:
@@ -98,7 +133,9 @@ def run(args) -> int:
         port = sock.getsockname()[1]
         print(f"serving {len(args.run_dirs)} run(s) on http://{args.host}:{port}  (POST /predict, GET /adapters, "
               f"page at /; mixed batching {'on' if args.mixed_batching else 'off'})", flush=True)
-        uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
+        # h11 (not httptools): the protocol serve/connections.py guards; idle kept-alive connections close after 5 s
+        uvicorn.Server(uvicorn.Config(app, log_level="warning", http=guarded_protocol(settings.connections),
+                                      timeout_keep_alive=5)).run(sockets=[sock])
     finally:
         sock.close()
     return 0

@@ -72,7 +72,7 @@ def read_yaml(path: str | Path, what: str = "config file",
     if not p.is_file():
         raise UserError(f"{what} {str(p)!r} not found: {hint}")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        data = yaml.safe_load(p.read_text(encoding="utf-8-sig")) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
@@ -112,4 +112,6 @@ def config_tree(cfg: Config) -> dict:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config_tree(cfg), sort_keys=False), encoding="utf-8")
+    from peftlab.files import write_text
+
+    write_text(path, yaml.safe_dump(config_tree(cfg), sort_keys=False))

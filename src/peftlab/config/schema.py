@@ -5,13 +5,34 @@ overrides any field. Validation happens here and only here.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
+def _finite(value: Any) -> Any:
+    """nan and inf (and numbers like 1e400 that YAML reads as inf) are never a setting: refused in every
+    float field, and inside lists and maps (class weights, sweep grids)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError("must be a finite number (not nan or inf)")
+    if isinstance(value, (list, tuple)):
+        for v in value:
+            _finite(v)
+    elif isinstance(value, dict):
+        for v in value.values():
+            _finite(v)
+    return value
+
+
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan: every float field refuses nan and inf before its bounds are checked (one clear message)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _finite_numbers(cls, v: Any) -> Any:
+        return v if isinstance(v, BaseModel) else _finite(v)
 
 
 class DataConfig(Section):
@@ -59,7 +80,7 @@ class MethodConfig(Section):
     name: str = Field("lora", description="a method from the registry: full, lora, qlora, ia3; few labelled rows: "
                                     "contrastive-lora, contrastive-ia3, contrastive-full, probe (docs/few-shot.md)")
     r: int = Field(16, ge=1, description="LoRA rank")
-    alpha: float = Field(32, gt=0, description="LoRA alpha (scaling = alpha / r)")
+    alpha: float = Field(32, gt=0, le=1e5, description="LoRA alpha (scaling = alpha / r), at most 1e5")
     dropout: float = Field(0.1, ge=0, lt=1, description="LoRA dropout")
     target_modules: list[str] | None = Field(None, description="module names to adapt; default: the architecture's (e.g. BERT [query, value])")
     layers: list[int] | None = Field(None, description="adapt only these layer indices (LoRA, IA3)")
@@ -92,23 +113,33 @@ class MethodConfig(Section):
 
 
 class TrainConfig(Section):
-    epochs: float = Field(3, gt=0)
+    epochs: float = Field(3, gt=0, le=1e5, description="passes over train (fractions allowed), at most 1e5")
     max_steps: int | None = Field(None, ge=1, description="optimizer steps; overrides epochs")
     batch_size: int = Field(16, ge=1)
     min_steps_per_epoch: int = Field(4, ge=1, description="few training rows: the batch size is lowered (never below 1) "
                                      "so that an epoch has at least this many optimizer steps (recorded in "
-                                     "metrics.json tiny_data); 16 rows in one batch of 16 would learn from one step "
+                                     "metrics.json selection.batch_size); 16 rows in one batch of 16 would learn from one step "
                                      "per epoch")
-    learning_rate: float | None = Field(None, gt=0, description="default: the method's own (full 5e-5, lora/qlora 1e-3, ia3 5e-3)")
-    weight_decay: float = Field(0.01, ge=0)
+    learning_rate: float | None = Field(None, gt=0, le=10, description="default: the method's own (full 5e-5, "
+                                        "lora/qlora 1e-3, ia3 5e-3); at most 10 (beyond, no optimizer here converges)")
+    weight_decay: float = Field(0.01, ge=0, le=10, description="AdamW decoupled weight decay, 0 to 10")
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
-    max_grad_norm: float | None = Field(1.0, gt=0, description="clip the gradient norm; null: no clipping")
+    max_grad_norm: float | None = Field(1.0, gt=0, le=1e6, description="clip the gradient norm (at most 1e6); null: no clipping")
     seed: int = 42
     early_stopping_patience: int | None = Field(None, ge=1, description="stop after this many epochs without a better validation metric")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16 on a GPU that has it, else fp32")
     sampler: Literal["length_grouped", "random"] = Field("length_grouped", description="length_grouped: similar lengths share a batch (less padding)")
     compile: bool = Field(False, description="torch.compile the model (GPU)")
+    step_engine: Literal["auto", "eager", "cuda_graphs"] = Field(
+        "eager", description="how each training step runs. eager: plain PyTorch; cuda_graphs: the whole step (forward, "
+                             "backward, clipping, AdamW) replayed as one CUDA graph per length bucket; auto: cuda_graphs "
+                             "where it can run, else eager. Where cuda_graphs cannot run (CPU, several processes, fp16, "
+                             "gradient accumulation, distillation, ...) eager runs and metrics.json says why")
+    frozen_dtype: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="the dtype frozen (non-trained) weights are stored in. auto: bf16 on a bf16 GPU run of a "
+                            "method that freezes the backbone (half the memory, no re-cast each step), else as loaded; "
+                            "fp32: upcast them (what peft's prepare_model_for_kbit_training does for QLoRA)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     log_every: int = Field(10, ge=1, description="optimizer steps between loss readings (the only host syncs; a non-finite loss is caught there)")
     checkpoint_every_epoch: bool = Field(True, description="save a resumable checkpoint at each epoch end")
@@ -118,7 +149,7 @@ class TrainConfig(Section):
                             "weight of each label's positive examples (balanced: negatives / positives)")
     loss: Literal["cross_entropy", "focal"] = Field("cross_entropy", description="training loss; focal: "
                                                      "(1 - p_true)^focal_gamma * cross-entropy, for hard or rare examples")
-    focal_gamma: float = Field(2.0, ge=0, description="focusing exponent of train.loss=focal (0: cross-entropy)")
+    focal_gamma: float = Field(2.0, ge=0, le=100, description="focusing exponent of train.loss=focal (0: cross-entropy), at most 100")
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="share of the target spread over all classes "
                                                                  "(multi-label: targets move to s/2 and 1 - s/2)")
 
@@ -127,9 +158,9 @@ class TrainConfig(Section):
     def _weights(cls, v: Any) -> Any:
         if isinstance(v, dict):  # integer labels come from YAML as ints
             v = {str(k): w for k, w in v.items()}
-            bad = [k for k, w in v.items() if isinstance(w, bool) or not isinstance(w, (int, float)) or not w > 0]
+            bad = [k for k, w in v.items() if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 < w <= 1e6]
             if bad:
-                raise ValueError(f"class weight of {bad[0]!r} must be a number > 0")
+                raise ValueError(f"class weight of {bad[0]!r} must be a finite number > 0 and at most 1e6")
         return v
 
 
@@ -174,7 +205,7 @@ class OutputConfig(Section):
 class DistillConfig(Section):
     teacher: str | None = Field(None, description="a run directory (or model) whose logits teach the student")
     alpha: float = Field(0.5, ge=0, le=1, description="weight of the hard-label loss; 1 - alpha goes to the teacher")
-    temperature: float = Field(2.0, gt=0)
+    temperature: float = Field(2.0, gt=0, le=1000, description="softens teacher and student logits; above 0, at most 1000")
     unlabeled: str | None = Field(None, description="a file of texts without labels (CSV, TSV, JSON Lines, Parquet; "
                                                     "column 'text' or data.text_columns): the teacher labels them and "
                                                     "the student learns from them too, by the teacher's part of the "

@@ -105,12 +105,16 @@ def load_data(cfg: DataConfig, seed: int) -> LoadedData:
         splits["train"], splits["validation"] = _take(splits["train"], kept), _take(splits["train"], carved)
         sources["validation"] = f"stratified {percent(cfg.validation_fraction)} of train (seed {seed})"
 
-    overlap = _overlap_with_train(splits, cfg.drop_duplicates_across_splits, sources)
+    # Every figure recorded about the data (split sizes, overlap with train) is of the rows used: the train
+    # subset first (the rows trained on), then the rows shared with it dropped (on request) before the
+    # evaluation subsets are drawn (so that they keep their size), then the overlap counted on what is scored.
     limits = {"train": cfg.max_train_samples, "validation": cfg.max_eval_samples, "test": cfg.max_eval_samples}
-    for split, limit in limits.items():
-        if limit is not None and limit < len(splits[split]):
-            sources[split] += f"; stratified subset of {limit:,} of {len(splits[split]):,} rows (seed {seed})"
-            splits[split] = _take(splits[split], subsample(splits[split].labels, limit, seed))
+    _subset(splits, sources, "train", limits["train"], seed)
+    if cfg.drop_duplicates_across_splits:
+        _drop_shared_with_train(splits, sources)
+    for split in ("validation", "test"):
+        _subset(splits, sources, split, limits[split], seed)
+    overlap = _overlap_with_train(splits)
 
     return LoadedData(name=raw.name, label_names=names, train=splits["train"], validation=splits["validation"],
                       test=splits["test"], text_columns=list(raw.text_columns),
@@ -118,18 +122,31 @@ def load_data(cfg: DataConfig, seed: int) -> LoadedData:
                       multi_label=cfg.multi_label)
 
 
-def _overlap_with_train(splits: dict[str, "TextSplit"], drop: bool, sources: dict) -> dict[str, int]:
-    """How many validation and test texts also occur in train (leakage that flatters the scores);
-    with `drop`, those rows are removed from validation and test."""
+def _subset(splits: dict[str, "TextSplit"], sources: dict, split: str, limit: int | None, seed: int) -> None:
+    if limit is not None and limit < len(splits[split]):
+        sources[split] += f"; stratified subset of {limit:,} of {len(splits[split]):,} rows (seed {seed})"
+        splits[split] = _take(splits[split], subsample(splits[split].labels, limit, seed))
+
+
+def _shared_with_train(splits: dict[str, "TextSplit"], split: str) -> np.ndarray:
     seen = set(splits["train"].texts)
-    overlap = {}
+    return np.array([t in seen for t in splits[split].texts], dtype=bool)
+
+
+def _drop_shared_with_train(splits: dict[str, "TextSplit"], sources: dict) -> None:
+    """data.drop_duplicates_across_splits: validation and test rows whose text is in the train rows used go."""
     for split in ("validation", "test"):
-        shared = np.array([t in seen for t in splits[split].texts], dtype=bool)
-        overlap[split] = int(shared.sum())
-        if drop and shared.any():
+        shared = _shared_with_train(splits, split)
+        if shared.any():
             splits[split] = _take(splits[split], np.flatnonzero(~shared))
-            sources[split] += f"; {overlap[split]:,} rows also in train dropped"
-    if any(overlap.values()) and not drop:
+            sources[split] += f"; {int(shared.sum()):,} rows also in train dropped"
+
+
+def _overlap_with_train(splits: dict[str, "TextSplit"]) -> dict[str, int]:
+    """How many of the validation and test rows used also occur in the train rows used (leakage that
+    flatters the scores), warned about."""
+    overlap = {split: int(_shared_with_train(splits, split).sum()) for split in ("validation", "test")}
+    if any(overlap.values()):
         import sys
 
         print(f"peftlab: warning: {overlap['validation']:,} validation and {overlap['test']:,} test texts also occur "
@@ -228,7 +245,7 @@ def _csv_separator(path: Path, suffix: str) -> str:
 
     opener = gzip.open if path.name.endswith(".gz") else open
     try:
-        with opener(path, "rt", encoding="utf-8", errors="replace") as f:
+        with opener(path, "rt", encoding="utf-8-sig", errors="replace") as f:
             header = f.readline()
     except OSError:
         return ","
@@ -246,7 +263,9 @@ def read_table(path: Path, keep_blank_rows: bool = False) -> pd.DataFrame:
     try:
         if suffix in (".csv", ".tsv"):
             # Only an empty field is missing: a text that reads "NA" or "null" is still a text.
+            # utf-8-sig: a byte-order mark (as spreadsheets and Windows editors write) is not part of the header
             frame = pd.read_csv(path, sep=_csv_separator(path, suffix), keep_default_na=False, na_values=[""],
+                                encoding="utf-8-sig",
                                 skip_blank_lines=not keep_blank_rows)
         elif suffix == ".parquet":
             frame = pd.read_parquet(path)
@@ -281,7 +300,7 @@ def read_texts(path: str, text_columns: list[str], what: str) -> list[str]:
 def _read_jsonl(path: Path) -> pd.DataFrame:
     # A json.loads loop is ~3x faster than pandas.read_json(lines=True) here, and knows the failing line.
     opener = gzip.open if path.name.lower().endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
+    with opener(path, "rt", encoding="utf-8-sig") as f:  # a leading byte-order mark is dropped, as for CSV
         content = f.read()
     if content.lstrip().startswith("["):  # a plain JSON array of objects is accepted too
         rows = json.loads(content)
@@ -301,7 +320,7 @@ def _read_jsonl(path: Path) -> pd.DataFrame:
 
 def _read_label_names(path: Path) -> list[str]:
     try:
-        names = json.loads(path.read_text(encoding="utf-8"))
+        names = json.loads(path.read_text(encoding="utf-8-sig"))
     except (OSError, ValueError) as e:
         raise UserError(f"{path}: cannot be read ({_first_line(e)}); it must be a JSON list of class names") from None
     if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):

@@ -2,6 +2,7 @@
 trials skip the work. Sequences are stored unpadded: padding is decided per batch."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -23,7 +24,12 @@ class Encoded:
 
     @property
     def lengths(self) -> np.ndarray:
-        return np.diff(self.offsets)
+        # computed once per offsets array (the training loop reads it every step)
+        cached = self.__dict__.get("_lengths")
+        if cached is None or cached[0] is not self.offsets:
+            cached = (self.offsets, np.diff(self.offsets))
+            self.__dict__["_lengths"] = cached
+        return cached[1]
 
     def sequence(self, i: int) -> np.ndarray:
         return self.ids[self.offsets[i]:self.offsets[i + 1]]
@@ -122,11 +128,13 @@ def encode(tokenizer, texts: list[str], labels: np.ndarray, max_length: int,
         except (OSError, ValueError, KeyError):
             pass  # a damaged cache file is rebuilt below
     ids, offsets = _tokenize(tokenizer, texts, max_length)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
         np.savez(tmp, ids=ids, offsets=offsets)
         os.replace(tmp, path)  # atomic: a concurrent reader sees the old state or the whole file
     except OSError:
-        pass  # a read-only cache only costs speed
+        # a read-only or full cache only costs speed; a half-written temporary is not left behind
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
     return Encoded(ids, offsets, labels)

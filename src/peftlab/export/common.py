@@ -7,7 +7,6 @@ import contextlib
 import json
 import os
 import shutil
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import numpy as np
 import torch
 
 from peftlab.errors import UserError
+from peftlab.files import clean_stale, temp_name, translated
 from peftlab.evaluation.tasks import task_for
 from peftlab.runs.record import RunRecord
 
@@ -76,14 +76,16 @@ def staged(out: Path):
     or killed export leaves no folder that looks complete (at most a hidden .tmp one)."""
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.parent / f".{out.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
+        clean_stale(out.parent, out.name)  # what an export killed earlier left (its process is gone)
+        tmp = temp_name(out)
         tmp.mkdir()
     except OSError as e:
         raise UserError(f"--output {str(out)!r} cannot be created ({e.strerror}): choose a writable location") from None
     try:
-        yield tmp
-        check_output(out)  # another process may have filled it meanwhile
-        os.replace(tmp, out)  # an empty existing directory is replaced atomically too
+        with translated(out):  # file too large, no space...: one line naming the export
+            yield tmp
+            check_output(out)  # another process may have filled it meanwhile
+            os.replace(tmp, out)  # an empty existing directory is replaced atomically too
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -1,4 +1,5 @@
-"""Config -> a model ready to train: backbone loaded (maybe quantized), method applied, head trainable."""
+"""Config -> a model ready to train: backbone loaded (maybe quantized), method applied, head trainable,
+everything on the run's device. What quantization the model got is read from its modules afterwards."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -9,6 +10,7 @@ from peftlab.config.schema import Config
 from peftlab.errors import UserError
 from peftlab.models.loading import head_for, load_classifier
 from peftlab.models.methods import registry
+from peftlab.models.quantized import QUANTIZED_PARAMETERS, quantization_record
 
 
 @dataclass
@@ -19,11 +21,26 @@ class BuiltModel:
     head: dict  # what the classifier reads (models.loading.head_for), recorded in metrics.json
 
 
-def build_model(cfg: Config, label_names: list[str], device: torch.device, multi_label: bool = False) -> BuiltModel:
+def frozen_to(model: torch.nn.Module, dtype: torch.dtype | None) -> int:
+    """Store the frozen floating-point weights in `dtype` (bf16 on a bf16 GPU run: autocast then has
+    nothing to re-cast every forward, and they take half the memory); trainable ones keep fp32 for the
+    optimizer. Returns how many tensors were cast."""
+    if dtype is None:
+        return 0
+    cast = 0
+    for p in model.parameters():
+        if not p.requires_grad and p.dtype.is_floating_point and p.dtype != dtype and p.dtype in (torch.float32, torch.float16, torch.bfloat16):
+            p.data = p.data.to(dtype)
+            cast += 1
+    return cast
+
+
+def build_model(cfg: Config, label_names: list[str], device: torch.device, multi_label: bool = False,
+                frozen_dtype: torch.dtype | None = None) -> BuiltModel:
     method = registry.get(cfg.method.name)
-    extra, quantization = method.load_kwargs(cfg.method, device)
+    extra, request = method.load_kwargs(cfg.method, device, cfg.model.name, label_names)
     if extra:
-        extra = {**extra, "device_map": {"": device.index or 0}}
+        extra = {**extra, "device_map": {"": device.index or 0}}  # bitsandbytes places (and packs) on load
     if method.pooled_head and cfg.model.head == "cls":
         raise UserError(f"method {method.name} classifies from the pooled sentence embedding: set model.head=auto "
                         f"(or pooled), not cls")
@@ -36,4 +53,9 @@ def build_model(cfg: Config, label_names: list[str], device: torch.device, multi
     model = method.apply(model, cfg.method, device)
     if not extra:
         model.to(device)
-    return BuiltModel(model=model, method=method, quantization=quantization, head=head)
+    else:  # bitsandbytes placed the packed weights on load; whatever it left elsewhere follows them
+        for p in model.parameters():
+            if p.device != device and type(p).__name__ not in QUANTIZED_PARAMETERS:
+                p.data = p.data.to(device)
+    frozen_to(model, frozen_dtype)
+    return BuiltModel(model=model, method=method, quantization=quantization_record(model, request), head=head)

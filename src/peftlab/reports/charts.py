@@ -9,7 +9,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from peftlab.reports.collect import Group, Section
-from peftlab.runs.plots import draw_confusion, draw_label_scores, most_frequent
+from peftlab.runs.plots import draw_confusion, draw_label_scores, most_frequent, plain_text
 
 MIB = 2**20
 
@@ -187,6 +187,7 @@ def confusion_chart(report: Section) -> Chart | None:
     return Chart(f"Test confusion matrix of the best run by validation ({run.name})", _png(fig))
 
 
+@plain_text
 def all_charts(report: Section) -> list[Chart]:
     g, multi = report.groups, report.multi_label
     charts = [scores_chart(g, multi), pareto_chart(g, multi), params_chart(g), time_chart(g), memory_chart(g),

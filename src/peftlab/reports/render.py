@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import html
+import re
 from pathlib import Path
 
 from peftlab.models.methods import registry
@@ -170,11 +171,12 @@ def _multi_label_figures(g: Group, part: str) -> str:
     return ", ".join(figures[:-1]) + " and " + figures[-1]
 
 
-def best_summary(report: Section) -> str:
-    """One plain-text paragraph: the best configuration by validation, and its test figures."""
+def best_summary(report: Section, esc=str) -> str:
+    """One plain-text paragraph: the best configuration by validation, and its test figures. `esc` is
+    applied to the names that come from the runs (escape_markdown for Markdown; HTML escapes it whole)."""
     multi = report.multi_label
     g, label = report.best, metric_label(report.metric, multi)
-    text = (f"Best by validation {label}: {g.name} (validation {label} "
+    text = (f"Best by validation {label}: {esc(g.name)} (validation {label} "
             f"{fmt_metric(*g.stat('validation', report.metric))}). ")
     if multi:
         text += f"Its test {_multi_label_figures(g, 'test')} (labels predicted when p ≥ 0.5)."
@@ -191,7 +193,7 @@ def best_summary(report: Section) -> str:
                  f"macro-F1 {fmt_metric(g.mean('baseline', 'test', 'macro_f1'))}{seeds}.")
     if g.n > 1:
         what = "per-label chart" if multi else "confusion matrix"
-        text += f" Its {what} is that of seed run {report.best_run.name}, the best of its seeds by validation."
+        text += f" Its {what} is that of seed run {esc(report.best_run.name)}, the best of its seeds by validation."
     return text
 
 
@@ -305,13 +307,22 @@ def render_html(report: Report, charts: list[list[Chart]], inputs: list[Path]) -
 
 # ---------------------------------------------------------------- Markdown
 
-def _md_cell(x: str) -> str:
-    return str(x).replace("|", "\\|").replace("\n", " ")
+# Markdown viewers render inline HTML and links: text from runs (names, paths, models, labels, configs)
+# must show as written. Markup characters are entities; the ones that start emphasis, code, links and
+# images (no link without "["), math, strike-through or a new cell are backslash-escaped. Line-start
+# syntax (#, -, +, 1.) cannot apply: such text never starts a line. Figures read as they are.
+_MD_SPECIAL = re.compile(r"([\\`*_\[\]|~$])")
+
+
+def escape_markdown(x: object) -> str:
+    text = html.escape(str(x), quote=False)  # & < > as entities: no tag, no comment, no entity trick
+    text = _MD_SPECIAL.sub(r"\\\1", text)
+    return " ".join(text.split())  # a newline (or a tab) would end the paragraph or the table row
 
 
 def _md_table(columns: list[str], rows: list[dict[str, str]]) -> str:
-    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    lines += ["| " + " | ".join(_md_cell(r[c]) for c in columns) + " |" for r in rows]
+    lines = ["| " + " | ".join(escape_markdown(c) for c in columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(escape_markdown(r[c]) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
 
 
@@ -319,8 +330,8 @@ def render_markdown(report: Report) -> str:
     parts = ["# peftlab report", ""]
     several = len(report.sections) > 1
     for sec in report.sections:
-        suffix = f": {sec.dataset}" if several else ""
-        parts += [best_summary(sec), "", f"## Results{suffix}", "", _md_table(columns(sec), result_rows(sec)), ""]
+        suffix = f": {escape_markdown(sec.dataset)}" if several else ""
+        parts += [best_summary(sec, escape_markdown), "", f"## Results{suffix}", "", _md_table(columns(sec), result_rows(sec)), ""]
     parts += [f"- {n}" for n in notes(report)] + [""]
     if report.not_completed:
         rows = [{"run": r.name, "status": r.status, "path": str(r.path)} for r in report.not_completed]

@@ -10,6 +10,7 @@ and notebooks alike.
 """
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from peftlab.evaluation.metrics import ECE_BINS, reliability_bins, softmax
+from peftlab.files import replacing
 from peftlab.runs.record import RunRecord
 
 MAX_LABELS_SHOWN = 48  # per-label figures: beyond that, the most frequent labels only
@@ -72,6 +74,23 @@ def _nan_or(value) -> float:
     return np.nan if value is None else value
 
 
+def plain_text(function):
+    """Titles, ticks and legends hold data (label and run names): drawn as written, never as mathtext,
+    where a name like "$\\frac{$" would stop the whole run at its last step."""
+    @functools.wraps(function)
+    def drawn_plainly(*args, **kwargs):
+        import matplotlib
+
+        with matplotlib.rc_context({"text.parse_math": False}):
+            return function(*args, **kwargs)
+    return drawn_plainly
+
+
+def _save(fig: Figure, out: Path) -> None:
+    with replacing(out) as tmp:  # a failed write leaves no truncated PNG
+        fig.savefig(tmp, dpi=100, format="png")
+
+
 def _new_figure(width: float = 6.4, height: float = 4.0) -> Figure:
     return Figure(figsize=(width, height), layout="constrained")
 
@@ -87,7 +106,7 @@ def _loss_plot(history: list[dict], out: Path) -> Path | None:
     ax.set_ylabel("training loss")
     ax.set_title("Training loss")
     ax.grid(alpha=0.3)
-    fig.savefig(out, dpi=100)
+    _save(fig, out)
     return out
 
 
@@ -110,7 +129,7 @@ def _validation_plot(history: list[dict], out: Path, multi_label: bool = False) 
     ax.set_title("Validation per epoch")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.savefig(out, dpi=100)
+    _save(fig, out)
     return out
 
 
@@ -131,7 +150,7 @@ def _confusion_plot(record: RunRecord | None, predictions: pd.DataFrame | None, 
     size = max(4.0, 0.45 * len(names) + 2.5)
     fig = _new_figure(size, size)
     draw_confusion(fig.subplots(), matrix, names, "Test confusion matrix")
-    fig.savefig(out, dpi=100)
+    _save(fig, out)
     return out
 
 
@@ -150,7 +169,7 @@ def _confidence_plot(predictions: pd.DataFrame | None, out: Path) -> Path | None
     ax.set_ylabel("test examples")
     ax.set_title("Test confidence")
     ax.legend()
-    fig.savefig(out, dpi=100)
+    _save(fig, out)
     return out
 
 
@@ -200,7 +219,7 @@ def _reliability_plot(record: RunRecord | None, predictions: pd.DataFrame | None
     ax.set_ylabel("accuracy")
     ax.set_title("Test reliability")
     ax.legend(loc="upper left")
-    fig.savefig(out, dpi=100)
+    _save(fig, out)
     return out
 
 
@@ -326,7 +345,7 @@ def _label_scores_plot(record: RunRecord | None, details, names: list[str], out:
     title = "Test precision, recall, F1 per label\n(label predicted when p ≥ 0.5)"
     ax.set_title(title + (f"\n{note}" if note else ""))
     fig.legend(loc="outside lower center", ncol=4, fontsize=8)
-    fig.savefig(out, dpi=100)
+    _save(fig, out)
     return out
 
 
@@ -360,7 +379,7 @@ def _label_confusion_plot(details, names: list[str], out: Path) -> Path | None:
     fig.supxlabel("predicted", fontsize=9)
     fig.supylabel("true", fontsize=9)
     fig.suptitle(title, fontsize=10)
-    fig.savefig(out, dpi=100)
+    _save(fig, out)
     return out
 
 
@@ -383,7 +402,7 @@ def _label_confidence_plot(decisions, out: Path) -> Path | None:
     ax.set_ylabel("label decisions (texts × labels)")
     ax.set_title("Test confidence of every label decision\n(label predicted when p ≥ 0.5)", fontsize=10)
     ax.legend()
-    fig.savefig(out, dpi=100)
+    _save(fig, out)
     return out
 
 
@@ -411,7 +430,7 @@ def _label_reliability_plot(record: RunRecord | None, decisions, out: Path) -> P
     ax.set_ylabel("share of right decisions")
     ax.set_title("Test reliability, every label decision\n(label predicted when p ≥ 0.5)", fontsize=10)
     fig.legend(loc="outside lower center", ncol=2, fontsize=8)  # below the axes: never over a bar
-    fig.savefig(out, dpi=100)
+    _save(fig, out)
     return out
 
 
@@ -436,6 +455,7 @@ def _read_predictions(run_dir: Path) -> pd.DataFrame | None:
     return df if {"label", "predicted"} <= set(df.columns) else None
 
 
+@plain_text
 def write_plots(run_dir: Path, record: RunRecord | None = None) -> list[Path]:
     """Write loss.png, validation.png, confusion_matrix.png, confidence.png, reliability.png into run_dir/plots/, from
     `record` (default: the run's metrics.json), history.jsonl and predictions.csv. A multi-label run gets

@@ -7,7 +7,6 @@ is not a record at all fails with one line naming it.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -95,12 +94,22 @@ class Efficiency(Record):
     optimizer_steps: int | None = None
     wall_seconds: float | None = None
     world_size: int = 1  # processes that trained (peftlab train --nproc, torchrun, accelerate launch)
+    step_engine: str | None = None  # which training step engine ran (training/engines/)
+    step_engine_reason: str | None = None  # why it is not the one train.step_engine asked for
+    graph_capture_seconds: float | None = None  # cuda_graphs: warm-up and capture, part of train_seconds
+    frozen_dtype: str | None = None  # the dtype the frozen weights were stored in
 
 
 class Quantization(Record):
     requested: str | None = None
-    used: str | None = None
+    used: str | None = None  # read from the built model's modules (older records: from the request)
     reason: str | None = None
+    modules_4bit: int | None = None  # bitsandbytes 4-bit / 8-bit linear layers, and their stored bytes
+    bytes_4bit: int | None = None
+    modules_8bit: int | None = None
+    bytes_8bit: int | None = None
+    frozen_linear_unquantized: int | None = None  # frozen linear layers left in floating point
+    skipped_for_width: int | None = None  # of those, left out because bitsandbytes cannot take their widths
 
 
 class Distillation(Record):
@@ -238,10 +247,9 @@ class RunRecord(Record):
 
     def write(self, path: str | Path) -> None:
         """Atomically: a reader sees the previous record or this one, never a torn file."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(self.model_dump_json(indent=2, exclude_none=False) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        from peftlab.files import write_text
+
+        write_text(path, self.model_dump_json(indent=2, exclude_none=False) + "\n")
 
 
 def _first_error(e: ValidationError) -> str:

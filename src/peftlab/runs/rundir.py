@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -25,13 +26,12 @@ import yaml
 from peftlab.config import Config, save_config
 from peftlab.config.load import build_config
 from peftlab.errors import UserError
+from peftlab.files import append_text, clean_stale, replacing, torch_save, write_text
 from peftlab.runs.record import RunRecord
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    write_text(path, text)  # peftlab.files: temp + rename, write errors as one line
 
 
 def default_run_dir(method: str) -> Path:
@@ -64,7 +64,7 @@ class RunDir:
             raise UserError(f"output directory {str(self.path)!r} is a file: choose another --output-dir")
         try:
             self.path.mkdir(parents=True, exist_ok=True)
-            probe = self.path / ".write-test"
+            probe = self.path / f".write-test.{os.getpid()}.tmp"
             probe.write_text("")
             probe.unlink()
         except OSError as e:
@@ -98,6 +98,9 @@ class RunDir:
         handle.write(f"peftlab process {os.getpid()}")
         handle.flush()
         self._lock = handle
+        # the directory is ours now: temporaries of a writer that was killed go (they never look complete)
+        for folder in (self.path, self.checkpoints, self.plots):
+            clean_stale(folder)
 
     def unlock(self) -> None:
         handle = getattr(self, "_lock", None)
@@ -155,8 +158,7 @@ class RunDir:
 
     # --- records -----------------------------------------------------------------------------
     def append_history(self, row: dict) -> None:
-        with open(self.history_file, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+        append_text(self.history_file, json.dumps(row) + "\n")
 
     def truncate_history(self, upto_step: int) -> None:
         """On resume, drop rows written after the checkpoint we go back to."""
@@ -186,6 +188,10 @@ class RunDir:
         if self.status() == "completed":
             return
         what = "interrupted" if isinstance(error, KeyboardInterrupt) else f"{type(error).__name__}: {error}"
+        with contextlib.suppress(UserError, OSError):  # the disk that failed the run may refuse this too:
+            self._write_failure(what, cfg)               # then no metrics.json at all, still not "completed"
+
+    def _write_failure(self, what: str, cfg: Config | None) -> None:
         self.write_record(RunRecord(status="failed", error=what, traceback=traceback.format_exc(),
                                     run_dir=str(self.path), method=cfg.method.name if cfg else None,
                                     config=cfg.model_dump(mode="json") if cfg else None))
@@ -208,20 +214,29 @@ class RunDir:
             frame["confidence"] = probs[np.arange(len(predicted)), predicted]
         for j, name in enumerate(names):
             frame[f"prob_{name}"] = probs[:, j]
-        tmp = self.predictions_file.with_name(f".{self.predictions_file.name}.tmp")
-        frame.to_csv(tmp, index=False)
-        tmp.replace(self.predictions_file)
+        # kept exactly as the data says (no spreadsheet-formula guard): export and report read it back
+        # (docs/report.md); `peftlab predict --output x.csv` is the spreadsheet-safe form
+        with replacing(self.predictions_file) as tmp:
+            # CRLF rows (RFC 4180): then a text holding a bare \r is quoted too (with \n rows it is not,
+            # and a reader would split the row there)
+            frame.to_csv(tmp, index=False, lineterminator="\r\n")
+
+    def save_weights(self, name: str, model, tokenizer) -> Path:
+        """adapter/ or model/ (save_pretrained of the model and its tokenizer), written to a temporary
+        folder and renamed: a failed or killed save leaves no folder that looks like trained weights."""
+        weights = self.weights_dir(name)
+        with replacing(weights, directory=True) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+        return weights
 
     def config_tree(self) -> dict:
-        return yaml.safe_load(self.config_file.read_text())
+        return yaml.safe_load(self.config_file.read_text(encoding="utf-8-sig"))  # hand-edited: maybe a BOM
 
     # --- checkpoints -------------------------------------------------------------------------
     def save_checkpoint(self, name: str, state: dict) -> None:
         self.checkpoints.mkdir(exist_ok=True)
-        path = self.checkpoints / f"{name}.pt"
-        tmp = path.with_name(f".{path.name}.tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, path)
+        torch_save(state, self.checkpoints / f"{name}.pt")
 
     def load_checkpoint(self, name: str) -> dict | None:
         path = self.checkpoints / f"{name}.pt"
@@ -245,4 +260,4 @@ class RunView(RunDir):
         return None
 
     create = lock = unlock = append_history = truncate_history = write_record = record_failure = _nothing
-    write_predictions = save_checkpoint = remove_checkpoints = _nothing
+    write_predictions = save_checkpoint = remove_checkpoints = save_weights = _nothing

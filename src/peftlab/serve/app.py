@@ -12,13 +12,16 @@
     DELETE /admin/runs/{name}    unload a run
 
 With an API key, every route but / (the page asks for the key), /health and the API description
-(/openapi.json, /docs) wants `Authorization: Bearer KEY`; without one the admin routes answer 403.
-Every error is {"detail": "one line"} with a 4xx status for the client's mistakes,
-each declared in the OpenAPI schema.
+(/openapi.json, /docs) wants `Authorization: Bearer KEY`, checked before the body is read; without one
+the admin routes answer 403. Every error is {"detail": "one line"} with a 4xx status for the client's
+mistakes (503 + Retry-After when busy), each declared in the OpenAPI schema; the connection-level
+answers (408, 503 over the connection cap, 400 for malformed HTTP) come from serve/connections.py in
+the same shape (docs/serving.md).
 """
 
 import asyncio
 import hmac
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +31,8 @@ import torch
 from pydantic import BaseModel, Field
 
 from peftlab.errors import UserError
-from peftlab.serve.batcher import Batcher, BatchSettings, Unloaded
+from peftlab.serve.connections import ConnectionLimits
+from peftlab.serve.batcher import Batcher, BatchSettings, Overloaded, Unloaded
 from peftlab.serve.page import PAGE
 from peftlab.serve.registry import AlreadyServed, Registry
 
@@ -40,6 +44,7 @@ class ServeSettings:
     max_chars: int = 10_000         # characters per text (beyond: 422, never silently cut)
     max_body_bytes: int = 1 << 20   # request body (beyond: 413)
     batch: BatchSettings = field(default_factory=BatchSettings)
+    connections: ConnectionLimits = field(default_factory=ConnectionLimits)  # applied by the server (cli/serve.py)
 
 
 class Error(BaseModel):
@@ -145,52 +150,131 @@ class Metrics:
             self.adapter_batches.labels(name).inc()
 
 
-class Guard:
-    """ASGI middleware: the request body size limit (413, also for bodies sent without a length) and
-    the request metrics, labelled by route template (never by raw path: bounded cardinality)."""
+PUBLIC_PATHS = frozenset({"/", "/health", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
 
-    def __init__(self, app, max_body_bytes: int, metrics: Metrics):
-        self.app, self.limit, self.metrics = app, max_body_bytes, metrics
+
+class Guard:
+    """ASGI middleware, before the app reads anything of a request:
+
+    - the API key (401) and the admin switch (403), checked on the headers: an unauthorized client
+      cannot make the server read, hold or parse its body;
+    - the body size limit (413, also for bodies sent without a length);
+    - the body read as JSON here, so that a body that is not (bad UTF-8, bad syntax, nested too deep, a
+      number too long to convert) gets a 400 saying which, where the framework's own answer names none;
+    - the request metrics, labelled by route template (never by raw path: bounded cardinality)."""
+
+    def __init__(self, app, settings: "ServeSettings", metrics: Metrics, paths: frozenset[str] = frozenset()):
+        self.app, self.settings, self.metrics, self.paths = app, settings, metrics, paths
+
+    def _refusal(self, scope) -> tuple[int, str, dict[str, str]] | None:
+        path, key = scope["path"], self.settings.api_key
+        if path in PUBLIC_PATHS:
+            return None
+        if key is not None:
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            scheme, _, token = given.partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), key.encode("utf-8")):
+                return 401, "missing or wrong API key: send the header Authorization: Bearer KEY", \
+                    {"www-authenticate": "Bearer"}
+        elif path.startswith("/admin/"):
+            return 403, "admin routes are off: start the server with --api-key (or PEFTLAB_API_KEY)", {}
+        return None
+
+    async def _body(self, scope, receive) -> bytes | tuple[int, str]:
+        """The whole body, or (status, why) when it is too large or not JSON."""
+        limit = self.settings.max_body_bytes
+        declared = dict(scope["headers"]).get(b"content-length", b"0")
+        if declared.isdigit() and int(declared) > limit:
+            return 413, self._too_large()
+        chunks, seen, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return 400, "the client went away before the body was complete"
+            chunks.append(message.get("body", b""))
+            seen += len(chunks[-1])
+            if seen > limit:
+                return 413, self._too_large()
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        if not body:
+            return body  # the app's validation names the missing body (422)
+        try:
+            json.loads(body.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            return 400, f"the body is not UTF-8 (byte {body[e.start]:#04x} at offset {e.start}): send UTF-8 JSON"
+        except RecursionError:
+            return 400, "the JSON body is nested too deeply: send {\"texts\": [...]} as documented"
+        except json.JSONDecodeError as e:
+            return 400, f"the body is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})"
+        except ValueError as e:  # e.g. an integer of more digits than Python converts (4300)
+            return 400, f"the JSON body cannot be read ({str(e).split(';')[0]})"
+        return body
+
+    def _too_large(self) -> str:
+        return (f"request body over {self.settings.max_body_bytes} bytes: send fewer or shorter texts "
+                f"(or start the server with a larger --max-body-bytes)")
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        from fastapi import HTTPException
-
-        start, seen, status = time.perf_counter(), 0, [500]
-        declared = dict(scope["headers"]).get(b"content-length", b"0")
-        too_large = HTTPException(413, f"request body over {self.limit} bytes: send fewer or shorter texts "
-                                       f"(or start the server with a larger --max-body-bytes)")
-
-        async def receive_limited():
-            nonlocal seen
-            if declared.isdigit() and int(declared) > self.limit:
-                raise too_large
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.limit:
-                raise too_large
-            return message
+        start, status = time.perf_counter(), [500]
 
         async def send_status(message):
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
             await send(message)
 
+        async def refuse(code: int, detail: str, headers: dict[str, str] | None = None):
+            await reply(send_status, code, detail, headers)
+
         try:
-            await self.app(scope, receive_limited, send_status)
+            refusal = self._refusal(scope)
+            if refusal is not None:  # the body, if any, is not read: the connection closes after the answer
+                return await refuse(refusal[0], refusal[1], {**refusal[2], "connection": "close"})
+            if scope["method"] in ("POST", "PUT", "PATCH"):
+                body = await self._body(scope, receive)
+                if isinstance(body, tuple):
+                    return await refuse(*body, {"connection": "close"})  # the rest of it is not read
+                receive = _replay(body, receive)
+            await self.app(scope, receive, send_status)
         finally:
-            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            route = getattr(scope.get("route"), "path", None)
+            route = route or (scope["path"] if scope["path"] in self.paths else "unmatched")
             self.metrics.requests.labels(route, scope["method"], str(status[0])).inc()
             self.metrics.latency.labels(route).observe(time.perf_counter() - start)
 
 
+def _replay(body: bytes, receive):
+    sent = [False]
+
+    async def replayed():
+        if sent[0]:  # asked again only to learn of a disconnect: the server's own receive tells
+            return await receive()
+        sent[0] = True
+        return {"type": "http.request", "body": body, "more_body": False}
+    return replayed
+
+
+async def reply(send, status: int, detail: str, headers: dict[str, str] | None = None) -> None:
+    body = json.dumps({"detail": detail}).encode("utf-8")
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    raw += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})
+
+
 def _errors(*codes: int) -> dict:
-    text = {400: "the body cannot be read (not UTF-8)", 401: "missing or wrong API key (Authorization: Bearer KEY)",
+    text = {400: "the body cannot be read: not UTF-8, not JSON (the detail says where), nested too deeply, or a "
+                 "number too long to convert",
+            401: "missing or wrong API key (Authorization: Bearer KEY), checked before the body is read",
             403: "admin routes are off: the server has no --api-key", 404: "no such adapter (or run directory)",
             409: "conflicts with what is served: a run of that name is served already (/admin/runs), or "
                  "no adapter was named while several runs are served (/predict)", 413: "request body too large",
-            422: "invalid request (the detail names the field)"}
+            408: "the body did not arrive within the server's --body-timeout of its headers (the connection is closed)",
+            422: "invalid request (the detail names the field)",
+            503: "busy: the texts waiting for a forward pass reach --max-queue-texts; retry after the Retry-After "
+                 "header's seconds"}
     return {c: {"model": Error, "description": text[c]} for c in codes}
 
 
@@ -200,6 +284,7 @@ def create_app(run_dirs: list[str], device: torch.device | None = None, settings
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
     from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 
     settings = settings or ServeSettings()
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -220,7 +305,8 @@ def create_app(run_dirs: list[str], device: torch.device | None = None, settings
 
     app = FastAPI(title="peftlab", version="2", description="Text classifiers trained with peftlab: LoRA "
                   "adapters over shared frozen bases, micro-batched together.")
-    app.add_middleware(Guard, max_body_bytes=settings.max_body_bytes, metrics=metrics)
+    app.add_middleware(Guard, settings=settings, metrics=metrics,
+                       paths=frozenset({"/", "/health", "/adapters", "/predict", "/metrics", "/admin/runs"}))
     bearer = HTTPBearer(auto_error=False, description="the server's --api-key (or PEFTLAB_API_KEY)")
 
     def authorized(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
@@ -234,6 +320,16 @@ def create_app(run_dirs: list[str], device: torch.device | None = None, settings
     def admin(_: Annotated[None, Depends(authorized)]) -> None:
         if settings.api_key is None:
             raise HTTPException(403, "admin routes are off: start the server with --api-key (or PEFTLAB_API_KEY)")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        # the framework's own 404 and 405 say only "Not Found": say what was asked and where to look
+        detail, path = exc.detail, request.url.path[:200]
+        if exc.status_code == 404 and detail == "Not Found":
+            detail = f"no route {request.method} {path}: the routes are listed at /docs"
+        elif exc.status_code == 405 and detail == "Method Not Allowed":
+            detail = f"{request.method} is not allowed on {path} (allowed: {(exc.headers or {}).get('Allow', '?')})"
+        return JSONResponse({"detail": detail}, exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
@@ -257,7 +353,7 @@ def create_app(run_dirs: list[str], device: torch.device | None = None, settings
         return [s.describe() for s in list(registry.served.values())]
 
     @app.post("/predict", response_model=PredictResponse, dependencies=[Depends(authorized)],
-              responses=_errors(400, 401, 404, 409, 413, 422), summary="classify texts with one served run")
+              responses=_errors(400, 401, 404, 408, 409, 413, 422, 503), summary="classify texts with one served run")
     async def predict(req: PredictRequest):
         served = registry.served.get(req.adapter) if req.adapter is not None else None
         if req.adapter is None:
@@ -272,6 +368,10 @@ def create_app(run_dirs: list[str], device: torch.device | None = None, settings
             probs = await asyncio.wrap_future(batchers[served.group.index].submit(served, req.texts))
         except (Unloaded, KeyError):
             raise HTTPException(404, f"adapter {served.name!r} was unloaded") from None
+        except Overloaded as e:  # refused now, not kept waiting: the client retries when told
+            raise HTTPException(503, f"the server is busy ({e.queued} texts are waiting, the limit is "
+                                     f"{settings.batch.max_queue_texts}): retry after {e.retry_after_s} s",
+                                headers={"Retry-After": str(e.retry_after_s)}) from None
         metrics.predict_latency.labels(served.name).observe(time.perf_counter() - start)
         metrics.texts.labels(served.name).inc(len(req.texts))
         return {"adapter": served.name, "predictions": served.predictor.rows(probs)}
@@ -288,7 +388,7 @@ def create_app(run_dirs: list[str], device: torch.device | None = None, settings
         return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/admin/runs", response_model=AdapterInfo, status_code=201, dependencies=[Depends(admin)],
-              responses=_errors(400, 401, 403, 404, 409, 413, 422), summary="load a run while serving")
+              responses=_errors(400, 401, 403, 404, 408, 409, 413, 422), summary="load a run while serving")
     async def load_run(body: LoadRun):
         if "\0" in body.run_dir or not Path(body.run_dir).is_dir():
             raise HTTPException(404, f"run_dir: no directory {body.run_dir!r} on the server")

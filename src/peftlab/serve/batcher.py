@@ -23,6 +23,14 @@ class Unloaded(Exception):
     """The run was unloaded while its request waited."""
 
 
+class Overloaded(Exception):
+    """The queue holds max_queue_texts already: the request is refused now rather than kept waiting."""
+
+    def __init__(self, queued: int, retry_after_s: int):
+        super().__init__(f"{queued} texts are waiting")
+        self.queued, self.retry_after_s = queued, retry_after_s
+
+
 @dataclass
 class Job:
     served: Served
@@ -35,20 +43,35 @@ class BatchSettings:
     window_s: float = 0.005  # how long the first request of a batch waits for company
     max_batch: int = 64      # texts per batch: a batch closes once it holds this many
     mixed: bool = True       # several adapters in one forward pass
+    max_queue_texts: int = 1024  # texts waiting (or in the pass) per model; a request beyond is refused (503)
 
 
 class Batcher:
     def __init__(self, group: Group, settings: BatchSettings, on_batch=None):
         self.group, self.settings, self.on_batch = group, settings, on_batch
         self.queue: queue.Queue[Job | None] = queue.Queue()
+        self.lock = threading.Lock()
+        self.pending = 0                 # texts submitted and not yet answered
+        self.seconds_per_text = 0.01     # a running mean of the passes' time, for Retry-After
         self.thread = threading.Thread(target=self._loop, name=f"batcher-{group.index}", daemon=True)
         self.thread.start()
 
     def submit(self, served: Served, texts: list[str]) -> Future:
         """A future of the texts' class probabilities (array [len(texts), len(labels)])."""
+        with self.lock:
+            limit = self.settings.max_queue_texts
+            if self.pending and self.pending + len(texts) > limit:  # one request alone is always taken
+                wait = self.pending * self.seconds_per_text
+                raise Overloaded(self.pending, max(1, min(60, int(wait) + 1)))
+            self.pending += len(texts)
         job = Job(served, texts)
+        job.future.add_done_callback(lambda _: self._done(len(texts)))
         self.queue.put(job)
         return job.future
+
+    def _done(self, n: int) -> None:
+        with self.lock:
+            self.pending -= n
 
     def stop(self) -> None:
         self.queue.put(None)
@@ -75,8 +98,11 @@ class Batcher:
                 return
             jobs, stop = self._gather(first)
             jobs = [j for j in jobs if j.future.set_running_or_notify_cancel()]  # not those given up on
+            started, rows = time.perf_counter(), sum(len(j.texts) for j in jobs)
             try:
                 self._run(jobs)
+                if rows:
+                    self.seconds_per_text = 0.8 * self.seconds_per_text + 0.2 * (time.perf_counter() - started) / rows
             except Exception as e:  # noqa: BLE001 - the worker must outlive any one batch
                 for job in jobs:
                     if not job.future.done():

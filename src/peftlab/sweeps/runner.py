@@ -23,6 +23,7 @@ from peftlab.config import Config
 from peftlab.config.load import build_config, set_in
 from peftlab.errors import UserError
 from peftlab.runs.record import RunRecord
+from peftlab.files import clean_stale
 from peftlab.runs.rundir import RunDir, atomic_write_text
 from peftlab.sweeps import claims as C
 from peftlab.sweeps.summary import METRICS, summarize, table, write_summary
@@ -142,6 +143,7 @@ class Sweep:
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.dir.mkdir(parents=True, exist_ok=True)
+        clean_stale(self.dir)  # sweep.yaml / summary temporaries of a killed sweep
         url = self.opts.storage or f"sqlite:///{(self.dir / 'study.db').resolve()}"
         self.url = url
         self.study_name = self.opts.study_name or self.dir.resolve().name

@@ -87,6 +87,8 @@ class ContrastiveTrainer(Trainer):
                                            weight_decay=tc.weight_decay)
         self.scheduler = get_linear_schedule_with_warmup(self.optimizer, int(tc.warmup_ratio * total), max(total, 1))
         self.scaler = rt.grad_scaler(self.runtime.device, self.runtime.dtype)
+        self.engine, self.engine_name = None, "eager"
+        self.engine_reason = "the few-shot methods' own loop (training/contrastive.py)"
 
     # --- training ------------------------------------------------------------------------------
     def _epochs(self) -> None:
@@ -132,11 +134,27 @@ class ContrastiveTrainer(Trainer):
             target = torch.as_tensor(chunk[:, 2], dtype=torch.float32, device=device)
             loss = torch.nn.functional.mse_loss(torch.nn.functional.cosine_similarity(a, b), target)
             (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-            self._optimizer_step()
+            self._step()
             losses.append(loss.detach())
             if st.step % tc.log_every == 0 or step + 1 == total:
                 self._log_step(epoch + (i + 1) / per_epoch, float(losses[-1]))
         return float(torch.stack(losses).mean()) if losses else float("nan")
+
+    def _step(self) -> None:
+        """One optimizer step of the body: unscale (fp16), clip, step, schedule."""
+        clip = self.cfg.train.max_grad_norm
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if clip and self.trainable:
+            torch.nn.utils.clip_grad_norm_(self.trainable, clip)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.step += 1
 
     @torch.inference_mode()
     def embeddings(self, split: str) -> np.ndarray:

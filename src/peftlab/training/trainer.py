@@ -25,7 +25,7 @@ from peftlab import runtime as rt
 from peftlab.config import Config, save_config
 from peftlab.data import load_data
 from peftlab.data.sources import read_texts
-from peftlab.data.batching import batch_order, collate, pad_multiple, to_device
+from peftlab.data.batching import batch_order, pad_multiple
 from peftlab.data.splits import capped_batch_size, check_not_empty, selection_plan
 from peftlab.data.tokenize import Encoded, encode
 from peftlab.errors import UserError
@@ -34,13 +34,17 @@ from peftlab.evaluation.tasks import score_logits, task_for
 from peftlab.models.build import build_model
 from peftlab.models.architectures import check_max_length
 from peftlab.models.loading import load_tokenizer, model_config
+from peftlab.models.methods.registry import get as method_named
 from peftlab.models.params import count_parameters
 from peftlab.models.speed import first_token_only
 from peftlab.runs.record import RunRecord
 from peftlab.runs.rundir import RunDir, RunView
 from peftlab.runs.select import RULE, better
 from peftlab.training import distributed
+from peftlab.training import engines
 from peftlab.training.distill import teacher_logits
+from peftlab.training.engines.cuda_graphs import CaptureFailed
+from peftlab.training.engines.registry import RunFacts
 from peftlab.training.losses import UNLABELED, hard_loss, soft_target_loss
 
 SPLITS = ("train", "validation", "test")
@@ -109,6 +113,9 @@ class Schedule:
 
 
 class Trainer:
+    # False: the cuda_graphs engine runs its code path without capturing (on any device): tests use it
+    capture_graphs = True
+
     def __init__(self, cfg: Config, run: RunDir, progress: bool = True, callbacks: list[Callback] = ()):
         self.dist = distributed.setup()
         self.cfg, self.progress = cfg, progress and self.dist.main
@@ -208,9 +215,27 @@ class Trainer:
         self.hard_loss = hard_loss(self.cfg.train, self.task.multi_label, self.data.train.labels,
                                    self.data.label_names, self.runtime.device, unlabeled=bool(self.unlabeled))
 
+    def _frozen_dtype(self) -> torch.dtype | None:
+        """train.frozen_dtype as a dtype (None: keep what was loaded)."""
+        choice, method = self.cfg.train.frozen_dtype, self.cfg.method.name
+        if choice == "fp32":
+            return torch.float32
+        if choice == "bf16":
+            if self.runtime.dtype != torch.bfloat16:
+                raise UserError(f"train.frozen_dtype=bf16 needs train.precision=bf16 (this run computes in "
+                                f"{self.runtime.precision}); use frozen_dtype=auto or fp32")
+            return torch.bfloat16
+        trains_backbone = method_named(method).trains_backbone
+        bf16_gpu = self.runtime.device.type == "cuda" and self.runtime.dtype == torch.bfloat16
+        return torch.bfloat16 if bf16_gpu and not trains_backbone else None
+
     def _setup_model(self) -> None:
-        self.built = build_model(self.cfg, self.data.label_names, self.runtime.device, self.task.multi_label)
+        frozen = self._frozen_dtype()
+        self.built = build_model(self.cfg, self.data.label_names, self.runtime.device, self.task.multi_label, frozen)
         self.model = self.built.model
+        # as built: the dtype of the frozen floating-point weights (None: nothing is frozen)
+        held = next((p.dtype for p in self.model.parameters() if not p.requires_grad and p.dtype.is_floating_point), None)
+        self.frozen_dtype = str(held).replace("torch.", "") if held is not None else None
         self.params = count_parameters(self.model)
         first_token_only(self.model)  # the last layer only where the head reads it: same loss and gradients
         self.forward = self.dist.wrap(self.model)  # DDP when several processes train
@@ -240,13 +265,38 @@ class Trainer:
         total = tc.max_steps or math.ceil(tc.epochs * steps)
         lr = tc.learning_rate or self.built.method.default_learning_rate
         self.schedule = Schedule(batches, steps, total, math.ceil(total / steps), lr)
+        self.scaler = rt.grad_scaler(self.runtime.device, self.runtime.dtype)
+        self.engine_name, self.engine_reason = engines.choose(tc.step_engine, self._run_facts())
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         decay = [p for p in self.trainable if p.ndim >= 2]
         no_decay = [p for p in self.trainable if p.ndim < 2]  # biases and norms are not decayed (BERT's recipe)
-        groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        self.optimizer = torch.optim.AdamW(groups, lr=lr, fused=self.runtime.device.type == "cuda")
+        graphed = self.engine_name == "cuda_graphs" and self.capture_graphs
+        # a captured step reads the learning rate from a device tensor, which the scheduler writes
+        group_lr = (lambda: torch.tensor(lr, device=self.runtime.device)) if graphed else (lambda: lr)
+        groups = [{"params": decay, "weight_decay": tc.weight_decay, "lr": group_lr()},
+                  {"params": no_decay, "weight_decay": 0.0, "lr": group_lr()}]
+        cuda = self.runtime.device.type == "cuda"
+        self.optimizer = torch.optim.AdamW(groups, lr=lr, fused=cuda, **({"capturable": True} if graphed else {}))
         self.scheduler = get_linear_schedule_with_warmup(self.optimizer, int(tc.warmup_ratio * total), total)
-        self.scaler = rt.grad_scaler(self.runtime.device, self.runtime.dtype)
+        self.engine = None  # made when training starts (after a resume has loaded the optimizer's state)
+
+    def _run_facts(self) -> RunFacts:
+        tc = self.cfg.train
+        device = "cuda" if self.runtime.device.type == "cuda" or not self.capture_graphs else self.runtime.device.type
+        return RunFacts(device=device, world_size=self.dist.world_size, fp16_scaler=self.scaler is not None,
+                        accumulation=tc.gradient_accumulation_steps, distill=bool(self.cfg.distill.teacher),
+                        multi_label=self.task.multi_label, loss=tc.loss, compile=tc.compile,
+                        gradient_checkpointing=self.cfg.model.gradient_checkpointing,
+                        quantized=bool(self.built.quantization.get("modules_4bit") or self.built.quantization.get("modules_8bit")))
+
+    def _make_engine(self, name: str) -> engines.StepEngine:
+        tc = self.cfg.train
+        parts = engines.StepParts(
+            model=self.model, forward=self.forward, loss=self._loss, optimizer=self.optimizer, scheduler=self.scheduler,
+            scaler=self.scaler, trainable=self.trainable, runtime=self.runtime, data=self.encoded["train"],
+            pad_id=self.pad_id, pad_multiple=self.pad_multiple, max_grad_norm=tc.max_grad_norm,
+            accumulation=tc.gradient_accumulation_steps, window=tc.log_every * tc.gradient_accumulation_steps)
+        return engines.make(name, parts, tc.batch_size, self.cfg.data.max_length, capture=self.capture_graphs)
 
     def _restore(self, checkpoint: dict) -> None:
         if "state" not in checkpoint:
@@ -277,60 +327,37 @@ class Trainer:
         d, teacher = self.cfg.distill, self.teacher[index].to(self.runtime.device)
         return d.alpha * hard + (1 - d.alpha) * soft_target_loss(logits, teacher, d.temperature, self.task.multi_label)
 
-    def _optimizer_step(self) -> None:
-        clip = self.cfg.train.max_grad_norm
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
-        if clip:
-            torch.nn.utils.clip_grad_norm_(self.trainable, clip)
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)  # skipped when fp16 gradients overflowed
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.state.step += 1
-
     def train_epoch(self, epoch: int) -> float:
-        """One pass over the (remaining) batches of `epoch` (0-based); returns the mean training loss."""
+        """One pass over the (remaining) batches of `epoch` (0-based); returns the mean training loss. The
+        step itself is the engine's (training/engines/); the loop here orders, counts and logs."""
         tc, st, device = self.cfg.train, self.state, self.runtime.device
-        accum = tc.gradient_accumulation_steps
-        batches = batch_order(self.encoded["train"].lengths, tc.batch_size, tc.seed, epoch, tc.sampler)
+        accum, lengths = tc.gradient_accumulation_steps, self.encoded["train"].lengths
+        batches = batch_order(lengths, tc.batch_size, tc.seed, epoch, tc.sampler)
         batches = batches[:(self.schedule.total_steps - st.step) * accum]
         bar = tqdm(total=math.ceil(len(batches) / accum), desc=f"epoch {epoch + 1}/{self.schedule.epochs}",
                    disable=not self.progress, leave=False)
-        loss_sum = torch.zeros((), device=device)  # summed on the device; read only at logging steps
-        first_bad = torch.full((), -1, dtype=torch.long, device=device)  # first step with a non-finite loss
-        count, epoch_sum, epoch_count = 0, 0.0, 0
+        if self.engine is None:
+            self.engine = self._make_engine(self.engine_name)
+        epoch_sum, epoch_count = 0.0, 0
         self.model.train()
         rt.synchronize(device)
         t0 = time.perf_counter()
         for i, index in enumerate(batches):
-            mine = self.dist.shard(index)  # this rank's share of the global batch
-            batch = to_device(collate(self.encoded["train"], mine, self.pad_id, self.pad_multiple), device)
-            labels = batch.pop("labels")
-            with self.runtime.autocast():
-                loss = self._loss(self.forward(**batch).logits, labels, mine)
-            scaled = loss / accum
-            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
-            loss_sum += loss.detach()
-            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), st.step + 1, first_bad)
-            count += 1
+            boundary = (i + 1) % accum == 0 or i + 1 == len(batches)
+            self._micro_step(self.dist.shard(index), st.step + 1, boundary)  # this rank's share of the batch
             st.samples += len(index)
-            st.tokens += int(self.encoded["train"].lengths[index].sum())
-            if (i + 1) % accum and i + 1 < len(batches):
+            st.tokens += int(lengths[index].sum())
+            if not boundary:
                 continue
-            self._optimizer_step()
+            st.step += 1
             bar.update(1)
             if st.step % tc.log_every == 0 or i + 1 == len(batches):
                 # the one host sync, every log_every steps (the mean over the ranks' shares)
-                mean = self.dist.sum([loss_sum.item()], device)[0] / (count * self.dist.world_size)
-                if not math.isfinite(mean):  # a non-finite loss leaves the sum non-finite: no extra sync
-                    raise self._non_finite(mean, int(first_bad.item()), epoch)
+                total, count, first_bad = self.engine.read()
+                mean = self.dist.sum([total], device)[0] / (count * self.dist.world_size)
+                if not math.isfinite(mean):
+                    raise self._non_finite(mean, first_bad, epoch)
                 epoch_sum, epoch_count = epoch_sum + mean * count, epoch_count + count
-                loss_sum.zero_()
-                count = 0
                 bar.set_postfix(loss=f"{mean:.4f}")
                 self._log_step(epoch + (i + 1) / len(batches), mean)
         rt.synchronize(device)
@@ -338,6 +365,17 @@ class Trainer:
         st.train_seconds += self.epoch_seconds
         bar.close()
         return epoch_sum / max(epoch_count, 1)
+
+    def _micro_step(self, rows: np.ndarray, step: int, boundary: bool) -> None:
+        try:
+            self.engine.micro_step(rows, step, boundary)
+        except CaptureFailed as e:  # the rest of the run in eager, with the reason in metrics.json
+            self._say(f"train.step_engine: {e}; going on in eager")
+            window = self.engine
+            self.engine = self._make_engine("eager")
+            self.engine.losses, self.engine.steps = window.losses, window.steps
+            self.engine_name, self.engine_reason = "eager", f"cuda_graphs fell back to eager: {e}"
+            self.engine.micro_step(rows, step, boundary)
 
     def _non_finite(self, value: float, step: int, epoch: int) -> NonFiniteLoss:
         step = step if step > 0 else self.state.step  # another rank's loss: this window's last step
@@ -350,7 +388,7 @@ class Trainer:
 
     def _log_step(self, epoch: float, loss: float) -> None:
         row = {"kind": "step", "step": self.state.step, "epoch": round(epoch, 4), "loss": loss,
-               "lr": self.scheduler.get_last_lr()[0]}
+               "lr": float(self.scheduler.get_last_lr()[0])}  # a device tensor under cuda_graphs
         self.run.append_history(row)
         for cb in self.callbacks:
             if hasattr(cb, "on_step"):
@@ -437,9 +475,7 @@ class Trainer:
                                    self.cfg.data.label_separator)
         if not self.dist.main:
             return self._finished(self._record(test, best["validation"], None, decision))
-        weights = self.run.weights_dir(self.built.method.weights_dir)
-        self.model.save_pretrained(weights)
-        self.tokenizer.save_pretrained(weights)
+        weights = self.run.save_weights(self.built.method.weights_dir, self.model, self.tokenizer)
         adapter_bytes = sum(f.stat().st_size for f in weights.iterdir() if f.suffix in (".safetensors", ".bin"))
         record = self._record(test, best["validation"], adapter_bytes, decision)
         if self.cfg.output.plots:
@@ -503,6 +539,10 @@ class Trainer:
                 "train_tokens_per_second": round(st.tokens / max(st.train_seconds, 1e-9), 1),
                 "peak_memory_bytes": memory, "peak_memory_kind": memory_kind, "device": rt.device_name(device),
                 "precision": self.runtime.precision, "optimizer_steps": st.step, "world_size": self.dist.world_size,
+                "step_engine": self.engine_name, "step_engine_reason": self.engine_reason,
+                "graph_capture_seconds": round(getattr(self.engine, "capture_seconds", 0.0), 3)
+                if self.engine_name == "cuda_graphs" else None,
+                "frozen_dtype": self.frozen_dtype,
                 "wall_seconds": round(time.time() - self.started, 3)},
             quantization=self.built.quantization,
             distill=({"teacher": cfg.distill.teacher, "alpha": cfg.distill.alpha, "temperature": cfg.distill.temperature,

@@ -17,8 +17,9 @@ class Method:
     default_learning_rate: float
     # (model, method config, device) -> the model to train, with requires_grad set
     apply: Callable
-    # (method config, device) -> (extra from_pretrained kwargs, quantization record)
-    load_kwargs: Callable = field(default=lambda cfg, device: ({}, {"requested": None, "used": None, "reason": None}))
+    # (method config, device, model name, label names) -> (extra from_pretrained kwargs, what was requested:
+    # {"requested", "reason", "skipped_for_width"}); what was used is read from the built model's modules
+    load_kwargs: Callable = field(default=lambda cfg, device, model_name, label_names: ({}, {}))
     saves_adapter: bool = True  # adapter/ (PEFT format) beside the base, or a whole model/
     trains_backbone: bool = False  # every weight trains (weight gradients for the whole model)
     hyperparameters: tuple[str, ...] = ()  # the method.* config fields that apply to it
