@@ -24,6 +24,9 @@ class Method:
     trains_backbone: bool = False  # every weight trains (weight gradients for the whole model)
     hyperparameters: tuple[str, ...] = ()  # the method.* config fields that apply to it
     adapter_kind: str = ""  # what its trainable non-head parameters are called, e.g. "LoRA"
+    # "module:Class" of its own training recipe (a Trainer subclass in peftlab.training); "": the standard loop
+    trainer: str = ""
+    pooled_head: bool = False  # classifies from the pooled embedding even where model.head=auto would not
 
     @property
     def weights_dir(self) -> str:
@@ -40,7 +43,7 @@ class Method:
 
 
 _METHODS: dict[str, Method] = {}
-_MODULES = ("full", "lora", "qlora", "ia3")
+_MODULES = ("full", "lora", "qlora", "ia3", "few_shot")
 
 
 def register(method: Method) -> Method:
@@ -48,8 +51,12 @@ def register(method: Method) -> Method:
     return method
 
 
+_LOADED: list[bool] = []
+
+
 def _load_all() -> None:
-    if len(_METHODS) < len(_MODULES):
+    if not _LOADED:
+        _LOADED.append(True)  # first: a module that asks the registry for another method does not loop
         for m in _MODULES:
             importlib.import_module(f"peftlab.models.methods.{m}")
 
