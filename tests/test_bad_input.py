@@ -41,7 +41,7 @@ def write(path: Path, text: str) -> Path:
 @pytest.mark.parametrize("override, expected", [
     ("train.epoch=2", "unknown key 'train.epoch' (allowed keys: epochs,"),
     ("train.precision=fp8", "bad value 'fp8' for 'train.precision'"),
-    ("method.name=prefix", "unknown method.name 'prefix' (allowed: full, ia3, lora, qlora)"),
+    ("method.name=prefix", "unknown method.name 'prefix' (allowed: contrastive-full, contrastive-ia3, contrastive-lora, full, ia3, lora, probe, qlora)"),
     ("method.r=0", "'method.r'"),
     ("nosection.x=1", "unknown key 'nosection'"),
 ])

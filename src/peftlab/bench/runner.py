@@ -159,12 +159,13 @@ def peftlab_config(part: Part, scenario: Scenario, data: dict, overrides: dict) 
     model = model_ref(part, scenario)
     cfg = {
         "data": {"path": str(data["dir"]), "max_length": part.max_length},
-        "model": {"name": model},
+        # the same computation as the baselines: their [CLS] head, their batch size however few the rows
+        "model": {"name": model, "head": "cls"},
         "method": {"name": "lora", "r": lora["r"], "alpha": lora["alpha"], "dropout": lora["dropout"],
                    "target_modules": list(lora["target_modules"])},
         "train": {"epochs": part.epochs, "batch_size": part.batch_size, "learning_rate": part.learning_rate,
                   "seed": part.seed, "device": scenario.device, "weight_decay": 0.01, "warmup_ratio": 0.1,
-                  "max_grad_norm": 1.0, "checkpoint_every_epoch": False},
+                  "max_grad_norm": 1.0, "checkpoint_every_epoch": False, "min_steps_per_epoch": 1},
         "eval": {"baseline": False, "batch_size": 128, "metric": "accuracy"},
         "output": {"plots": False},
     }

@@ -52,6 +52,9 @@ class DataConfig(Section):
     seed: int | None = Field(None, description="seed of the carved splits and subsets; default: train.seed. Set it for seed studies, so that every training seed is scored on the same rows")
     max_train_samples: int | None = Field(None, ge=2, description="stratified subset of train, for quick runs")
     max_eval_samples: int | None = Field(None, ge=2, description="stratified subset of validation and of test")
+    min_validation_rows: int = Field(20, ge=1, description="a validation split with fewer rows cannot choose an epoch "
+                                     "(its metric moves in steps of 1/rows and many epochs tie): it is warned about "
+                                     "and the last epoch is kept (a fixed budget of train.epochs)")
     drop_duplicates_across_splits: bool = Field(False, description="drop validation/test rows whose text also occurs in train (they are counted and warned about either way)")
     cache_dir: str | None = Field(None, description="tokenization cache; default ~/.cache/peftlab (or $PEFTLAB_CACHE)")
 
@@ -65,10 +68,17 @@ class ModelConfig(Section):
     name: str = Field("minilm-l6", description="hub id, local folder, built-in alias (minilm-l6), or random:SHAPE (random weights: speed and memory only)")
     tokenizer: str | None = Field(None, description="tokenizer to use when it differs from the model (needed for random:SHAPE)")
     gradient_checkpointing: bool = False
+    head: Literal["auto", "pooled", "cls"] = Field(
+        "auto", description="what the classifier reads. auto: the pooled sentence embedding where the checkpoint is a "
+                            "sentence-transformers one (its modules.json and 1_Pooling/config.json say how: mean "
+                            "pooling, then unit length for MiniLM and MPNet), else the checkpoint's own head. pooled: "
+                            "that embedding (mean pooling where the checkpoint does not say). cls: the checkpoint's own "
+                            "head ([CLS] pooler / first token). Recorded in metrics.json head")
 
 
 class MethodConfig(Section):
-    name: str = Field("lora", description="a method from the registry: full, lora, qlora, ia3")
+    name: str = Field("lora", description="a method from the registry: full, lora, qlora, ia3; few labelled rows: "
+                                    "contrastive-lora, contrastive-ia3, contrastive-full, probe (docs/few-shot.md)")
     r: int = Field(16, ge=1, description="LoRA rank")
     alpha: float = Field(32, gt=0, le=1e5, description="LoRA alpha (scaling = alpha / r), at most 1e5")
     dropout: float = Field(0.1, ge=0, lt=1, description="LoRA dropout")
@@ -76,6 +86,16 @@ class MethodConfig(Section):
     layers: list[int] | None = Field(None, description="adapt only these layer indices (LoRA, IA3)")
     rank_pattern: dict[str, int] = Field({}, description="per-module-type rank, e.g. {attention.output.dense: 4}")
     bits: Literal[4, 8] = Field(4, description="QLoRA backbone precision; falls back to 8-bit, then none, where it cannot run")
+    pair_iterations: int = Field(5, ge=1, description="contrastive-* methods: sentence pairs per labelled row = 2 x this "
+                                 "(each row with one row of its class and one of another, per iteration; SetFit's "
+                                 "num_iterations). 5 keeps 64 rows per class of 4 classes at 2,560 pairs")
+    body_epochs: float = Field(1, gt=0, description="contrastive-* methods: passes over the sentence pairs")
+    head_fit: Literal["logistic", "linear"] = Field(
+        "logistic", description="contrastive-* and probe: how the head is fitted on the labelled rows' embeddings. "
+                                "logistic: scikit-learn's logistic regression (SetFit's default head), written into the "
+                                "linear head; linear: the head trained by gradient descent (300 full-batch Adam "
+                                "steps at 1e-2; also what a head that is not one linear layer gets)")
+    head_c: float = Field(1.0, gt=0, description="inverse regularisation strength of head_fit=logistic (scikit-learn's C)")
 
     @field_validator("target_modules", mode="before")
     @classmethod
@@ -96,6 +116,10 @@ class TrainConfig(Section):
     epochs: float = Field(3, gt=0, le=1e5, description="passes over train (fractions allowed), at most 1e5")
     max_steps: int | None = Field(None, ge=1, description="optimizer steps; overrides epochs")
     batch_size: int = Field(16, ge=1)
+    min_steps_per_epoch: int = Field(4, ge=1, description="few training rows: the batch size is lowered (never below 1) "
+                                     "so that an epoch has at least this many optimizer steps (recorded in "
+                                     "metrics.json selection.batch_size); 16 rows in one batch of 16 would learn from one step "
+                                     "per epoch")
     learning_rate: float | None = Field(None, gt=0, le=10, description="default: the method's own (full 5e-5, "
                                         "lora/qlora 1e-3, ia3 5e-3); at most 10 (beyond, no optimizer here converges)")
     weight_decay: float = Field(0.01, ge=0, le=10, description="AdamW decoupled weight decay, 0 to 10")

@@ -98,3 +98,32 @@ def _allocate(counts: np.ndarray, n: int) -> np.ndarray:
     # The rows lost to rounding go to the largest remainders (ties: the earlier class, for determinism).
     share[np.argsort(-(exact - share), kind="stable")[: rest - share.sum()]] += 1
     return quota + share
+
+
+# --- few labelled rows (docs/few-shot.md) ------------------------------------------------------------
+def selection_plan(n_validation: int, min_rows: int) -> dict:
+    """How the run picks its best epoch: by validation (RULE of peftlab.runs.select is the trainer's), or,
+    when validation is too small to tell epochs apart, the last epoch (a fixed budget of train.epochs)."""
+    if n_validation < min_rows:
+        return {"rule": "last epoch", "validation_rows": n_validation,
+                "reason": f"validation has {n_validation} rows, fewer than data.min_validation_rows={min_rows}: "
+                          f"too few to choose an epoch"}
+    return {"rule": None, "validation_rows": n_validation, "reason": None}
+
+
+def capped_batch_size(n_rows: int, batch_size: int, accumulation: int, min_steps: int) -> int:
+    """The batch size, lowered where needed so that an epoch of `n_rows` has at least `min_steps`
+    optimizer steps (never below 1: a handful of rows then gives one step per row group)."""
+    if math.ceil(math.ceil(n_rows / batch_size) / accumulation) >= min_steps:
+        return batch_size
+    return max(1, min(batch_size, n_rows // (min_steps * accumulation)))
+
+
+def check_not_empty(splits: dict, sources: dict) -> None:
+    """Every split must keep a row: an emptied one (e.g. data.drop_duplicates_across_splits dropped
+    every validation row, all also in train) is a user error, named in one line."""
+    for split, rows in splits.items():
+        if len(rows) == 0:
+            raise UserError(f"data: the {split} split is empty ({sources.get(split, 'no rows')}); give it rows of "
+                            f"its own (e.g. a {split} file with texts not in train), or leave "
+                            f"data.drop_duplicates_across_splits off")

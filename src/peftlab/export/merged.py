@@ -8,13 +8,35 @@ from pathlib import Path
 
 import torch
 
+from peftlab.errors import UserError
 from peftlab.export.common import Source, check_output, compare, encoded, load_source, save_tokenizer, staged, \
     test_set, write_info
 
 
 def save_merged(source: Source, directory: Path) -> None:
+    pooled_head_code(source.model, directory)
     source.model.save_pretrained(directory)
     save_tokenizer(source, directory)
+
+
+def pooled_head_code(model: torch.nn.Module, directory: Path) -> bool:
+    """A run whose head reads the pooled embedding (models/heads.py): that file goes beside the weights as
+    remote code, and config.json's auto_map names its class, so transformers computes what the run did
+    (AutoModelForSequenceClassification / pipeline(..., trust_remote_code=True))."""
+    import shutil
+
+    from peftlab.models import heads
+
+    if not heads.installed(model):
+        return False
+    name = "Pooled" + type(model).__name__
+    if not hasattr(heads, name):
+        raise UserError(f"a pooled head on {type(model).__name__} cannot be exported as a merged folder yet; "
+                        f"use --format onnx, or train with model.head=cls")
+    shutil.copyfile(heads.__file__, directory / heads.REMOTE_FILE)
+    model.config.auto_map = {"AutoModelForSequenceClassification": f"{heads.REMOTE_FILE[:-3]}.{name}"}
+    model.config.architectures = [name]
+    return True
 
 
 def reload_checked(directory: Path) -> torch.nn.Module:
@@ -22,7 +44,11 @@ def reload_checked(directory: Path) -> torch.nn.Module:
     would otherwise come back silently random (peft #577, #1070)."""
     from transformers import AutoModelForSequenceClassification
 
-    model, loading = AutoModelForSequenceClassification.from_pretrained(directory, output_loading_info=True)
+    from peftlab.models.heads import REMOTE_FILE
+
+    remote = (directory / REMOTE_FILE).exists()  # a pooled head: its code ships in the folder
+    model, loading = AutoModelForSequenceClassification.from_pretrained(directory, output_loading_info=True,
+                                                                        trust_remote_code=remote)
     bad = {k: v for k, v in loading.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
     if bad:
         raise RuntimeError(f"the exported model in {directory} does not load cleanly: {bad}")

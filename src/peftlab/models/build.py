@@ -7,7 +7,8 @@ from dataclasses import dataclass
 import torch
 
 from peftlab.config.schema import Config
-from peftlab.models.loading import load_classifier
+from peftlab.errors import UserError
+from peftlab.models.loading import head_for, load_classifier
 from peftlab.models.methods import registry
 from peftlab.models.quantized import QUANTIZED_PARAMETERS, quantization_record
 from peftlab.tasks import SINGLE_LABEL, Task
@@ -18,6 +19,7 @@ class BuiltModel:
     model: torch.nn.Module
     method: registry.Method
     quantization: dict
+    head: dict  # what the classifier reads (models.loading.head_for), recorded in metrics.json
 
 
 def frozen_to(model: torch.nn.Module, dtype: torch.dtype | None) -> int:
@@ -40,7 +42,11 @@ def build_model(cfg: Config, label_names: list[str], device: torch.device, task:
     extra, request = method.load_kwargs(cfg.method, device, cfg.model.name, label_names)
     if extra:
         extra = {**extra, "device_map": {"": device.index or 0}}  # bitsandbytes places (and packs) on load
-    model = load_classifier(cfg.model.name, label_names, extra, task)
+    if method.pooled_head and cfg.model.head == "cls":
+        raise UserError(f"method {method.name} classifies from the pooled sentence embedding: set model.head=auto "
+                        f"(or pooled), not cls")
+    head = head_for(cfg.model.name, "pooled" if method.pooled_head else cfg.model.head)
+    model = load_classifier(cfg.model.name, label_names, extra, task, head)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # without this, a frozen embedding gives "element 0 of tensors does not require grad" (peft #137)
@@ -53,4 +59,4 @@ def build_model(cfg: Config, label_names: list[str], device: torch.device, task:
             if p.device != device and type(p).__name__ not in QUANTIZED_PARAMETERS:
                 p.data = p.data.to(device)
     frozen_to(model, frozen_dtype)
-    return BuiltModel(model=model, method=method, quantization=quantization_record(model, request))
+    return BuiltModel(model=model, method=method, quantization=quantization_record(model, request), head=head)

@@ -14,6 +14,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 
 from peftlab.errors import UserError
 from peftlab.hub import hub_unreachable
+from peftlab.models.heads import checkpoint_pooling, install
 from peftlab.tasks import SINGLE_LABEL, Task
 
 # Random-weight shapes: for speed and memory measurements only, never accuracy.
@@ -103,6 +104,22 @@ def model_config(model_name: str, label_names: list[str], task: Task = SINGLE_LA
         raise _not_found("model", name, e) from None
 
 
+def head_for(model_name: str, choice: str = "auto") -> dict:
+    """What the classifier reads (model.head): {"kind": "pooled", "pooling", "normalize", "source"} or
+    {"kind": "own", "reason"}. Only a local folder (or built-in alias) can say it is a sentence-transformers
+    checkpoint; a hub id keeps its own head unless model.head=pooled."""
+    if choice == "cls":
+        return {"kind": "own", "reason": "model.head=cls"}
+    folder = None if is_random(model_name) else resolve(model_name)
+    found = checkpoint_pooling(folder) if folder and Path(folder).is_dir() else None
+    if found:
+        return found
+    if choice == "pooled":
+        return {"kind": "pooled", "pooling": "mean", "normalize": False,
+                "source": "model.head=pooled (the checkpoint names no pooling: mean)"}
+    return {"kind": "own", "reason": "not a sentence-transformers checkpoint (no modules.json with a Pooling module)"}
+
+
 def _cache_root() -> Path:
     # the same folder as the tokenization cache (data.tokenize.default_cache_dir; models may not import data)
     return Path(os.environ.get("PEFTLAB_CACHE") or Path.home() / ".cache" / "peftlab")
@@ -133,16 +150,17 @@ def random_model_dir(model_name: str) -> str:
 
 
 def load_classifier(model_name: str, label_names: list[str], extra_kwargs: dict | None = None,
-                    task: Task = SINGLE_LABEL):
-    """AutoModelForSequenceClassification with a fresh head sized to our labels. Pretrained models and
-    random:SHAPE take the same path (random weights come from a cached folder)."""
+                    task: Task = SINGLE_LABEL, head: dict | None = None):
+    """AutoModelForSequenceClassification with a fresh head sized to our labels, reading the pooled
+    embedding where `head` says so (head_for). Pretrained models and random:SHAPE take the same path
+    (random weights come from a cached folder)."""
     _quiet_transformers()
     config = model_config(model_name, label_names, task)
     source = random_model_dir(model_name) if is_random(model_name) else resolve(model_name)
     try:
         # a checkpoint may carry a head for other labels: ours replaces it (hence ignore_mismatched_sizes)
-        return AutoModelForSequenceClassification.from_pretrained(source, config=config,
-                                                                  ignore_mismatched_sizes=True, **(extra_kwargs or {}))
+        return install(AutoModelForSequenceClassification.from_pretrained(
+            source, config=config, ignore_mismatched_sizes=True, **(extra_kwargs or {})), head)
     except UserError:
         raise
     except (OSError, ValueError) as e:

@@ -33,6 +33,8 @@ def first_token_only(model: torch.nn.Module) -> torch.utils.hooks.RemovableHandl
     Returns the hook's handle: .remove() restores the full computation."""
     base = _base(model)
     facts = architecture_facts(base)
+    if getattr(base, "_peftlab_head", None):  # a pooled head reads every token's final state
+        return None
     if facts is None or not facts.first_token_head or not type(base).__name__.endswith("ForSequenceClassification"):
         return None
     last, index = None, -1

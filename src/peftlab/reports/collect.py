@@ -232,11 +232,13 @@ def selection_metric(groups: list[Group], task: Task = SINGLE_LABEL) -> str:
 
 
 def pick_best(groups: list[Group], metric: str) -> tuple[Group, Run]:
-    """Best configuration by mean VALIDATION metric (test is never used to choose); ties go to fewer
-    trainable parameters, then the name. Within it, the seed with the best validation metric."""
+    """Best configuration by mean VALIDATION metric (test is never used to choose); ties go to the lower
+    mean validation loss, then fewer trainable parameters, then the name (runs.select). Within it, the
+    seed with the best validation metric (ties: lower validation loss)."""
     best = select_best(groups, lambda g: g.mean("validation", metric), lambda g: g.mean("params", "trainable"),
-                       lambda g: g.name)
-    run = select_best(best.runs, lambda r: r.value("validation", metric), lambda r: 0, lambda r: r.name)
+                       lambda g: g.name, loss=lambda g: g.mean("validation", "loss"))
+    run = select_best(best.runs, lambda r: r.value("validation", metric), lambda r: 0, lambda r: r.name,
+                      loss=lambda r: r.value("validation", "loss"))
     return best, run
 
 

@@ -190,6 +190,10 @@ class RunRecord(Record):
     test_at_threshold: AtThreshold | None = None
     calibration: Calibration | None = None  # eval.calibrate=temperature
     precision_retry: PrecisionRetry | None = None
+    # how the best epoch was chosen (rule, validation rows, why the last epoch; a lowered batch size)
+    selection: dict | None = None
+    head: dict | None = None  # what the classifier reads: the checkpoint's own head, or its pooled embedding
+    few_shot: dict | None = None  # contrastive / probe methods: pairs, body epochs, head fit
     error: str | None = None  # failed: what went wrong
     traceback: str | None = None
     reason: str | None = None  # pruned: why

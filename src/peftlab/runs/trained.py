@@ -10,6 +10,7 @@ import torch
 from peftlab.config import Config
 from peftlab.errors import UserError
 from peftlab.evaluation.predict import Predictor
+from peftlab.models.heads import install_saved
 from peftlab.models.loading import is_random, load_classifier
 from peftlab.runs.record import RunRecord
 from peftlab.runs.rundir import RunDir
@@ -65,12 +66,13 @@ def load_trained(run_dir: str | Path, device: torch.device, merge: bool = True, 
     weights = run.saved_weights()
     try:
         if weights.name == "model":
-            model = AutoModelForSequenceClassification.from_pretrained(weights)
+            model = install_saved(AutoModelForSequenceClassification.from_pretrained(weights))
         else:
             if is_random(cfg.model.name):
                 raise UserError(f"{what} {str(run.path)!r} used random weights ({cfg.model.name}): it is for speed "
                                 f"measurements only and cannot be reloaded for predictions")
-            model = PeftModel.from_pretrained(load_classifier(cfg.model.name, record.label_names, task=record.kind), weights,
+            model = PeftModel.from_pretrained(load_classifier(cfg.model.name, record.label_names, task=record.kind,
+                                                              head=record.head), weights,
                                               adapter_name=adapter_name)
             if merge:
                 model = model.merge_and_unload()

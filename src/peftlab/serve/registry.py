@@ -171,10 +171,11 @@ class Registry:
         try:
             tokenizer = AutoTokenizer.from_pretrained(weights)
             peft_type = json.loads((weights / "adapter_config.json").read_text())["peft_type"]
-            key = (cfg.model.name, peft_type)
+            # runs whose heads read different things cannot share a base (the pooled head is the base's)
+            key = (cfg.model.name, peft_type, json.dumps(record.head, sort_keys=True))
             group = self.groups.get(key)
             if group is None:
-                base = load_classifier(cfg.model.name, labels, task=record.kind)
+                base = load_classifier(cfg.model.name, labels, task=record.kind, head=record.head)
                 model = PeftModel.from_pretrained(base, weights, adapter_name=adapter)
                 if peft_type == "LORA":
                     route_heads_per_row(model)
@@ -183,7 +184,7 @@ class Registry:
                 # a head of another width (other label count) comes from a model built for this run's labels:
                 # a temporary second copy of the base, at load time only, outside the lock
                 own = None if len(labels) == group.model.config.num_labels else PeftModel.from_pretrained(
-                    load_classifier(cfg.model.name, labels), weights, adapter_name=adapter)
+                    load_classifier(cfg.model.name, labels, head=record.head), weights, adapter_name=adapter)
                 with group.lock:
                     _load_adapter(group.model, adapter, weights, own)
                     group.model.to(self.device)

@@ -376,7 +376,7 @@ class Sweep:
     def train_one(self, run: Run, trial) -> RunRecord:
         from peftlab.runtime import reset_peak_rss
         from peftlab.training.tracking import callbacks_for
-        from peftlab.training.trainer import Trainer
+        from peftlab.training.trainer import trainer_for
 
         rd = RunDir(self.run_dir(run))
         if rd.status() == "completed":
@@ -386,7 +386,7 @@ class Sweep:
         reset_peak_rss()
         callbacks = [PruneCallback(trial, self.metric)] if trial is not None else []
         callbacks += callbacks_for(cfg, rd.path, group=self.tracking)
-        return Trainer(cfg, rd, self.opts.progress, callbacks).fit(resume)
+        return trainer_for(cfg)(cfg, rd, self.opts.progress, callbacks).fit(resume)
 
     # --- the summary ---------------------------------------------------------------------------
     def rows(self) -> tuple[list[dict], list[dict]]:
@@ -435,7 +435,7 @@ class Sweep:
                 row["run_dir_host"] = "another worker"
         if brief is not None and brief.get("status") == "completed":
             row.update(status="completed", validation={k: brief["validation"].get(k) for k in METRICS},
-                       test=brief["test"], trainable_params=brief["params"]["trainable"],
+                       validation_loss=brief["validation"].get("loss"), test=brief["test"], trainable_params=brief["params"]["trainable"],
                        trainable_pct=brief["params"]["trainable_pct"], train_seconds=brief["train_seconds"],
                        peak_memory_bytes=brief["peak_memory_bytes"])
         elif blocked:

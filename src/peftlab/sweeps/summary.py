@@ -18,7 +18,7 @@ from peftlab.runs.select import pick_best
 # (accuracy = subset accuracy) the rest, which a summary of single-label runs leaves out
 METRICS = ("accuracy", "macro_f1", "micro_f1", "samples_f1", "hamming_loss")
 ALWAYS = ("accuracy", "macro_f1")
-SELECTION = "mean validation metric; test figures are reported, never used to choose"
+SELECTION = "mean validation metric (ties: lower mean validation loss); test figures are reported, never used to choose"
 
 
 def _stat(values: list[float]) -> dict:
@@ -60,12 +60,13 @@ def summarize(rows: list[dict], metric: str, **meta) -> dict:
             "status": "/".join(sorted({r["status"] for r in runs})),
             "validation": {k: _stat([r["validation"].get(k) for r in done]) for k in metrics},
             "test": {k: _stat([r["test"].get(k) for r in done]) for k in metrics},
+            "validation_loss": _stat([r.get("validation_loss") for r in done]),
             "trainable_params": trainable,
             "train_seconds": _stat([r.get("train_seconds") for r in done]),
         })
     ranked = [c for c in configurations if c["completed"] and not c["teacher"]]
     b = pick_best(ranked, lambda c: c["validation"][metric]["mean"], lambda c: c["trainable_params"],
-                  lambda c: c["name"])
+                  lambda c: c["name"], loss=lambda c: c["validation_loss"]["mean"])
     best = None if b is None else {
         "name": b["name"], "selected_by": f"validation {metric} (mean over seeds)",
         "validation": {k: b["validation"][k]["mean"] for k in metrics},

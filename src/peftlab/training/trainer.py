@@ -26,6 +26,7 @@ from peftlab.config import Config, save_config
 from peftlab.data import load_data
 from peftlab.data.sources import read_texts
 from peftlab.data.batching import batch_order, pad_multiple
+from peftlab.data.splits import capped_batch_size, check_not_empty, selection_plan
 from peftlab.data.tokenize import Encoded, encode
 from peftlab.errors import UserError
 from peftlab.evaluation.predict import predict_logits
@@ -37,6 +38,7 @@ from peftlab.models.params import count_parameters
 from peftlab.models.speed import first_token_only
 from peftlab.runs.record import RunRecord
 from peftlab.runs.rundir import RunDir, RunView
+from peftlab.runs.select import RULE, better
 from peftlab.tasks.losses import UNLABELED
 from peftlab.training import distributed
 from peftlab.training import engines
@@ -81,6 +83,7 @@ class TrainState:
     step: int = 0  # optimizer steps taken
     best: float = -math.inf  # best validation metric so far
     best_epoch: int = 0
+    best_loss: float | None = None  # validation loss of the best epoch: breaks ties of the metric
     stale: int = 0  # epochs since the best
     train_seconds: float = 0.0
     samples: int = 0
@@ -151,6 +154,7 @@ class Trainer:
         self.tokenizer = load_tokenizer(cfg.model.name, cfg.model.tokenizer)  # first: a wrong name fails fast
         self.data = load_data(cfg.data, cfg.train.seed)  # data.seed, when set, picks the splits
         self.task = self.data.task
+        self._plan_selection()
         check_max_length(model_config(cfg.model.name, self.data.label_names), cfg.data.max_length, cfg.model.name)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.encoded: dict[str, Encoded] = {
@@ -162,6 +166,31 @@ class Trainer:
             marks = np.full((len(self.unlabeled), *self.data.train.labels.shape[1:]), UNLABELED, dtype=np.int64)
             self.encoded["train"] = Encoded.join([self.encoded["train"], encode(
                 self.tokenizer, self.unlabeled, marks, cfg.data.max_length, cfg.data.cache_dir)])
+
+    def _plan_selection(self) -> None:
+        """No empty split; and how the best epoch is chosen: by validation (runs.select.RULE), or the last
+        epoch where validation is too small to tell epochs apart (docs/few-shot.md)."""
+        data, dc = self.data, self.cfg.data
+        check_not_empty({s: getattr(data, s) for s in SPLITS}, data.split_sources)
+        self.selection = selection_plan(len(data.validation), dc.min_validation_rows)
+        if self.selection["rule"] == "last epoch":
+            self._say(f"peftlab: warning: {self.selection['reason']}; the last epoch is kept (set "
+                      f"data.min_validation_rows lower to select by validation anyway)")
+        else:
+            self.selection["rule"] = RULE
+
+    def _cap_batch_size(self) -> None:
+        """Few training rows: a smaller batch, so that an epoch is not one optimizer step (metrics.json selection.batch_size)."""
+        tc = self.cfg.train
+        size = capped_batch_size(len(self.encoded["train"]), tc.batch_size, tc.gradient_accumulation_steps,
+                                 tc.min_steps_per_epoch)
+        if size != tc.batch_size:
+            self.selection["batch_size"] = {"asked": tc.batch_size, "used": size,
+                                            "reason": f"at least train.min_steps_per_epoch={tc.min_steps_per_epoch} steps per epoch"}
+            self._say(f"peftlab: {len(self.encoded['train'])} training rows: batch size {tc.batch_size} -> {size}, "
+                      f"for at least {tc.min_steps_per_epoch} optimizer steps per epoch")
+            self.cfg = self.cfg.model_copy(deep=True)  # the caller's config stays as given
+            self.cfg.train.batch_size = size
 
     def _unlabeled_texts(self) -> list[str]:
         """distill.unlabeled: its texts, without blanks, repeats, and texts of the data's own splits."""
@@ -228,6 +257,7 @@ class Trainer:
         self.teacher = torch.from_numpy(np.load(cached))
 
     def _setup_optimizer(self) -> None:
+        self._cap_batch_size()
         tc = self.cfg.train
         batches = math.ceil(len(self.encoded["train"]) / tc.batch_size)
         steps = math.ceil(batches / tc.gradient_accumulation_steps)
@@ -399,9 +429,10 @@ class Trainer:
         """Validate, keep the best weights, record the epoch; False when training should stop."""
         st, metric = self.state, self.cfg.eval.metric
         scores = self.evaluate("validation")
-        improved = scores[metric] > st.best
+        # the last epoch, where validation is too small to choose; else runs.select's rule (ties: lower loss)
+        improved = self.selection["rule"] == "last epoch" or better(scores[metric], scores.get("loss"), st.best, st.best_loss)
         if improved:
-            st.best, st.best_epoch, st.stale = scores[metric], epoch + 1, 0
+            st.best, st.best_loss, st.best_epoch, st.stale = scores[metric], scores.get("loss"), epoch + 1, 0
             self.save_checkpoint("best", scores)
         else:
             st.stale += 1
@@ -516,7 +547,7 @@ class Trainer:
             distill=({"teacher": cfg.distill.teacher, "alpha": cfg.distill.alpha, "temperature": cfg.distill.temperature,
                       "unlabeled": cfg.distill.unlabeled, "unlabeled_rows": len(self.unlabeled)}
                      if cfg.distill.teacher else None),
-            precision_retry=st.precision_retry, **(decision or {}))
+            precision_retry=st.precision_retry, selection=self.selection, head=self.built.head, **(decision or {}))
 
     def _finish_pruned(self) -> RunRecord:
         record = RunRecord(status="pruned", reason=self.state.stopped.removeprefix("pruned: "),
@@ -580,4 +611,17 @@ def train(cfg: Config, run: RunDir, resume: bool = False, progress: bool = True,
     except BaseException:
         run.unlock()
         raise
-    return Trainer(cfg, run, progress, callbacks).fit(resume)
+    return trainer_for(cfg)(cfg, run, progress, callbacks).fit(resume)
+
+
+def trainer_for(cfg: Config) -> type[Trainer]:
+    """The method's own training recipe (Method.trainer, e.g. the few-shot methods'), else Trainer."""
+    import importlib
+
+    from peftlab.models.methods import registry
+
+    method = registry.find(cfg.method.name)
+    if method is None or not method.trainer:
+        return Trainer
+    module, name = method.trainer.split(":")
+    return getattr(importlib.import_module(module), name)

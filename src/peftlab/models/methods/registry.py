@@ -26,6 +26,9 @@ class Method:
     trains_backbone: bool = False  # every weight trains (weight gradients for the whole model)
     hyperparameters: tuple[str, ...] = ()  # the method.* config fields that apply to it
     adapter_kind: str = ""  # what its trainable non-head parameters are called, e.g. "LoRA"
+    # "module:Class" of its own training recipe (a Trainer subclass in peftlab.training); "": the standard loop
+    trainer: str = ""
+    pooled_head: bool = False  # classifies from the pooled embedding even where model.head=auto would not
 
     @property
     def has_rank(self) -> bool:
