@@ -15,9 +15,9 @@ import numpy as np
 import yaml
 
 from peftlab.config.schema import Config
-from peftlab.evaluation.metrics import classification_metrics
-from peftlab.evaluation.tasks import MULTI_LABEL
 from peftlab.runs.record import AtThreshold, Baseline, Efficiency, FullScores, Params, Quantization, RunRecord, Scores
+from peftlab.tasks import MULTI_LABEL
+from peftlab.tasks.metrics import classification_metrics
 
 LABELS = ["business", "sport", "tech"]
 N_TEST = 100

@@ -14,7 +14,7 @@ import torch
 from sklearn.metrics import f1_score, matthews_corrcoef, roc_auc_score
 
 from peftlab.cli import main
-from peftlab.evaluation.metrics import (brier, classification_metrics, cross_entropy, expected_calibration_error,
+from peftlab.tasks.metrics import (brier, classification_metrics, cross_entropy, expected_calibration_error,
                                         fit_temperature, log_loss, reliability_bins, roc_auc, softmax,
                                         threshold_predictions, tune_threshold)
 from peftlab.runs.record import RunRecord

@@ -152,7 +152,8 @@ def test_train_cli_rejects_a_missing_teacher(tmp_path, tiny_overrides):
 @pytest.mark.parametrize("kind,smoothing,weighted", [("cross_entropy", 0.0, False), ("cross_entropy", 0.1, True),
                                                      ("focal", 0.0, True), ("focal", 0.1, False)])
 def test_masked_loss_is_the_loss_of_the_labelled_rows(multi_label, kind, smoothing, weighted):
-    from peftlab.training.losses import UNLABELED, hard_label_loss, label_set_loss, masked_hard_loss
+    from peftlab.tasks import MULTI_LABEL, SINGLE_LABEL
+    from peftlab.tasks.losses import UNLABELED, hard_label_loss, label_set_loss, masked_hard_loss
 
     torch.manual_seed(0)
     logits = torch.randn(10, 3)
@@ -160,14 +161,15 @@ def test_masked_loss_is_the_loss_of_the_labelled_rows(multi_label, kind, smoothi
     weight = torch.tensor([0.5, 2.0, 1.5]) if weighted else None
     plain = label_set_loss if multi_label else hard_label_loss
     args = (weight, kind, 2.0, smoothing)
-    assert torch.allclose(masked_hard_loss(logits, labels, *args, multi_label), plain(logits, labels, *args), atol=1e-6)
+    task = MULTI_LABEL if multi_label else SINGLE_LABEL
+    assert torch.allclose(masked_hard_loss(task, logits, labels, *args), plain(logits, labels, *args), atol=1e-6)
     marked = labels.clone()
     marked[3:7] = UNLABELED  # rows 3..6 have no label: the loss is that of the others
     keep = torch.tensor([i not in range(3, 7) for i in range(10)])
-    assert torch.allclose(masked_hard_loss(logits, marked, *args, multi_label), plain(logits[keep], labels[keep], *args),
+    assert torch.allclose(masked_hard_loss(task, logits, marked, *args), plain(logits[keep], labels[keep], *args),
                           atol=1e-6)
     none = torch.full_like(labels, UNLABELED)
-    assert masked_hard_loss(logits, none, *args, multi_label).item() == 0.0  # a batch of unlabelled texts only
+    assert masked_hard_loss(task, logits, none, *args).item() == 0.0  # a batch of unlabelled texts only
 
 
 def test_unlabeled_texts_are_labelled_by_the_teacher(tmp_path, tiny_overrides, teacher_dir, topic_data_dir):

@@ -12,6 +12,7 @@ import torch
 from peftlab.config import load_config
 from peftlab.data.tokenize import Encoded
 from peftlab.runs.rundir import RunDir
+from peftlab.tasks import MULTI_LABEL
 from peftlab.training.engines.cuda_graphs import IGNORE_INDEX, _Static, bucket_for, buckets
 from peftlab.training.engines.registry import RunFacts, choose, graph_blockers
 from peftlab.training.trainer import Trainer
@@ -103,7 +104,7 @@ def test_fallback_rules():
     assert choose("eager", ok) == ("eager", None)
     cases = {"device": ("cpu", "CUDA device"), "world_size": (2, "DDP"), "fp16_scaler": (True, "GradScaler"),
              "accumulation": (4, "accumulation"), "distill": (True, "distillation"),
-             "multi_label": (True, "multi-label"), "loss": ("focal", "focal"), "compile": (True, "compile"),
+             "task": (MULTI_LABEL, "multi-label"), "loss": ("focal", "focal"), "compile": (True, "compile"),
              "gradient_checkpointing": (True, "checkpointing"), "quantized": (True, "4-bit")}
     for field, (value, words) in cases.items():
         engine, reason = choose("auto", RunFacts(**{"device": "cuda", field: value}))

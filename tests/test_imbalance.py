@@ -15,7 +15,8 @@ import torch.nn.functional as F
 
 from peftlab.config import load_config
 from peftlab.errors import UserError
-from peftlab.training.losses import class_weights, hard_label_loss
+from peftlab.tasks import SINGLE_LABEL
+from peftlab.tasks.losses import hard_label_loss
 from tests.conftest import SHARED_DATA
 from tests.test_train import train_cli
 
@@ -32,12 +33,12 @@ def test_balanced_weights_are_sklearns():
     from sklearn.utils.class_weight import compute_class_weight
 
     labels = np.array([0] * 90 + [1] * 8 + [2] * 2)
-    got = class_weights("balanced", labels, ["a", "b", "c"]).numpy()
+    got = SINGLE_LABEL.class_weights("balanced", labels, ["a", "b", "c"]).numpy()
     assert got == pytest.approx(compute_class_weight("balanced", classes=np.arange(3), y=labels))
-    assert class_weights("none", labels, ["a", "b", "c"]) is None
-    assert class_weights({"c": 5.0}, labels, ["a", "b", "c"]).tolist() == [1.0, 1.0, 5.0]
+    assert SINGLE_LABEL.class_weights("none", labels, ["a", "b", "c"]) is None
+    assert SINGLE_LABEL.class_weights({"c": 5.0}, labels, ["a", "b", "c"]).tolist() == [1.0, 1.0, 5.0]
     with pytest.raises(UserError, match="train.class_weights: no class 'z'"):
-        class_weights({"z": 2.0}, labels, ["a", "b", "c"])
+        SINGLE_LABEL.class_weights({"z": 2.0}, labels, ["a", "b", "c"])
 
 
 def test_losses_equal_hand_computation():

@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from peftlab.evaluation.metrics import classification_metrics
+from peftlab.tasks.metrics import classification_metrics
 
 NAMES = ["a", "b", "c", "d"]  # "d" never occurs: it must still get a row, a column and a per_class entry
 LABELS = np.array([0, 0, 1, 1, 2])

@@ -16,9 +16,10 @@ from peftlab.config import load_config
 from peftlab.data import load_data
 from peftlab.data.splits import carve, strata
 from peftlab.errors import UserError
-from peftlab.evaluation.multilabel import (decide, decision_scores, fit_temperature, multilabel_metrics, sigmoid,
+from peftlab.tasks.multilabel import (decide, decision_scores, fit_temperature, multilabel_metrics, sigmoid,
                                            tune_thresholds)
-from peftlab.training.losses import class_weights, label_set_loss, soft_target_loss
+from peftlab.tasks import MULTI_LABEL
+from peftlab.tasks.losses import label_set_loss
 
 DEBTAGS = Path(__file__).parent / "data" / "debtags_sample.jsonl"
 
@@ -46,7 +47,7 @@ def test_label_lists_and_separated_strings_read_alike(tmp_path):
     b = _data(tmp_path / "strings", "data.label_separator=;")
     c = _data(tmp_path / "parquet")
     assert a.label_names == b.label_names == c.label_names == ["x", "y", "z"]
-    assert a.multi_label
+    assert a.task is MULTI_LABEL
     for split in ("train", "validation", "test"):
         assert np.array_equal(getattr(a, split).labels, getattr(b, split).labels)
         assert np.array_equal(getattr(a, split).labels, getattr(c, split).labels)
@@ -119,10 +120,10 @@ def test_label_set_loss_matches_torch_and_its_options():
     smooth = label_set_loss(logits, labels, None, "cross_entropy", 2.0, 0.2)
     assert torch.allclose(smooth, F.binary_cross_entropy_with_logits(logits, labels.float() * 0.8 + 0.1))
     y = np.array([[1, 0], [1, 0], [1, 1], [0, 0]])
-    assert class_weights("balanced", y, ["a", "b"], multi_label=True).tolist() == pytest.approx([1 / 3, 3.0])
-    assert class_weights({"b": 2.0}, y, ["a", "b"], multi_label=True).tolist() == [1.0, 2.0]
-    same = soft_target_loss(logits, logits, 2.0, multi_label=True)
-    other = soft_target_loss(logits, -logits, 2.0, multi_label=True)
+    assert MULTI_LABEL.class_weights("balanced", y, ["a", "b"]).tolist() == pytest.approx([1 / 3, 3.0])
+    assert MULTI_LABEL.class_weights({"b": 2.0}, y, ["a", "b"]).tolist() == [1.0, 2.0]
+    same = MULTI_LABEL.soft_loss(logits, logits, 2.0)
+    other = MULTI_LABEL.soft_loss(logits, -logits, 2.0)
     assert other > same  # the soft targets are the teacher's sigmoid
 
 

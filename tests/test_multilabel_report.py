@@ -20,7 +20,6 @@ import yaml
 
 from conftest_report_helpers import LABELS, make_multilabel_run, make_run
 from peftlab.cli import main
-from peftlab.evaluation.multilabel import probability_metrics
 from peftlab.reports import build_report
 from peftlab.reports.charts import all_charts
 from peftlab.reports.collect import collect
@@ -29,6 +28,7 @@ from peftlab.runs.plots import label_decisions, write_plots
 from peftlab.runs.record import RunRecord
 from peftlab.sweeps.runner import _brief
 from peftlab.sweeps.summary import METRICS, summarize
+from peftlab.tasks.multilabel import probability_metrics
 from peftlab.training.tracking import TrackingWarning
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -212,14 +212,14 @@ def test_report_keeps_multilabel_runs_in_their_own_sections(tmp_path, ml_runs):
     html_path, md_path = build_report([fab, ml_runs[0].parent], tmp_path / "out" / "report.html")
 
     report = collect([fab, ml_runs[0].parent])
-    kinds = {sec.dataset: sec.multi_label for sec in report.sections}
+    kinds = {sec.dataset: sec.task.multi_label for sec in report.sections}
     real = _record(ml_runs[0])
     assert kinds == {"bbc_news": False, "bbc_news (multi-label)": True, f"{real.dataset} (multi-label)": True}
     by_title = {sec.dataset: sec for sec in report.sections}
     assert [r.name for g in by_title["bbc_news"].groups for r in g.runs] == ["single"]
     assert by_title["bbc_news"].best.name == "single"
     assert [r.name for g in by_title["bbc_news (multi-label)"].groups for r in g.runs] == ["multi"]
-    assert all(r.metrics.multi_label for sec in report.sections if sec.multi_label for g in sec.groups for r in g.runs)
+    assert all(r.metrics.multi_label for sec in report.sections if sec.task.multi_label for g in sec.groups for r in g.runs)
 
     md_tables = _md_tables(md_path.read_text())
     html_tables = _html_tables(html_path.read_text())
@@ -254,7 +254,7 @@ def test_multilabel_seeds_are_one_row_with_mean_and_std(ml_runs, tmp_path):
     records = [_record(r) for r in ml_runs]
     html_path, md_path = build_report([ml_runs[0].parent], tmp_path / "report.html")
     [sec] = collect([ml_runs[0].parent]).sections
-    assert sec.multi_label and sec.metric == "micro_f1"  # the runs' eval.metric
+    assert sec.task.multi_label and sec.metric == "micro_f1"  # the runs' eval.metric
     [group] = sec.groups
     assert group.n == 2 and group.name == "ml ×2 seeds"  # sweep-style names: -seedN dropped
     [row] = next(iter(_md_tables(md_path.read_text()).values()))
@@ -325,7 +325,7 @@ def test_multilabel_sweep_summary_and_report(tmp_path, tiny_model_dir, label_set
     best = max(records, key=lambda n: records[n].validation.micro_f1)
     assert summary["best"]["name"] == best and summary["best"]["selected_by"].startswith("validation micro_f1")
     [sec] = collect([out]).sections
-    assert sec.multi_label and sec.metric == "micro_f1" and sec.best.name == Path(records[best].run_dir).name
+    assert sec.task.multi_label and sec.metric == "micro_f1" and sec.best.name == Path(records[best].run_dir).name
 
 
 def test_single_label_sweep_summary_keeps_its_two_metrics(tmp_path):

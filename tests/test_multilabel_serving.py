@@ -241,7 +241,7 @@ def test_mixed_pass_equals_separate_passes(runs, texts):
 
     registry = Registry(torch.device("cpu"))
     tags, pair = registry.add(runs["tags"]), registry.add(runs["pair"])
-    assert len(registry.groups) == 1 and tags.predictor.multi_label and not pair.predictor.multi_label
+    assert len(registry.groups) == 1 and tags.predictor.task.multi_label and not pair.predictor.task.multi_label
     parts = [s.predictor.encode(texts, cache=False) for s in (tags, pair)]
     together = logits_together([tags.predictor, pair.predictor], parts)
     for s, part, logits in zip((tags, pair), parts, together):

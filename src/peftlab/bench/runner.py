@@ -36,6 +36,7 @@ from peftlab.bench import flops
 from peftlab.bench.scenarios import Part, Scenario
 from peftlab.errors import UserError
 from peftlab.runs.record import RunRecord
+from peftlab.runs.rundir import RunDir
 
 BASELINE_STYLES = ("seed", "tuned")
 PEFTLAB_MAIN = "peftlab"
@@ -193,7 +194,7 @@ def run_peftlab(name: str, part: Part, scenario: Scenario, data: dict, overrides
     cmd = [sys.executable, "-c", "import sys; from peftlab.cli import main; sys.exit(main())",
            "train", str(cfg_file), "--output-dir", str(work / "run"), "--no-progress"]
     code, _, rss, seconds = _spawn(cmd, env, work / "log", timeout)
-    record = RunRecord.read_or_none(work / "run" / "metrics.json")
+    record = RunRecord.read_or_none(RunDir(work / "run").metrics_file)
     if code != 0 or record is None or not record.completed:
         return {"contender": name, "ok": False, "error": f"exit {code}: {_tail(work / 'log.err')}",
                 "process_seconds": round(seconds, 1)}

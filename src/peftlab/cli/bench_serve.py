@@ -14,6 +14,7 @@ from pathlib import Path
 from peftlab.cli._checks import non_negative_float
 from peftlab.errors import UserError
 from peftlab.files import write_text
+from peftlab.runs.rundir import RunDir
 
 
 def add_parser(sub):
@@ -55,7 +56,7 @@ def _texts(run_dirs: list[str]) -> dict[str, list[str]]:
 
     out = {}
     for path in run_dirs:
-        file = Path(path) / "predictions.csv"
+        file = RunDir(path).predictions_file
         if not file.exists():
             raise UserError(f"{file}: missing; bench-serve sends each run its own test texts: pass completed runs")
         out[Path(path).resolve().name] = pd.read_csv(file)["text"].astype(str).tolist()

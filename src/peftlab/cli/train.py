@@ -32,9 +32,7 @@ def summary_table(m: RunRecord) -> str:
         ("validation acc / macro-F1", f"{m.validation.accuracy:.4f} / {m.validation.macro_f1:.4f} (best epoch {m.best_epoch})"),
         ("test acc / macro-F1", f"{test.accuracy:.4f} / {test.macro_f1:.4f}"),
     ]
-    if m.multi_label:  # accuracy is subset accuracy; decisions at 0.5
-        rows.append(("test micro-F1 / samples-F1", f"{test.micro_f1:.4f} / {test.samples_f1:.4f} "
-                                                   f"(Hamming loss {test.hamming_loss:.4f}; at 0.5)"))
+    rows += m.kind.summary_rows(test)  # the task's own figures (multi-label: micro-F1, ...)
     at = m.test_at_threshold
     if at is not None:
         rule = f"threshold {at.threshold:.4f}" if at.threshold is not None else f"{len(at.thresholds)} label thresholds"

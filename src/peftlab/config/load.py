@@ -8,6 +8,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from peftlab.config.choices import choices
 from peftlab.config.schema import Config
 from peftlab.errors import UserError
 
@@ -88,10 +89,9 @@ def build_config(tree: dict, source: str = "config") -> Config:
         cfg = Config.model_validate(tree)
     except ValidationError as e:
         raise UserError(_validation_message(e, source)) from None
-    from peftlab.models.methods import registry
-
-    if cfg.method.name not in registry.names():
-        raise UserError(f"{source}: unknown method.name {cfg.method.name!r} (allowed: {', '.join(registry.names())})")
+    allowed = choices("method.name")  # registered by models/methods/registry.py
+    if allowed is not None and cfg.method.name not in allowed:
+        raise UserError(f"{source}: unknown method.name {cfg.method.name!r} (allowed: {', '.join(allowed)})")
     return cfg
 
 

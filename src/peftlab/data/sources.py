@@ -7,7 +7,6 @@ what is wrong, where, and how to fix it.
 """
 from __future__ import annotations
 
-import gzip
 import importlib.util
 import json
 from dataclasses import dataclass, field
@@ -16,13 +15,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from peftlab import tasks
 from peftlab.config.schema import DataConfig
+from peftlab.data import formats
 from peftlab.data.splits import carve, percent, subsample
 from peftlab.errors import UserError
 from peftlab.hub import hub_unreachable
+from peftlab.tasks import SINGLE_LABEL, Task
 
-FORMATS = {".csv": "CSV", ".tsv": "TSV", ".jsonl": "JSON Lines", ".json": "JSON Lines", ".parquet": "Parquet"}
-SUPPORTED = ".csv, .tsv, .jsonl, .json, .parquet (the first four may also end in .gz)"
 SPLIT_ALIASES = {"train": ("train",), "validation": ("validation", "valid", "dev"), "test": ("test",)}
 BUILTIN = "bbc_news"
 
@@ -46,7 +46,7 @@ class LoadedData:
     text_columns: list[str]
     split_sources: dict     # split -> where its rows came from, e.g. "stratified 10% of train (seed 42)"
     overlap: dict = field(default_factory=dict)  # validation/test -> rows whose text also occurs in train
-    multi_label: bool = False  # labels are (n, num_labels) 0/1 rows: a set of labels per text
+    task: Task = SINGLE_LABEL  # its kind: how labels are encoded (a set of labels per text: 0/1 rows)
 
     @property
     def num_labels(self) -> int:
@@ -74,6 +74,7 @@ def load_data(cfg: DataConfig, seed: int) -> LoadedData:
     """Read the configured data and return checked train/validation/test splits, deterministic given the
     seed of the carved splits and subsets: data.seed when set, else `seed` (the training seed)."""
     seed = split_seed(cfg, seed)
+    task = tasks.for_data(cfg)
     if cfg.path:
         raw = _read_path(cfg.path, cfg)
     elif cfg.name and cfg.name.lower() == BUILTIN:
@@ -86,8 +87,8 @@ def load_data(cfg: DataConfig, seed: int) -> LoadedData:
     texts, labels = {}, {}
     for split, frame in raw.frames.items():
         texts[split], labels[split] = _texts_and_labels(frame, raw.text_columns, raw.label_column, raw.where[split],
-                                                        empty_label_ok=cfg.multi_label)
-    names, ids = _encode_label_sets(labels, raw, cfg.label_separator) if cfg.multi_label else _encode_labels(labels, raw)
+                                                        empty_label_ok=task.empty_label_ok)
+    names, ids = task.encode_labels(labels, raw, cfg.label_separator)
     splits = {s: TextSplit(texts[s], ids[s]) for s in raw.frames}
     sources = dict(raw.source)
 
@@ -119,7 +120,7 @@ def load_data(cfg: DataConfig, seed: int) -> LoadedData:
     return LoadedData(name=raw.name, label_names=names, train=splits["train"], validation=splits["validation"],
                       test=splits["test"], text_columns=list(raw.text_columns),
                       split_sources={s: sources[s] for s in ("train", "validation", "test")}, overlap=overlap,
-                      multi_label=cfg.multi_label)
+                      task=task)
 
 
 def _subset(splits: dict[str, "TextSplit"], sources: dict, split: str, limit: int | None, seed: int) -> None:
@@ -209,19 +210,9 @@ def _read_path(given: str, cfg: DataConfig) -> _Raw:
                 label_names=_read_label_names(names_file) if names_file.is_file() else None)
 
 
-def _format(path: Path) -> str | None:
-    """The suffix that picks the reader (".csv", ...), or None when we cannot read the file."""
-    name = path.name.lower()
-    gz = name.endswith(".gz")
-    suffix = Path(name[:-3] if gz else name).suffix
-    if suffix not in FORMATS or (gz and suffix == ".parquet"):
-        return None
-    return suffix
-
-
 def _split_files(directory: Path) -> dict[str, Path]:
     """train.*, validation.* (or valid.*, dev.*) and test.* in a directory; train is required."""
-    readable = [p for p in sorted(directory.iterdir()) if p.is_file() and _format(p)]
+    readable = [p for p in sorted(directory.iterdir()) if p.is_file() and formats.of_path(p)]
     files = {}
     for split, aliases in SPLIT_ALIASES.items():
         found = [p for p in readable if p.name.lower().split(".")[0] in aliases]
@@ -232,24 +223,8 @@ def _split_files(directory: Path) -> dict[str, Path]:
     if "train" not in files:
         present = ", ".join(p.name for p in sorted(directory.iterdir())) or "nothing"
         raise UserError(f"{directory}: no train file (found: {present}); a data directory needs train.<ext> "
-                        f"with ext one of {SUPPORTED}, and optionally validation.* and test.*")
+                        f"with ext one of {formats.supported()}, and optionally validation.* and test.*")
     return files
-
-
-def _csv_separator(path: Path, suffix: str) -> str:
-    """Tab for .tsv; for .csv a comma, or a semicolon when the header has semicolons and no comma
-    (spreadsheets in many locales save "CSV" that way)."""
-    if suffix == ".tsv":
-        return "\t"
-    import gzip
-
-    opener = gzip.open if path.name.endswith(".gz") else open
-    try:
-        with opener(path, "rt", encoding="utf-8-sig", errors="replace") as f:
-            header = f.readline()
-    except OSError:
-        return ","
-    return ";" if ";" in header and "," not in header else ","
 
 
 def read_table(path: Path, keep_blank_rows: bool = False) -> pd.DataFrame:
@@ -257,20 +232,12 @@ def read_table(path: Path, keep_blank_rows: bool = False) -> pd.DataFrame:
     predict`, which keeps blank CSV lines as rows so that its output lines up with its input)."""
     if not path.is_file():
         raise UserError(f"{path}: no such file; check the path")
-    suffix = _format(path)
-    if suffix is None:
-        raise UserError(f"{path}: unsupported file type; use one of {SUPPORTED}")
+    found = formats.of_path(path)
+    if found is None:
+        raise UserError(f"{path}: unsupported file type; use one of {formats.supported()}")
+    fmt, suffix = found
     try:
-        if suffix in (".csv", ".tsv"):
-            # Only an empty field is missing: a text that reads "NA" or "null" is still a text.
-            # utf-8-sig: a byte-order mark (as spreadsheets and Windows editors write) is not part of the header
-            frame = pd.read_csv(path, sep=_csv_separator(path, suffix), keep_default_na=False, na_values=[""],
-                                encoding="utf-8-sig",
-                                skip_blank_lines=not keep_blank_rows)
-        elif suffix == ".parquet":
-            frame = pd.read_parquet(path)
-        else:
-            frame = _read_jsonl(path)
+        frame = fmt.read(path, suffix, keep_blank_rows)
     except pd.errors.EmptyDataError:
         frame = pd.DataFrame()
     except UnicodeDecodeError as e:
@@ -279,7 +246,7 @@ def read_table(path: Path, keep_blank_rows: bool = False) -> pd.DataFrame:
     except UserError:
         raise
     except Exception as e:  # the parser's own message is the best hint we have; keep its first line
-        raise UserError(f"{path}: cannot be read as {FORMATS[suffix]} ({_first_line(e)}); check the file") from None
+        raise UserError(f"{path}: cannot be read as {fmt.name} ({_first_line(e)}); check the file") from None
     if len(frame) == 0:
         raise UserError(f"{path}: no rows (the file is empty or has only a header); add data rows")
     return frame
@@ -295,27 +262,6 @@ def read_texts(path: str, text_columns: list[str], what: str) -> list[str]:
         raise UserError(f"{what} {path!r}: no column {missing[0]!r} (columns: {', '.join(map(str, frame.columns))}); "
                         f"name the text column 'text' or {' + '.join(text_columns)}")
     return frame[columns].fillna("").astype(str).agg(" ".join, axis=1).tolist()
-
-
-def _read_jsonl(path: Path) -> pd.DataFrame:
-    # A json.loads loop is ~3x faster than pandas.read_json(lines=True) here, and knows the failing line.
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8-sig") as f:  # a leading byte-order mark is dropped, as for CSV
-        content = f.read()
-    if content.lstrip().startswith("["):  # a plain JSON array of objects is accepted too
-        rows = json.loads(content)
-    else:
-        rows = []
-        for number, line in enumerate(content.split("\n"), 1):  # not splitlines(): texts may hold \u2028
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{path}: line {number} is not valid JSON ({e.msg}); "
-                                    "each line must be one JSON object") from None
-    if not all(isinstance(row, dict) for row in rows):
-        raise UserError(f"{path}: every row must be a JSON object like {{\"text\": ..., \"label\": ...}}; fix the file")
-    return pd.DataFrame(rows)
 
 
 def _read_label_names(path: Path) -> list[str]:
@@ -404,128 +350,3 @@ def _texts_and_labels(frame: pd.DataFrame, text_columns: list[str], label_column
         raise UserError(f"{where}: {int(missing.sum())} row(s) without a label in column {label_column!r} "
                         f"(first: row {int(np.argmax(missing)) + 1}, counting data rows from 1); drop or label those rows")
     return texts, labels
-
-
-def _label_set(value, separator: str, names: list[str] | None, where: str, row: int) -> list[str]:
-    """One multi-label cell as label names: a list (JSON Lines, Parquet), a JSON list in a string, or a
-    string split on `separator`; empty or missing is the empty set. Integers with names (labels.json)
-    are ids."""
-    if isinstance(value, np.ndarray):
-        value = value.tolist()
-    if value is None or (isinstance(value, float) and np.isnan(value)):
-        return []
-    if isinstance(value, str):
-        text = value.strip()
-        if text.startswith("["):
-            try:
-                value = json.loads(text)
-            except ValueError:
-                value = text.split(separator)
-        else:
-            value = text.split(separator)
-    items = value if isinstance(value, (list, tuple)) else [value]
-    out = []
-    for item in items:
-        if isinstance(item, (list, dict)) or item is None:
-            raise UserError(f"{where}: row {row + 1} has label {item!r}; a multi-label cell is a list of label names "
-                            f"or one string like 'a{separator}b'")
-        if isinstance(item, float) and item.is_integer():
-            item = int(item)
-        if isinstance(item, int) and not isinstance(item, bool) and names is not None:
-            if not 0 <= item < len(names):
-                raise UserError(f"{where}: row {row + 1} has label id {item}, but labels.json names {len(names)} labels; "
-                                "fix the ids or the names")
-            item = names[item]
-        name = str(item).strip()
-        if name and name not in out:
-            out.append(name)
-    return out
-
-
-def _encode_label_sets(labels: dict[str, pd.Series], raw: _Raw,
-                       separator: str) -> tuple[list[str], dict[str, np.ndarray]]:
-    """Multi-label: label names (index = column) and a 0/1 matrix (rows, labels) per split. Names come
-    from train (labels.json order when given, else sorted), never from evaluation splits."""
-    sets = {s: [_label_set(v, separator, raw.label_names, raw.where[s], i) for i, v in enumerate(series)]
-            for s, series in labels.items()}
-    seen = {n for row in sets["train"] for n in row}
-    names = [n for n in raw.label_names if n in seen] if raw.label_names else sorted(seen)
-    if len(names) < 2:
-        raise UserError(f"{raw.where['train']}: {len(names)} distinct label(s) in column {raw.label_column!r} with "
-                        f"data.multi_label=true; multi-label classification needs at least 2 labels: check "
-                        f"data.label_column and data.label_separator ({separator!r})")
-    index = {n: i for i, n in enumerate(names)}
-    ids = {}
-    for split, rows in sets.items():
-        unseen = sorted({n for row in rows for n in row} - set(names))
-        if unseen:
-            shown = ", ".join(repr(v) for v in unseen[:5]) + (", ..." if len(unseen) > 5 else "")
-            raise UserError(f"{raw.where[split]}: label(s) {shown} in column {raw.label_column!r} never occur in the "
-                            "train split; remove those labels or add examples of them to train")
-        matrix = np.zeros((len(rows), len(names)), dtype=np.int64)
-        for i, row in enumerate(rows):
-            matrix[i, [index[n] for n in row]] = 1
-        ids[split] = matrix
-    return names, ids
-
-
-def _int_ids(labels: pd.Series) -> np.ndarray | None:
-    """Labels as int64 when they are whole numbers (1, 2.0), else None: they are names then."""
-    if pd.api.types.is_bool_dtype(labels) or not pd.api.types.is_numeric_dtype(labels):
-        return None
-    values = labels.to_numpy(dtype=np.float64)
-    if not np.all(np.mod(values, 1) == 0):
-        return None
-    return values.astype(np.int64)
-
-
-def _encode_labels(labels: dict[str, pd.Series], raw: _Raw) -> tuple[list[str], dict[str, np.ndarray]]:
-    """Label names (index = id) and the ids of every split. Names come from train, never from eval splits."""
-    column, where = raw.label_column, raw.where
-    train_ids = _int_ids(labels["train"])
-    if train_ids is not None and raw.label_names is not None:
-        # Integer labels with names (labels.json, the hub's ClassLabel): the integers are the ids.
-        if train_ids.min() < 0:
-            raise UserError(f"{where['train']}: label {train_ids.min()} in column {column!r} is not a class id; "
-                            "integer labels must be 0, 1, 2, ... (or use label names)")
-        names = raw.label_names
-        if train_ids.max() >= len(names):
-            raise UserError(f"{where['train']}: label {train_ids.max()} has no name in the {len(names)} class names "
-                            "given (labels.json or the dataset's features); fix the names or the labels")
-        known = set(train_ids.tolist())
-        ids, unseen = {"train": train_ids}, {}
-        for split in [s for s in labels if s != "train"]:
-            ids[split] = _int_ids(labels[split])  # None (names where train has numbers): all unseen below
-            found = set(labels[split].astype(str)) if ids[split] is None else set(ids[split].tolist())
-            unseen[split] = sorted(found - known)
-    elif train_ids is not None:
-        # Unnamed integers: the values that occur, in numeric order, are the classes (gaps such as
-        # {1, 5, 10} or negatives such as {-1, 1} make no phantom classes); each is named by its value.
-        values = sorted(set(train_ids.tolist()))
-        names, index = [str(v) for v in values], {v: i for i, v in enumerate(values)}
-        ids, unseen = {}, {}
-        for split, series in labels.items():
-            ints = train_ids if split == "train" else _int_ids(series)
-            found = set(series.astype(str)) if ints is None else set(ints.tolist())
-            unseen[split] = sorted(found - set(values), key=str)
-            ids[split] = (np.array([index.get(v, -1) for v in ints.tolist()], dtype=np.int64) if ints is not None
-                          else np.full(len(series), -1, dtype=np.int64))
-        unseen.pop("train")
-    else:
-        # Names: their sorted order gives the ids, so the mapping does not depend on row order.
-        as_text = {s: v.astype(str).to_numpy() for s, v in labels.items()}
-        names = sorted(set(as_text["train"]))
-        index = {n: i for i, n in enumerate(names)}
-        unseen = {s: sorted(set(v) - set(names)) for s, v in as_text.items() if s != "train"}
-        ids = {s: np.array([index.get(n, -1) for n in v], dtype=np.int64) for s, v in as_text.items()}
-
-    for split, values in unseen.items():
-        if values:
-            shown = ", ".join(repr(v) for v in values[:5]) + (", ..." if len(values) > 5 else "")
-            raise UserError(f"{where[split]}: label(s) {shown} in column {column!r} never occur in the train split; "
-                            "remove those rows or add examples of them to train")
-    classes = np.unique(ids["train"])
-    if len(classes) < 2:
-        raise UserError(f"{where['train']}: only one class ({names[classes[0]]!r}) in column {column!r}; "
-                        "classification needs at least 2 classes: check data.label_column and the data")
-    return names, ids

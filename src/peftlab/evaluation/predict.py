@@ -12,9 +12,9 @@ from tqdm.auto import tqdm
 
 from peftlab.data.batching import collate, pad_multiple, to_device
 from peftlab.data.tokenize import Encoded, encode, tokenize_texts
-from peftlab.evaluation.tasks import task_for
 from peftlab.models.speed import first_token_context, merged_lora
 from peftlab.runtime import Runtime, autocast
+from peftlab.tasks import SINGLE_LABEL, Task
 
 
 @torch.inference_mode()
@@ -61,24 +61,22 @@ class Predictor:
     `temperature` (a run's eval.calibrate=temperature) divides the logits before the softmax (sigmoid);
     `threshold` (eval.threshold=tune or a value) picks the second class of a two-class run when its
     probability is at least that, instead of the most probable class; multi-label: one threshold per label
-    (default 0.5). `multi_label`: a set of labels per text, a sigmoid per label. Logits stay the model's own.
+    (default 0.5). `task`: the run's kind (tasks/), e.g. a set of labels per text with a sigmoid per label.
+    Logits stay the model's own.
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer, label_names: list[str], max_length: int,
                  runtime: Runtime | None = None, batch_size: int = 64, cache_dir: str | None = None,
                  adapter: str | None = None, lock: threading.Lock | None = None, merge_lora: bool = True,
-                 temperature: float = 1.0, threshold: float | list[float] | None = None, multi_label: bool = False):
+                 temperature: float = 1.0, threshold: float | list[float] | None = None, task: Task = SINGLE_LABEL):
         self.model, self.tokenizer, self.label_names = model, tokenizer, list(label_names)
         self.max_length, self.batch_size, self.cache_dir = max_length, batch_size, cache_dir
         self.runtime = runtime or Runtime(next(model.parameters()).device, torch.float32)
         self.adapter, self.lock, self.merge_lora = adapter, lock or threading.Lock(), merge_lora
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.temperature, self.threshold = float(temperature), threshold
-        self.task = task_for(multi_label)
-        if threshold is not None and not multi_label and len(self.label_names) != 2:
-            raise ValueError(f"a decision threshold needs two classes, not {len(self.label_names)}")
-        if multi_label and threshold is not None and len(threshold) != len(self.label_names):
-            raise ValueError(f"{len(threshold)} thresholds for {len(self.label_names)} labels")
+        self.task = task
+        task.check_threshold(threshold, self.label_names)
 
     def encode(self, texts: list[str], cache: bool = True) -> Encoded:
         labels = np.zeros(len(texts), np.int64)
@@ -98,10 +96,6 @@ class Predictor:
 
     def probabilities(self, texts: list[str], progress: bool = False, cache: bool = True) -> np.ndarray:
         return self.probabilities_of(self.logits(texts, progress, cache))
-
-    @property
-    def multi_label(self) -> bool:
-        return self.task.multi_label
 
     def probabilities_of(self, logits: np.ndarray) -> np.ndarray:
         """Class probabilities of logits: softmax(logits / temperature); multi-label: sigmoid per label."""

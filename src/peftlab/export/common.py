@@ -15,8 +15,9 @@ import torch
 
 from peftlab.errors import UserError
 from peftlab.files import clean_stale, temp_name, translated
-from peftlab.evaluation.tasks import task_for
 from peftlab.runs.record import RunRecord
+from peftlab.runs.rundir import RunDir
+from peftlab.tasks import SINGLE_LABEL, Task
 
 # config.json fields that would make a loader expect quantized weights or a peft wrapper
 _STALE_CONFIG_FIELDS = ("quantization_config", "_pre_quantization_dtype")
@@ -41,7 +42,7 @@ class Source:
 
     @property
     def task(self):
-        return task_for(self.metrics.multi_label)
+        return self.metrics.kind
 
     def decide(self, logits: np.ndarray) -> np.ndarray:
         """The run's decisions, as `peftlab predict` makes them: temperature, then threshold(s)."""
@@ -49,9 +50,10 @@ class Source:
 
     def info(self) -> dict:
         at = self.metrics.test_at_threshold  # the run's test accuracy under its own decision rule
+        rule = decision_rule(self.metrics)
         return {"run_dir": str(self.run_dir.resolve()), "method": self.metrics.method,
                 "model": self.metrics.model, "label_names": self.label_names, "max_length": self.max_length,
-                "multi_label": self.metrics.multi_label, "decision_rule": decision_rule(self.metrics),
+                "multi_label": rule["multi_label"], "decision_rule": rule,
                 "run_test_accuracy": (at or self.metrics.test).accuracy, "notes": self.notes}
 
 
@@ -59,7 +61,7 @@ def decision_rule(record: RunRecord) -> dict:
     """How the run turns logits into answers, written into the exported config.json (`decision_rule`) and
     export_info.json: pipeline() applies the softmax (sigmoid per label) but knows no temperature or
     threshold, so a caller who wants the run's own answers applies these."""
-    return task_for(record.multi_label).rule(record.label_names, record.threshold, record.temperature)
+    return record.kind.rule(record.label_names, record.threshold, record.temperature)
 
 
 def check_output(output: str | Path) -> Path:
@@ -107,7 +109,7 @@ def load_source(run_dir: str | Path) -> Source:
 
     run_dir = Path(run_dir)
     _, metrics, _ = completed_run(run_dir)  # one line for a missing, incomplete or damaged run
-    if str(metrics.model).startswith("random:") and (run_dir / "adapter").is_dir():
+    if str(metrics.model).startswith("random:") and RunDir(run_dir).adapter_dir.is_dir():
         raise UserError(f"run {str(run_dir)!r} trained an adapter on random weights ({metrics.model}) that were "
                         f"never saved, so there is no base to merge it into: export a run of a real model "
                         f"(a local folder, hub id or minilm-l6), or a full fine-tuning run")
@@ -123,13 +125,13 @@ def load_source(run_dir: str | Path) -> Source:
             " (the run trained on the unquantized model, so the merge is exact)" if used == "none" else
             f" (the run trained over a {used} base, so probabilities can differ slightly from the run's: see the check)"))
     data = trained.config.data
-    model = plain_model(model, trained.label_names, metrics.multi_label)
+    model = plain_model(model, trained.label_names, metrics.kind)
     model.config.decision_rule = decision_rule(metrics)  # saved in config.json; transformers ignores it
     return Source(run_dir, model, trained.tokenizer, trained.label_names, data.max_length, metrics,
                   data.cache_dir, data.label_separator, notes)
 
 
-def plain_model(model: torch.nn.Module, label_names: list[str], multi_label: bool = False) -> torch.nn.Module:
+def plain_model(model: torch.nn.Module, label_names: list[str], task: Task = SINGLE_LABEL) -> torch.nn.Module:
     """fp32, eval, labels from the run (not whatever the base checkpoint carried: peft #1486), the run's
     problem type, and no leftover quantization fields in its config."""
     model = model.float().eval()
@@ -139,7 +141,7 @@ def plain_model(model: torch.nn.Module, label_names: list[str], multi_label: boo
     config.id2label = dict(enumerate(label_names))
     config.label2id = {n: i for i, n in enumerate(label_names)}
     # so pipeline() applies what the run did: a softmax, or a sigmoid per label
-    config.problem_type = "multi_label_classification" if multi_label else "single_label_classification"
+    config.problem_type = task.problem_type
     config.architectures = [type(model).__name__]
     for name in _STALE_CONFIG_FIELDS:
         if hasattr(config, name):
@@ -165,7 +167,7 @@ def test_set(source: Source) -> TestSet | None:
     """The run's test rows from predictions.csv, or None (with a note) when it has none."""
     import pandas as pd
 
-    path = source.run_dir / "predictions.csv"
+    path = RunDir(source.run_dir).predictions_file
     columns = [f"prob_{n}" for n in source.label_names]
     try:  # labels as text, and an empty multi-label set as "" (not NaN)
         frame = pd.read_csv(path, dtype={"text": str, "label": str, "predicted": str}, keep_default_na=False)
@@ -178,11 +180,9 @@ def test_set(source: Source) -> TestSet | None:
                    frame[columns].to_numpy(np.float64))
 
 
-def cells(decided: np.ndarray, names: list[str], separator: str) -> np.ndarray:
+def cells(task: Task, decided: np.ndarray, names: list[str], separator: str) -> np.ndarray:
     """Decisions written as predictions.csv writes them: a label, or a label set joined by `separator`."""
-    if decided.ndim == 1:
-        return np.array([str(names[i]) for i in decided], dtype=object).astype(str)
-    return np.array([separator.join(n for n, on in zip(names, row) if on) for row in decided], dtype=object).astype(str)
+    return np.array(task.label_cells(decided, names, separator), dtype=object).astype(str)
 
 
 def compare(logits: np.ndarray, test: TestSet, source: Source) -> dict:
@@ -190,7 +190,7 @@ def compare(logits: np.ndarray, test: TestSet, source: Source) -> dict:
     probability difference (softmax, or a sigmoid per label: the model's own, as pipeline() gives them),
     accuracy (multi-label: subset accuracy, the whole set right) and agreement with the run's
     decisions, both under the run's decision rule (temperature, threshold(s))."""
-    decided = cells(source.decide(logits), source.label_names, source.separator)
+    decided = cells(source.task, source.decide(logits), source.label_names, source.separator)
     probs = source.task.probabilities(logits)
     return {"rows": len(test.texts), "max_abs_diff_vs_run": float(np.abs(probs - test.probs).max()),
             "accuracy": float((decided == test.labels).mean()),

@@ -11,6 +11,7 @@ from peftlab.errors import UserError
 from peftlab.models.loading import head_for, load_classifier
 from peftlab.models.methods import registry
 from peftlab.models.quantized import QUANTIZED_PARAMETERS, quantization_record
+from peftlab.tasks import SINGLE_LABEL, Task
 
 
 @dataclass
@@ -35,7 +36,7 @@ def frozen_to(model: torch.nn.Module, dtype: torch.dtype | None) -> int:
     return cast
 
 
-def build_model(cfg: Config, label_names: list[str], device: torch.device, multi_label: bool = False,
+def build_model(cfg: Config, label_names: list[str], device: torch.device, task: Task = SINGLE_LABEL,
                 frozen_dtype: torch.dtype | None = None) -> BuiltModel:
     method = registry.get(cfg.method.name)
     extra, request = method.load_kwargs(cfg.method, device, cfg.model.name, label_names)
@@ -45,7 +46,7 @@ def build_model(cfg: Config, label_names: list[str], device: torch.device, multi
         raise UserError(f"method {method.name} classifies from the pooled sentence embedding: set model.head=auto "
                         f"(or pooled), not cls")
     head = head_for(cfg.model.name, "pooled" if method.pooled_head else cfg.model.head)
-    model = load_classifier(cfg.model.name, label_names, extra, multi_label, head)
+    model = load_classifier(cfg.model.name, label_names, extra, task, head)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # without this, a frozen embedding gives "element 0 of tensors does not require grad" (peft #137)

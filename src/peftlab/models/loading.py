@@ -15,6 +15,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 from peftlab.errors import UserError
 from peftlab.hub import hub_unreachable
 from peftlab.models.heads import checkpoint_pooling, install
+from peftlab.tasks import SINGLE_LABEL, Task
 
 # Random-weight shapes: for speed and memory measurements only, never accuracy.
 RANDOM_SHAPES = {
@@ -85,12 +86,12 @@ def load_tokenizer(model_name: str, tokenizer_name: str | None = None):
         raise _not_found("tokenizer", name, e) from None
 
 
-def model_config(model_name: str, label_names: list[str], multi_label: bool = False):
-    """The transformers config with our labels, without loading weights (multi-label: problem_type says
-    so, and pipeline() then applies a sigmoid per label)."""
+def model_config(model_name: str, label_names: list[str], task: Task = SINGLE_LABEL):
+    """The transformers config with our labels, without loading weights (problem_type: the task's, so that
+    pipeline() applies its softmax, or a sigmoid per label)."""
     labels = dict(num_labels=len(label_names), id2label=dict(enumerate(label_names)),
                   label2id={n: i for i, n in enumerate(label_names)},
-                  problem_type="multi_label_classification" if multi_label else "single_label_classification")
+                  problem_type=task.problem_type)
     if is_random(model_name):
         shape = model_name.split(":", 1)[1]
         if shape not in RANDOM_SHAPES:
@@ -149,12 +150,12 @@ def random_model_dir(model_name: str) -> str:
 
 
 def load_classifier(model_name: str, label_names: list[str], extra_kwargs: dict | None = None,
-                    multi_label: bool = False, head: dict | None = None):
+                    task: Task = SINGLE_LABEL, head: dict | None = None):
     """AutoModelForSequenceClassification with a fresh head sized to our labels, reading the pooled
     embedding where `head` says so (head_for). Pretrained models and random:SHAPE take the same path
     (random weights come from a cached folder)."""
     _quiet_transformers()
-    config = model_config(model_name, label_names, multi_label)
+    config = model_config(model_name, label_names, task)
     source = random_model_dir(model_name) if is_random(model_name) else resolve(model_name)
     try:
         # a checkpoint may carry a head for other labels: ours replaces it (hence ignore_mismatched_sizes)

@@ -10,6 +10,7 @@ from matplotlib.figure import Figure
 
 from peftlab.reports.collect import Group, Section
 from peftlab.runs.plots import draw_confusion, draw_label_scores, most_frequent, plain_text
+from peftlab.tasks import SINGLE_LABEL, Task
 
 MIB = 2**20
 
@@ -55,14 +56,9 @@ def _truncated_note(start: float) -> str:
     return f"; axis starts at {start:.2f}, not 0" if start > 0 else ""
 
 
-SCORES = (("accuracy", "test accuracy"), ("macro_f1", "test macro-F1"))
-MULTI_LABEL_SCORES = (("accuracy", "test subset accuracy"), ("macro_f1", "test macro-F1"),
-                      ("micro_f1", "test micro-F1"), ("samples_f1", "test samples-F1"))
-
-
-def scores_chart(groups: list[Group], multi_label: bool = False) -> Chart:
+def scores_chart(groups: list[Group], task: Task = SINGLE_LABEL) -> Chart:
     fig, ax, y = _barh_figure(groups)
-    scores = MULTI_LABEL_SCORES if multi_label else SCORES
+    scores = task.chart_scores
     h = 0.76 / len(scores)
     for i, (key, label) in enumerate(scores):
         stats = [g.stat("test", key) for g in groups]
@@ -75,8 +71,7 @@ def scores_chart(groups: list[Group], multi_label: bool = False) -> Chart:
     ax.set_xlim(start, 1.0)
     ax.set_xlabel(f"score (error bars: std over seeds, clipped to [0, 1]{_truncated_note(start)})")
     fig.legend(loc="outside lower center", ncol=len(scores))  # below the axes: never over a bar
-    return Chart("Test metrics by configuration", _png(fig),
-                 "Multi-label: labels predicted when p ≥ 0.5." if multi_label else "")
+    return Chart("Test metrics by configuration", _png(fig), task.chart_note)
 
 
 def params_chart(groups: list[Group]) -> Chart:
@@ -108,7 +103,7 @@ def memory_chart(groups: list[Group]) -> Chart:
     return Chart("Peak memory", _png(fig), note)
 
 
-def pareto_chart(groups: list[Group], multi_label: bool = False) -> Chart:
+def pareto_chart(groups: list[Group], task: Task = SINGLE_LABEL) -> Chart:
     fig = Figure(figsize=(7.5, 4.5), layout="constrained")
     ax = fig.subplots()
     pts = [(g.mean("params", "trainable"), g.stat("test", "accuracy"), g) for g in groups]
@@ -124,7 +119,7 @@ def pareto_chart(groups: list[Group], multi_label: bool = False) -> Chart:
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (log scale)")
     bottom = ax.get_ylim()[0]
-    accuracy = "test subset accuracy" if multi_label else "test accuracy"
+    accuracy = f"test {task.metric_label('accuracy')}"
     ax.set_ylabel(f"{accuracy}{' (axis starts at %.2f, not 0)' % bottom if bottom > 0 else ''}")
     ax.grid(alpha=0.3)
     return Chart(f"{accuracy.capitalize()} vs trainable parameters", _png(fig),
@@ -173,10 +168,8 @@ def label_scores_chart(report: Section) -> Chart | None:
 
 
 def confusion_chart(report: Section) -> Chart | None:
-    """The best run's test confusion matrix; a multi-label section (a 2x2 confusion per label, no class
-    confusion matrix) shows its per-label scores instead."""
-    if report.multi_label:
-        return label_scores_chart(report)
+    """The best run's test confusion matrix (a multi-label section has none: a 2x2 confusion per label,
+    and label_scores_chart shows its per-label scores)."""
     run = report.best_run
     matrix, names = run.value("test", "confusion_matrix"), run.metrics.get("label_names")
     if not matrix or not names:
@@ -187,9 +180,13 @@ def confusion_chart(report: Section) -> Chart | None:
     return Chart(f"Test confusion matrix of the best run by validation ({run.name})", _png(fig))
 
 
+# the chart of the best run, by the task's Task.best_run_chart
+BEST_RUN_CHARTS = {"confusion_matrix": confusion_chart, "label_scores": label_scores_chart}
+
+
 @plain_text
 def all_charts(report: Section) -> list[Chart]:
-    g, multi = report.groups, report.multi_label
-    charts = [scores_chart(g, multi), pareto_chart(g, multi), params_chart(g), time_chart(g), memory_chart(g),
-              curves_chart(g), confusion_chart(report)]
+    g, task = report.groups, report.task
+    charts = [scores_chart(g, task), pareto_chart(g, task), params_chart(g), time_chart(g), memory_chart(g),
+              curves_chart(g), BEST_RUN_CHARTS[task.best_run_chart](report)]
     return [c for c in charts if c is not None]

@@ -17,7 +17,9 @@ import yaml
 from peftlab.errors import UserError
 from peftlab.runs.plots import read_history, read_json
 from peftlab.runs.record import RunRecord
+from peftlab.runs.rundir import RunDir
 from peftlab.runs.select import pick_best as select_best
+from peftlab.tasks import SINGLE_LABEL, Task
 
 
 @dataclass
@@ -94,7 +96,7 @@ class Section:
     metric: str  # the validation metric used to pick the best
     best: Group
     best_run: Run  # the best group's seed with the best validation metric (for its confusion matrix)
-    multi_label: bool = False  # a set of labels per text: its own figures (subset accuracy, micro-F1, ...)
+    task: Task = SINGLE_LABEL  # its runs' kind: a set of labels per text has its own figures (subset accuracy, ...)
 
 
 @dataclass
@@ -105,10 +107,10 @@ class Report:
 
 def _broken_files(run_dir: Path) -> str | None:
     """What a completed run lacks on disk (its weights, its predictions), or None."""
-    weights = [p for name in ("adapter", "model") for p in (run_dir / name).glob("*") if p.suffix in (".safetensors", ".bin")]
-    if not weights:
+    run = RunDir(run_dir)
+    if not run.weight_files():
         return "its trained weights (adapter/ or model/) are missing"
-    if not (run_dir / "predictions.csv").is_file():
+    if not run.predictions_file.is_file():
         return "predictions.csv is missing"
     return None
 
@@ -117,7 +119,7 @@ def _config_of(run_dir: Path, record: RunRecord) -> dict:
     if record.config:
         return record.config
     try:  # older metrics.json without the config: the run's own config.yaml
-        return yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {}
+        return yaml.safe_load(RunDir(run_dir).config_file.read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError):
         return {}
 
@@ -130,13 +132,13 @@ def find_runs(paths: list[Path]) -> tuple[list[Run], list[NotCompleted]]:
         if not p.exists():
             raise UserError(f"report: {p} does not exist (give run or sweep directories)")
         if p.is_file():
-            if p.name != "metrics.json":
+            if p.name != RunDir.METRICS:
                 raise UserError(f"report: {p} is a file; give run or sweep directories")
             dirs[p.parent.resolve()] = True
             continue
-        for m in p.rglob("metrics.json"):
+        for m in p.rglob(RunDir.METRICS):
             dirs[m.parent.resolve()] = True
-        for h in p.rglob("history.jsonl"):
+        for h in p.rglob(RunDir.HISTORY):
             dirs.setdefault(h.parent.resolve(), False)
 
     names = _unique_names(sorted(dirs))
@@ -146,7 +148,7 @@ def find_runs(paths: list[Path]) -> tuple[list[Run], list[NotCompleted]]:
             others.append(NotCompleted(names[d], d, "incomplete (no metrics.json)"))
             continue
         try:
-            record = RunRecord.read(d / "metrics.json")
+            record = RunDir(d).record()
         except UserError as e:
             others.append(NotCompleted(names[d], d, f"unreadable metrics.json ({str(e).split('(', 1)[-1].rstrip(')')}"))
             continue
@@ -223,15 +225,10 @@ def mark_pareto(groups: list[Group]) -> None:
         )
 
 
-SELECTION_METRICS = {"macro_f1", "accuracy"}  # eval.metric values
-MULTI_LABEL_SELECTION_METRICS = SELECTION_METRICS | {"micro_f1", "samples_f1"}
-
-
-def selection_metric(groups: list[Group], multi_label: bool = False) -> str:
+def selection_metric(groups: list[Group], task: Task = SINGLE_LABEL) -> str:
     """eval.metric of the runs (they select their best epoch by it); macro_f1 where they disagree."""
     chosen = {str((g.config.get("eval") or {}).get("metric", "macro_f1")) for g in groups}
-    allowed = MULTI_LABEL_SELECTION_METRICS if multi_label else SELECTION_METRICS
-    return chosen.pop() if len(chosen) == 1 and chosen <= allowed else "macro_f1"
+    return chosen.pop() if len(chosen) == 1 and chosen <= task.selection_metrics else "macro_f1"
 
 
 def pick_best(groups: list[Group], metric: str) -> tuple[Group, Run]:
@@ -245,24 +242,24 @@ def pick_best(groups: list[Group], metric: str) -> tuple[Group, Run]:
     return best, run
 
 
-def dataset_key(run: Run) -> tuple[str, tuple[str, ...], bool]:
-    """Runs are compared only with runs of the same key: dataset, label names, and single- vs multi-label
-    (never ranked together, even on the same dataset: their accuracies mean different things)."""
-    return str(run.metrics.dataset), tuple(run.metrics.label_names), bool(run.metrics.multi_label)
+def dataset_key(run: Run) -> tuple[str, tuple[str, ...], Task]:
+    """Runs are compared only with runs of the same key: dataset, label names, and task kind (never
+    ranked together, even on the same dataset: their accuracies mean different things)."""
+    return str(run.metrics.dataset), tuple(run.metrics.label_names), run.metrics.kind
 
 
-def section(dataset: str, runs: list[Run], multi_label: bool = False) -> Section:
+def section(dataset: str, runs: list[Run], task: Task = SINGLE_LABEL) -> Section:
     groups = group_runs(runs)
     mark_pareto(groups)
-    metric = selection_metric(groups, multi_label)
+    metric = selection_metric(groups, task)
     best, best_run = pick_best(groups, metric)
-    return Section(dataset, groups, metric, best, best_run, multi_label)
+    return Section(dataset, groups, metric, best, best_run, task)
 
 
-def section_title(dataset: str, labels: tuple[str, ...], multi_label: bool, clash: bool) -> str:
-    """The dataset's name; "(multi-label)" for multi-label runs, and the label names where two sections
+def section_title(dataset: str, labels: tuple[str, ...], task: Task, clash: bool) -> str:
+    """The dataset's name; the task's note (e.g. "multi-label"), and the label names where two sections
     of the same kind share the dataset's name."""
-    notes = (["multi-label"] if multi_label else []) + ([f"labels {', '.join(labels)}"] if clash else [])
+    notes = ([task.section_note] if task.section_note else []) + ([f"labels {', '.join(labels)}"] if clash else [])
     return f"{dataset} ({'; '.join(notes)})" if notes else dataset
 
 
@@ -276,7 +273,8 @@ def collect(paths: list[Path]) -> Report:
     by_dataset: dict[tuple, list[Run]] = {}
     for r in runs:
         by_dataset.setdefault(dataset_key(r), []).append(r)
-    kinds = [(d, multi) for d, _, multi in by_dataset]
-    sections = [section(section_title(d, labels, multi, kinds.count((d, multi)) > 1), rs, multi)
-                for (d, labels, multi), rs in sorted(by_dataset.items())]
+    kinds = [(d, task) for d, _, task in by_dataset]
+    ordered = sorted(by_dataset.items(), key=lambda item: (item[0][0], item[0][1], item[0][2].order))
+    sections = [section(section_title(d, labels, task, kinds.count((d, task)) > 1), rs, task)
+                for (d, labels, task), rs in ordered]
     return Report(sections, others)

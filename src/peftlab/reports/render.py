@@ -13,25 +13,19 @@ from pathlib import Path
 from peftlab.models.methods import registry
 from peftlab.reports.charts import Chart
 from peftlab.reports.collect import Group, Report, Section
+from peftlab.tasks import SINGLE_LABEL, Task
 
 MIB = 2**20
 DASH = "–"
-METRIC_LABEL = {"accuracy": "accuracy", "macro_f1": "macro-F1", "micro_f1": "micro-F1", "samples_f1": "samples-F1",
-                "hamming_loss": "Hamming loss"}
-MULTI_LABEL_METRIC_LABEL = {**METRIC_LABEL, "accuracy": "subset accuracy"}
-
 CONFIG_COLUMNS = ["run", "seeds", "method", "model", "r", "alpha", "dropout", "targets"]
 COST_COLUMNS = ["trainable params", "trainable %", "train time", "peak memory", "Pareto"]
 COLUMNS = CONFIG_COLUMNS + ["val acc", "val F1", "test acc", "test F1"] + COST_COLUMNS
 
-# multi-label sections: column -> the metrics.json figure it shows (mean ± std over seeds)
-MULTI_LABEL_TEST = {"test subset acc": "accuracy", "test macro-F1": "macro_f1", "test micro-F1": "micro_f1",
-                    "test samples-F1": "samples_f1", "test Hamming loss": "hamming_loss"}
 AT_THRESHOLDS = " @ thresholds"  # test_at_threshold's figures: the run's eval.threshold, not p >= 0.5
 
 
-def metric_label(metric: str, multi_label: bool = False) -> str:
-    return (MULTI_LABEL_METRIC_LABEL if multi_label else METRIC_LABEL).get(metric, metric)
+def metric_label(metric: str, task: Task = SINGLE_LABEL) -> str:
+    return task.metric_label(metric)
 
 
 def _has_thresholds(sec: Section) -> bool:
@@ -39,18 +33,20 @@ def _has_thresholds(sec: Section) -> bool:
 
 
 def validation_columns(sec: Section) -> dict[str, str]:
-    """Multi-label: validation subset accuracy and macro-F1, and the selection metric where it is neither."""
+    """A section with its own columns (multi-label): validation accuracy (subset) and macro-F1, and the
+    selection metric where it is neither."""
     keys = ["accuracy", "macro_f1"] + ([sec.metric] if sec.metric not in ("accuracy", "macro_f1") else [])
-    return {f"val {metric_label(k, True).replace('subset accuracy', 'subset acc')}": k for k in keys}
+    return {f"val {metric_label(k, sec.task).replace('subset accuracy', 'subset acc')}": k for k in keys}
 
 
 def columns(sec: Section) -> list[str]:
-    """The results table's columns: a multi-label section has its own figures, and the test figures at the
-    runs' thresholds where any run has them (eval.threshold tune or a fixed value)."""
-    if not sec.multi_label:
+    """The results table's columns: a task with its own figures (multi-label) has its own columns, and the
+    test figures at the runs' thresholds where any run has them (eval.threshold tune or a fixed value)."""
+    test = sec.task.report_columns
+    if not test:
         return COLUMNS
-    thresholds = ["thresholds"] + [c + AT_THRESHOLDS for c in MULTI_LABEL_TEST] if _has_thresholds(sec) else []
-    return CONFIG_COLUMNS + list(validation_columns(sec)) + list(MULTI_LABEL_TEST) + thresholds + COST_COLUMNS
+    thresholds = ["thresholds"] + [c + AT_THRESHOLDS for c in test] if _has_thresholds(sec) else []
+    return CONFIG_COLUMNS + list(validation_columns(sec)) + list(test) + thresholds + COST_COLUMNS
 
 
 def fmt_metric(mean: float | None, std: float | None = None) -> str:
@@ -122,17 +118,21 @@ def _threshold_rule(g: Group) -> str:
         values = sorted(set((at.thresholds or {}).values()))
         return f"fixed {values[0]:g}" if len(values) == 1 else "fixed"
     if str((g.config.get("eval") or {}).get("threshold_scope", "per_label")) == "global":
-        return f"tuned globally for {metric_label(at.tuned_for, True)}"
+        return f"tuned globally for {metric_label(at.tuned_for, g.first.metrics.kind)}"
     return "tuned per label (each for its F1)"  # eval.threshold_scope=per_label maximises each label's F1
 
 
-def _multi_label_cells(sec: Section, g: Group) -> dict[str, str]:
+def _task_cells(sec: Section, g: Group) -> dict[str, str]:
+    """The cells of the task's own columns (Task.report_columns); none for a task without them."""
+    test = sec.task.report_columns
+    if not test:
+        return {}
     cells = {c: fmt_metric(*g.stat("validation", k)) for c, k in validation_columns(sec).items()}
-    cells.update({c: fmt_metric(*g.stat("test", k)) for c, k in MULTI_LABEL_TEST.items()})
+    cells.update({c: fmt_metric(*g.stat("test", k)) for c, k in test.items()})
     if _has_thresholds(sec):
         cells["thresholds"] = _threshold_rule(g)
         cells.update({c + AT_THRESHOLDS: fmt_metric(*g.stat("test_at_threshold", k))
-                      for c, k in MULTI_LABEL_TEST.items()})
+                      for c, k in test.items()})
     return cells
 
 
@@ -159,41 +159,41 @@ def result_rows(report: Section) -> list[dict[str, str]]:
             "peak memory": fmt_memory(g.mean("efficiency", "peak_memory_bytes"),
                                       g.first.value("efficiency", "peak_memory_kind")),
             "Pareto": "yes" if g.on_pareto else "",
-            **(_multi_label_cells(report, g) if report.multi_label else {}),
+            **_task_cells(report, g),
         })
     return rows
 
 
-def _multi_label_figures(g: Group, part: str) -> str:
+def _task_figures(g: Group, part: str, task: Task) -> str:
     """'subset accuracy is A, macro-F1 B, micro-F1 C, samples-F1 D and Hamming loss E' of metrics.json's `part`."""
-    figures = [f"{metric_label(k, True)}{' is' if i == 0 else ''} {fmt_metric(*g.stat(part, k))}"
-               for i, k in enumerate(MULTI_LABEL_TEST.values())]
+    figures = [f"{metric_label(k, task)}{' is' if i == 0 else ''} {fmt_metric(*g.stat(part, k))}"
+               for i, k in enumerate(task.report_columns.values())]
     return ", ".join(figures[:-1]) + " and " + figures[-1]
 
 
 def best_summary(report: Section, esc=str) -> str:
     """One plain-text paragraph: the best configuration by validation, and its test figures. `esc` is
     applied to the names that come from the runs (escape_markdown for Markdown; HTML escapes it whole)."""
-    multi = report.multi_label
-    g, label = report.best, metric_label(report.metric, multi)
+    task = report.task
+    g, label = report.best, metric_label(report.metric, task)
     text = (f"Best by validation {label}: {esc(g.name)} (validation {label} "
             f"{fmt_metric(*g.stat('validation', report.metric))}). ")
-    if multi:
-        text += f"Its test {_multi_label_figures(g, 'test')} (labels predicted when p ≥ 0.5)."
+    if task.report_columns:
+        text += f"Its test {_task_figures(g, 'test', task)} (labels predicted when p ≥ 0.5)."
         at = g.first.metrics.test_at_threshold
         if at is not None:
-            text += f" At its thresholds ({_threshold_rule(g)}): test {_multi_label_figures(g, 'test_at_threshold')}."
+            text += f" At its thresholds ({_threshold_rule(g)}): test {_task_figures(g, 'test_at_threshold', task)}."
     else:
         text += (f"Its test accuracy is {fmt_metric(*g.stat('test', 'accuracy'))} and test macro-F1 "
                  f"{fmt_metric(*g.stat('test', 'macro_f1'))}.")
     base_acc = g.mean("baseline", "test", "accuracy")
     if base_acc is not None:
         seeds = f" (mean over its {g.n} seeds)" if g.n > 1 else ""
-        text += (f" Before fine-tuning the model scored test {metric_label('accuracy', multi)} {fmt_metric(base_acc)}, "
+        text += (f" Before fine-tuning the model scored test {metric_label('accuracy', task)} {fmt_metric(base_acc)}, "
                  f"macro-F1 {fmt_metric(g.mean('baseline', 'test', 'macro_f1'))}{seeds}.")
     if g.n > 1:
-        what = "per-label chart" if multi else "confusion matrix"
-        text += f" Its {what} is that of seed run {esc(report.best_run.name)}, the best of its seeds by validation."
+        text += (f" Its {task.best_run_figure} is that of seed run {esc(report.best_run.name)}, the best of its "
+                 f"seeds by validation.")
     return text
 
 
@@ -205,18 +205,9 @@ NOTES = [
     "Pareto: no other configuration reaches at least the same test accuracy (mean) with fewer trainable parameters.",
     "Peak memory: GPU = torch max allocated; CPU RSS = peak resident memory of the process.",
 ]
-MULTI_LABEL_NOTES = [
-    "Multi-label runs (a set of labels per text) have their own sections, never ranked with single-label runs: "
-    "subset accuracy counts a text right only when all its labels are; macro-F1 is the mean of the per-label F1s; "
-    "micro-F1 pools every label decision; samples-F1 is the mean F1 over texts; Hamming loss is the share of wrong "
-    "label decisions (lower is better). Their Pareto front uses test subset accuracy.",
-    "Multi-label test figures predict a label when its probability is at least 0.5; the '@ thresholds' columns use "
-    "the run's eval.threshold (tuned on validation, or fixed) instead.",
-]
-
-
 def notes(report: Report) -> list[str]:
-    return NOTES + (MULTI_LABEL_NOTES if any(sec.multi_label for sec in report.sections) else [])
+    kinds = dict.fromkeys(sec.task for sec in sorted(report.sections, key=lambda sec: sec.task.order))
+    return NOTES + [note for task in kinds for note in task.report_notes]
 
 
 # ---------------------------------------------------------------- HTML
@@ -286,7 +277,7 @@ def render_html(report: Report, charts: list[list[Chart]], inputs: list[Path]) -
     several = len(report.sections) > 1
     n_runs = sum(g.n for sec in report.sections for g in sec.groups)
     n_groups = sum(len(sec.groups) for sec in report.sections)
-    kinds = ("sections (dataset, label set, multi-label or not)" if any(sec.multi_label for sec in report.sections)
+    kinds = ("sections (dataset, label set, multi-label or not)" if any(sec.task.section_note for sec in report.sections)
              else "datasets")
     datasets = (f" on {len(report.sections)} {kinds} (compared within each, never across)" if several
                 else f" on {_e(report.sections[0].dataset)}")

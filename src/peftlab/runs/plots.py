@@ -20,16 +20,19 @@ import yaml
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from peftlab.evaluation.metrics import ECE_BINS, reliability_bins, softmax
+from peftlab import tasks
 from peftlab.files import replacing
 from peftlab.runs.record import RunRecord
+from peftlab.runs.rundir import RunDir
+from peftlab.tasks import MULTI_LABEL, SINGLE_LABEL, Task
+from peftlab.tasks.metrics import ECE_BINS, reliability_bins, softmax
 
 MAX_LABELS_SHOWN = 48  # per-label figures: beyond that, the most frequent labels only
 
 
 def read_history(run_dir: Path) -> list[dict]:
     """Rows of history.jsonl; a torn last line (run killed mid-write) is skipped, not fatal."""
-    path = Path(run_dir) / "history.jsonl"
+    path = RunDir(run_dir).history_file
     if not path.is_file():
         return []
     rows = []
@@ -110,17 +113,17 @@ def _loss_plot(history: list[dict], out: Path) -> Path | None:
     return out
 
 
-def _validation_plot(history: list[dict], out: Path, multi_label: bool = False) -> Path | None:
+def _validation_plot(history: list[dict], out: Path, task: Task = SINGLE_LABEL) -> Path | None:
     epochs = [r for r in history if r.get("kind") == "epoch" and isinstance(r.get("validation"), dict)]
     if not epochs:
         return None
     fig = _new_figure()
     ax = fig.subplots()
     x = [r["epoch"] for r in epochs]
-    keys = [("accuracy", "subset accuracy" if multi_label else "accuracy"), ("macro_f1", "macro-F1")]
-    # multi-label: the micro- and samples-F1 too, where history.jsonl holds them
-    keys += [(k, label) for k, label in (("micro_f1", "micro-F1"), ("samples_f1", "samples-F1"))
-             if multi_label and any(r["validation"].get(k) is not None for r in epochs)]
+    # the task's first two figures always; its others where history.jsonl holds them
+    keys = list(task.validation_curves[:2])
+    keys += [(k, label) for k, label in task.validation_curves[2:]
+             if any(r["validation"].get(k) is not None for r in epochs)]
     for key, label in keys:
         ax.plot(x, [_nan_or(r["validation"].get(key)) for r in epochs], marker="o", label=label)
     ax.set_xlabel("epoch")
@@ -225,13 +228,12 @@ def _reliability_plot(record: RunRecord | None, predictions: pd.DataFrame | None
 
 # ---------------------------------------------------------------- multi-label runs
 
-def is_multi_label(record: RunRecord | None, predictions: pd.DataFrame | None) -> bool:
-    """The record says; without one, a multi-label predictions.csv is the one with label probabilities
-    but no confidence column (a single-label one always has it)."""
+def run_task(record: RunRecord | None, predictions: pd.DataFrame | None) -> Task:
+    """The record says; without one, the columns of predictions.csv (a multi-label one has label
+    probabilities but no confidence column; a single-label one always has it)."""
     if record is not None:
-        return bool(record.multi_label)
-    return predictions is not None and "confidence" not in predictions.columns and \
-        any(str(c).startswith("prob_") for c in predictions.columns)
+        return record.kind
+    return tasks.of_predictions(predictions.columns) if predictions is not None else SINGLE_LABEL
 
 
 def label_separator(run_dir: Path, record: RunRecord | None) -> str:
@@ -239,7 +241,7 @@ def label_separator(run_dir: Path, record: RunRecord | None) -> str:
     config = (record.config if record is not None else None) or {}
     if not config:
         try:
-            config = yaml.safe_load((Path(run_dir) / "config.yaml").read_text(encoding="utf-8")) or {}
+            config = yaml.safe_load(RunDir(run_dir).config_file.read_text(encoding="utf-8")) or {}
         except (OSError, yaml.YAMLError):
             config = {}
     data = config.get("data") if isinstance(config, dict) else None
@@ -248,13 +250,7 @@ def label_separator(run_dir: Path, record: RunRecord | None) -> str:
 
 def label_sets(cells, names: list[str], separator: str) -> np.ndarray:
     """predictions.csv label-set cells ("a|c", "" for none) as a 0/1 matrix (texts, labels)."""
-    index = {n: j for j, n in enumerate(names)}
-    out = np.zeros((len(cells), len(names)), dtype=np.int64)
-    for i, cell in enumerate(cells):
-        for part in str(cell).split(separator) if str(cell) else []:
-            if part in index:
-                out[i, index[part]] = 1
-    return out
+    return MULTI_LABEL.parse_cells(cells, names, separator)
 
 
 def label_decisions(predictions: pd.DataFrame | None, names: list[str], separator: str,
@@ -287,7 +283,7 @@ def _label_details(record: RunRecord | None, decisions) -> tuple[dict, dict] | N
         return per_class, dict(record.test.label_confusion)
     if decisions is None:
         return None
-    from peftlab.evaluation.multilabel import multilabel_metrics
+    from peftlab.tasks.multilabel import multilabel_metrics
 
     labels, probs, names = decisions
     m = multilabel_metrics(labels, probs, names)
@@ -411,7 +407,7 @@ def _label_reliability_plot(record: RunRecord | None, decisions, out: Path) -> P
     the record's ECE), with the calibration temperature's probabilities beside when the run fitted one."""
     if decisions is None:
         return None
-    from peftlab.evaluation.multilabel import sigmoid
+    from peftlab.tasks.multilabel import sigmoid
 
     labels, probs, _ = decisions
     fig = _new_figure(5.2, 5.0)
@@ -434,8 +430,8 @@ def _label_reliability_plot(record: RunRecord | None, decisions, out: Path) -> P
     return out
 
 
-def _multi_label_plots(run_dir: Path, record: RunRecord | None, predictions: pd.DataFrame | None,
-                       out: Path) -> list[Path | None]:
+def _label_set_plots(run_dir: Path, record: RunRecord | None, predictions: pd.DataFrame | None,
+                     out: Path) -> list[Path | None]:
     names = _label_names(record, predictions)
     found = label_decisions(predictions, names, label_separator(run_dir, record))
     decisions = (*found, names) if found is not None else None
@@ -446,8 +442,19 @@ def _multi_label_plots(run_dir: Path, record: RunRecord | None, predictions: pd.
             _label_reliability_plot(record, decisions, out / "reliability.png")]
 
 
+def _class_plots(run_dir: Path, record: RunRecord | None, predictions: pd.DataFrame | None,
+                 out: Path) -> list[Path | None]:
+    return [_confusion_plot(record, predictions, out / "confusion_matrix.png"),
+            _confidence_plot(predictions, out / "confidence.png"),
+            _reliability_plot(record, predictions, out / "reliability.png")]
+
+
+# a task's plots beside loss and validation (Task.plot_set): one class per text, or a set of labels
+PLOT_SETS = {"classes": _class_plots, "label_sets": _label_set_plots}
+
+
 def _read_predictions(run_dir: Path) -> pd.DataFrame | None:
-    path = run_dir / "predictions.csv"
+    path = RunDir(run_dir).predictions_file
     if not path.is_file():
         return None
     # keep_default_na=False: class names such as "None" or "NA" must stay strings.
@@ -466,16 +473,11 @@ def write_plots(run_dir: Path, record: RunRecord | None = None) -> list[Path]:
     """
     run_dir = Path(run_dir)
     history = read_history(run_dir)
-    record = record or RunRecord.read_or_none(run_dir / "metrics.json")
+    record = record or RunRecord.read_or_none(RunDir(run_dir).metrics_file)
     predictions = _read_predictions(run_dir)
-    out = run_dir / "plots"
+    out = RunDir(run_dir).plots
     out.mkdir(parents=True, exist_ok=True)
-    multi = is_multi_label(record, predictions)
-    written = [_loss_plot(history, out / "loss.png"), _validation_plot(history, out / "validation.png", multi)]
-    if multi:
-        written += _multi_label_plots(run_dir, record, predictions, out)
-    else:
-        written += [_confusion_plot(record, predictions, out / "confusion_matrix.png"),
-                    _confidence_plot(predictions, out / "confidence.png"),
-                    _reliability_plot(record, predictions, out / "reliability.png")]
+    task = run_task(record, predictions)
+    written = [_loss_plot(history, out / "loss.png"), _validation_plot(history, out / "validation.png", task)]
+    written += PLOT_SETS[task.plot_set](run_dir, record, predictions, out)
     return [p for p in written if p is not None]

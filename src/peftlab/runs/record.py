@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
+from peftlab import tasks
 from peftlab.errors import UserError
 
 Status = Literal["completed", "finishing", "failed", "pruned"]
@@ -30,7 +31,7 @@ class Scores(Record):
     accuracy: float
     macro_f1: float
     loss: float | None = None
-    # the rest came later (records written before lack them): evaluation.metrics.classification_metrics
+    # the rest came later (records written before lack them): tasks.metrics.classification_metrics
     mcc: float | None = None  # Matthews correlation coefficient
     roc_auc: float | None = None  # two classes: plain; more: one-vs-rest macro over the classes that occur
     log_loss: float | None = None
@@ -172,6 +173,7 @@ class RunRecord(Record):
     run_dir: str | None = None
     config: dict | None = None  # the resolved config (as in config.yaml)
     label_names: list[str] = []
+    task: str | None = None  # the task kind's name (tasks/); records written before it say multi_label only
     multi_label: bool = False  # a set of labels per text (sigmoid per label) rather than one class
     split_sizes: dict[str, int] = {}
     split_sources: dict[str, str] = {}
@@ -196,6 +198,15 @@ class RunRecord(Record):
     traceback: str | None = None
     reason: str | None = None  # pruned: why
 
+    @model_validator(mode="before")
+    @classmethod
+    def _kind(cls, data: Any) -> Any:
+        """multi_label follows from the task's name, and the name from multi_label in an older record."""
+        if isinstance(data, dict) and data.get("status") in ("completed", "finishing"):
+            kind = tasks.for_record(data.get("task"), bool(data.get("multi_label")))
+            data = {**data, "task": kind.name, "multi_label": kind.multi_label}
+        return data
+
     @model_validator(mode="after")
     def _complete(self) -> "RunRecord":
         if self.status in ("completed", "finishing"):
@@ -203,6 +214,11 @@ class RunRecord(Record):
             if missing or not self.label_names:
                 raise ValueError(f"a {self.status} run needs {', '.join(missing or ['label_names'])}")
         return self
+
+    @property
+    def kind(self) -> "tasks.Task":
+        """The run's task (tasks/): what its labels, probabilities, decisions and figures are."""
+        return tasks.for_record(self.task, self.multi_label)
 
     @property
     def completed(self) -> bool:

@@ -28,6 +28,7 @@ from peftlab.config.load import build_config
 from peftlab.errors import UserError
 from peftlab.files import append_text, clean_stale, replacing, torch_save, write_text
 from peftlab.runs.record import RunRecord
+from peftlab.tasks import SINGLE_LABEL, Task
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -39,25 +40,42 @@ def default_run_dir(method: str) -> Path:
 
 
 class RunDir:
+    """A run directory. Its file names are spelled here and nowhere else: every other module reads and
+    writes a run through these accessors (tests/test_structure.py holds it)."""
+    CONFIG, HISTORY, METRICS, PREDICTIONS = "config.yaml", "history.jsonl", "metrics.json", "predictions.csv"
+    CHECKPOINTS, PLOTS, ADAPTER, MODEL = "checkpoints", "plots", "adapter", "model"
+    TEACHER_LOGITS, TENSORBOARD = "teacher_logits.npy", "tensorboard"
+
     def __init__(self, path: str | Path):
         self.path = Path(path)
 
     # --- files -------------------------------------------------------------------------------
-    config_file = property(lambda self: self.path / "config.yaml")
-    history_file = property(lambda self: self.path / "history.jsonl")
-    metrics_file = property(lambda self: self.path / "metrics.json")
-    predictions_file = property(lambda self: self.path / "predictions.csv")
-    checkpoints = property(lambda self: self.path / "checkpoints")
-    plots = property(lambda self: self.path / "plots")
+    config_file = property(lambda self: self.path / RunDir.CONFIG)
+    history_file = property(lambda self: self.path / RunDir.HISTORY)
+    metrics_file = property(lambda self: self.path / RunDir.METRICS)
+    predictions_file = property(lambda self: self.path / RunDir.PREDICTIONS)
+    checkpoints = property(lambda self: self.path / RunDir.CHECKPOINTS)
+    plots = property(lambda self: self.path / RunDir.PLOTS)
+    adapter_dir = property(lambda self: self.path / RunDir.ADAPTER)
+    model_dir = property(lambda self: self.path / RunDir.MODEL)
+    teacher_logits_file = property(lambda self: self.checkpoints / RunDir.TEACHER_LOGITS)  # distill's cache
+    tensorboard_dir = property(lambda self: self.path / RunDir.TENSORBOARD)  # tracking.log_dir unset
 
-    def weights_dir(self, name: str) -> Path:
-        """adapter/ or model/: the method says which (Method.weights_dir)."""
-        return self.path / name
+    def weights_dir(self, method) -> Path:
+        """adapter/ (PEFT format, beside the base) or model/ (the whole model), as method.saves_adapter says."""
+        return self.adapter_dir if method.saves_adapter else self.model_dir
 
     def saved_weights(self) -> Path | None:
-        return next((p for p in (self.path / "model", self.path / "adapter") if p.is_dir()), None)
+        return next((p for p in (self.model_dir, self.adapter_dir) if p.is_dir()), None)
 
-    # --- lifecycle ---------------------------------------------------------------------------
+    def weight_files(self) -> list[Path]:
+        """The saved weights' tensor files (.safetensors, .bin) in adapter/ and model/."""
+        return [p for folder in (self.adapter_dir, self.model_dir) for p in folder.glob("*")
+                if p.suffix in (".safetensors", ".bin")]
+
+    def plot_files(self) -> list[Path]:
+        return sorted(self.plots.glob("*.png"))
+
     def create(self) -> "RunDir":
         """Make the directory for a new run and take its lock; refuse one that already holds a run."""
         if self.path.exists() and not self.path.is_dir():
@@ -197,21 +215,19 @@ class RunDir:
                                     config=cfg.model_dump(mode="json") if cfg else None))
 
     def write_predictions(self, texts: list[str], labels: np.ndarray, probs: np.ndarray, predicted: np.ndarray,
-                          names: list[str], separator: str = "|") -> None:
+                          names: list[str], separator: str = "|", task: Task = SINGLE_LABEL) -> None:
         """predictions.csv: each test text with its label, the prediction (the run's decision rule), every
         probability (the model's own, before any calibration temperature). Single-label rows also hold the
-        confidence (the predicted class's probability); multi-label label sets are joined by `separator`."""
+        confidence (the predicted class's probability); multi-label label sets are joined by `separator`.
+        The cells are the task's (tasks/)."""
         import pandas as pd
 
-        def cells(values: np.ndarray) -> list[str]:
-            if values.ndim == 1:
-                return [names[i] for i in values]
-            return [separator.join(n for n, on in zip(names, row) if on) for row in values]
-
         labels, predicted, probs = np.asarray(labels), np.asarray(predicted), np.asarray(probs)
-        frame = pd.DataFrame({"text": texts, "label": cells(labels), "predicted": cells(predicted)})
-        if predicted.ndim == 1:
-            frame["confidence"] = probs[np.arange(len(predicted)), predicted]
+        frame = pd.DataFrame({"text": texts, "label": task.label_cells(labels, names, separator),
+                              "predicted": task.label_cells(predicted, names, separator)})
+        confidence = task.confidence(probs, predicted)
+        if confidence is not None:
+            frame["confidence"] = confidence
         for j, name in enumerate(names):
             frame[f"prob_{name}"] = probs[:, j]
         # kept exactly as the data says (no spreadsheet-formula guard): export and report read it back
@@ -221,10 +237,10 @@ class RunDir:
             # and a reader would split the row there)
             frame.to_csv(tmp, index=False, lineterminator="\r\n")
 
-    def save_weights(self, name: str, model, tokenizer) -> Path:
+    def save_weights(self, method, model, tokenizer) -> Path:
         """adapter/ or model/ (save_pretrained of the model and its tokenizer), written to a temporary
         folder and renamed: a failed or killed save leaves no folder that looks like trained weights."""
-        weights = self.weights_dir(name)
+        weights = self.weights_dir(method)
         with replacing(weights, directory=True) as tmp:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)

@@ -31,7 +31,7 @@ class Trained:
         return Predictor(self.model, self.tokenizer, self.label_names, self.config.data.max_length,
                          runtime, batch_size, self.config.data.cache_dir,
                          temperature=self.record.temperature, threshold=self.record.threshold,
-                         multi_label=self.record.multi_label)
+                         task=self.record.kind)
 
 
 def completed_run(run_dir: str | Path, what: str = "run") -> tuple[RunDir, RunRecord, Config]:
@@ -71,7 +71,7 @@ def load_trained(run_dir: str | Path, device: torch.device, merge: bool = True, 
             if is_random(cfg.model.name):
                 raise UserError(f"{what} {str(run.path)!r} used random weights ({cfg.model.name}): it is for speed "
                                 f"measurements only and cannot be reloaded for predictions")
-            model = PeftModel.from_pretrained(load_classifier(cfg.model.name, record.label_names, multi_label=record.multi_label,
+            model = PeftModel.from_pretrained(load_classifier(cfg.model.name, record.label_names, task=record.kind,
                                                               head=record.head), weights,
                                               adapter_name=adapter_name)
             if merge:

@@ -175,7 +175,7 @@ class Registry:
             key = (cfg.model.name, peft_type, json.dumps(record.head, sort_keys=True))
             group = self.groups.get(key)
             if group is None:
-                base = load_classifier(cfg.model.name, labels, multi_label=record.multi_label, head=record.head)
+                base = load_classifier(cfg.model.name, labels, task=record.kind, head=record.head)
                 model = PeftModel.from_pretrained(base, weights, adapter_name=adapter)
                 if peft_type == "LORA":
                     route_heads_per_row(model)
@@ -195,7 +195,7 @@ class Registry:
                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); retrain the run") from None
         predictor = Predictor(group.model, tokenizer, labels, cfg.data.max_length, self.runtime, adapter=adapter,
                               lock=group.lock, merge_lora=False, temperature=record.temperature,
-                              threshold=record.threshold, multi_label=record.multi_label)
+                              threshold=record.threshold, task=record.kind)
         return group, predictor
 
     def _new_group(self, key: tuple, model: torch.nn.Module, mixable: bool) -> Group:

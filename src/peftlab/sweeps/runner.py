@@ -106,7 +106,7 @@ class Sweep:
         else:
             base = self.opts.config_path.parent if self.opts.config_path else Path.cwd()
             found = next((p for p in (Path(teacher), base / teacher, self.dir / teacher)
-                          if (p / "config.yaml").exists()), None)
+                          if RunDir(p).config_file.exists()), None)
             if found is None:
                 raise UserError(f"distill.teacher {teacher!r} (run {run.name}): no run directory there; train the "
                                 f"teacher first (peftlab train ... --output-dir DIR) and give DIR, or set sweep.teacher "
@@ -427,7 +427,7 @@ class Sweep:
                "teacher": unit.key == TEACHER_UNIT, "seed": run.seed,
                "run_dir": str(path.relative_to(self.dir)) if path.is_relative_to(self.dir) else str(path),
                "attempts": len(history), "trainable_params": self.counts.get(unit.group)}
-        record = RunRecord.read_or_none(path / "metrics.json")
+        record = RunRecord.read_or_none(RunDir(path).metrics_file)
         brief = _brief(record) if record is not None else None
         if record is None and state == C.DONE:  # finished on another machine: its figures are in the study
             brief = self._trial_runs(history[-1].payload.get("trial")).get(run.name)

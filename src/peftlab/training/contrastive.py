@@ -61,7 +61,7 @@ class ContrastiveTrainer(Trainer):
     # --- setup ---------------------------------------------------------------------------------
     def _plan_selection(self) -> None:
         super()._plan_selection()
-        if self.data.multi_label:
+        if not self.task.exclusive_classes:  # pairs need texts that are of one class or not
             raise UserError(f"method {self.cfg.method.name} is for single-label data (one class per text); "
                             f"use lora, ia3 or full for multi-label data")
         if self.dist.active:

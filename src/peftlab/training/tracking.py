@@ -1,6 +1,7 @@
 """Experiment tracking: each run logged to TensorBoard, MLflow and/or Weights & Biases (`tracking.backends`).
 
-One Trainer callback per backend. What a run logs, under these names in every backend:
+One Trainer callback per backend (the backends: training/trackers/, one file each). What a run logs, under
+these names in every backend:
 
     params                        the resolved config, flattened: data.name, method.r, train.learning_rate, ...
     train/loss, train/lr          at every loss reading (x axis: optimizer step)
@@ -21,25 +22,17 @@ from __future__ import annotations
 
 import atexit
 import importlib
-import json
-import re
-import shutil
-import time
 import warnings
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from peftlab.config import Config
 from peftlab.errors import UserError
 from peftlab.runs.record import RunRecord
+from peftlab.runs.rundir import RunDir
+from peftlab.training import trackers
 
-# backend -> (module it needs, the extra that installs it)
-BACKENDS = {"tensorboard": ("torch.utils.tensorboard", "tensorboard"), "mlflow": ("mlflow", "mlflow"),
-            "wandb": ("wandb", "wandb")}
 SCORES = ("accuracy", "macro_f1", "loss")  # what on_epoch_end's scores hold besides details
-MULTI_LABEL_SCORES = ("micro_f1", "samples_f1", "hamming_loss")  # and those of a multi-label run
 
 
 class TrackingWarning(UserWarning):
@@ -49,7 +42,8 @@ class TrackingWarning(UserWarning):
 def require(backends: list[str]) -> None:
     """All requested backends importable, or one UserError line saying what to install."""
     for name in backends:
-        module, extra = BACKENDS[name]
+        tracker = trackers.get(name)
+        module, extra = tracker.module, tracker.extra
         try:
             importlib.import_module(module)
         except Exception as e:  # noqa: BLE001 - not installed, or installed broken: same advice
@@ -60,10 +54,6 @@ def require(backends: list[str]) -> None:
 def config_params(cfg: Config) -> dict[str, Any]:
     """The resolved config as {section.key: value}; dict and list values are kept whole."""
     return {f"{s}.{k}": v for s, section in cfg.model_dump(mode="json").items() for k, v in section.items()}
-
-
-def as_text(value: Any) -> str:
-    return value if isinstance(value, str) else json.dumps(value)
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
@@ -84,154 +74,8 @@ def record_figures(record: RunRecord) -> tuple[dict[str, float], dict[str, str]]
 
 def run_files(run_dir: Path) -> list[Path]:
     """What a finished run uploads: metrics.json and its plots."""
-    return [p for p in [run_dir / "metrics.json", *sorted((run_dir / "plots").glob("*.png"))] if p.is_file()]
-
-
-# --- backends: start, log, flush, final, upload, end ------------------------------------------
-class TensorBoard:
-    def __init__(self, cfg: Config, run_dir: Path):
-        self.log_dir = Path(cfg.tracking.log_dir) if cfg.tracking.log_dir else None
-        self.run_dir = run_dir
-
-    def start(self, name: str, params: dict, group=None, tags: dict | None = None) -> None:
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.writer = SummaryWriter(str(self.log_dir / name if self.log_dir else self.run_dir / "tensorboard"))
-        self.params = params
-        # four leading spaces: TensorBoard renders the text as Markdown, and this keeps it a code block
-        self.writer.add_text("config", "\n".join("    " + line for line in yaml.safe_dump(params).splitlines()))
-
-    def log(self, values: dict, step: int) -> None:
-        for k, v in values.items():
-            self.writer.add_scalar(k, v, step)
-
-    def flush(self) -> None:
-        self.writer.flush()  # else TensorBoard sees new points only every 2 minutes
-
-    def final(self, numbers: dict, texts: dict, step: int) -> None:
-        from torch.utils.tensorboard.summary import hparams
-
-        self.log(numbers, step)
-        self.writer.add_text("record", "\n".join(f"    {k}: {v}" for k, v in texts.items()))
-        # the HParams tab: config against the test figures (scalars logged just above)
-        scalar = (str, int, float, bool)
-        hp = {k: v if isinstance(v, scalar) else as_text(v) for k, v in self.params.items()}
-        for summary in hparams(hp, {k: v for k, v in numbers.items() if k.startswith("test.")}):
-            self.writer.file_writer.add_summary(summary)
-
-    def upload(self, files: list[Path], base: Path) -> None:
-        pass  # TensorBoard keeps scalars and text, not files
-
-    def end(self, ok: bool) -> None:
-        self.writer.close()
-
-
-class MLflow:
-    def __init__(self, cfg: Config, run_dir: Path):
-        from mlflow.tracking import MlflowClient
-
-        self.client = MlflowClient(cfg.tracking.mlflow_uri)  # None: MLflow's own default
-        self.project = cfg.tracking.project
-        self.pending, self.flushed = [], time.monotonic()
-
-    def _experiment(self) -> str:
-        from mlflow.exceptions import MlflowException
-
-        exp = self.client.get_experiment_by_name(self.project)
-        if exp is not None:
-            return exp.experiment_id
-        try:
-            return self.client.create_experiment(self.project)
-        except MlflowException:  # another process (a sweep worker) created it a moment ago
-            return self.client.get_experiment_by_name(self.project).experiment_id
-
-    def start(self, name: str, params: dict, group=None, tags: dict | None = None, reuse: str | None = None) -> None:
-        """A new run; with `reuse` (a tag key), the run already holding that tag, if any (a resumed sweep)."""
-        from mlflow.entities import Param
-
-        exp, tags = self._experiment(), dict(tags or {})
-        if group is not None and group.mlflow_parent:
-            tags["mlflow.parentRunId"] = group.mlflow_parent
-        found = self.client.search_runs([exp], f"tags.`{reuse}` = '{tags[reuse]}'", max_results=1) if reuse else []
-        if found:
-            self.run_id = found[0].info.run_id
-            self.client.update_run(self.run_id, status="RUNNING")
-        else:
-            self.run_id = self.client.create_run(exp, run_name=name, tags=tags).info.run_id
-        items = [Param(k, as_text(v)[:6000]) for k, v in params.items()]  # MLflow's longest param value
-        for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
-            self.client.log_batch(self.run_id, params=items[i:i + 100])
-
-    def log(self, values: dict, step: int) -> None:
-        """Buffered: one write to the store costs ~30 ms (SQLite, here), so loss readings go out at most
-        every 5 s, and at each epoch's end."""
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        self.pending += [Metric(_mlflow_key(k), v, now, step) for k, v in values.items()]
-        if time.monotonic() - self.flushed > 5 or len(self.pending) > 900:  # MLflow: 1,000 metrics a batch
-            self.flush()
-
-    def flush(self) -> None:
-        if self.pending:
-            self.client.log_batch(self.run_id, metrics=self.pending)
-        self.pending, self.flushed = [], time.monotonic()
-
-    def final(self, numbers: dict, texts: dict, step: int) -> None:
-        from mlflow.entities import RunTag
-
-        self.log(numbers, step)
-        self.flush()
-        self.client.log_batch(self.run_id, tags=[RunTag(_mlflow_key(k), v[:8000]) for k, v in texts.items()])
-
-    def upload(self, files: list[Path], base: Path) -> None:
-        for f in files:
-            folder = f.parent.relative_to(base).as_posix()
-            self.client.log_artifact(self.run_id, str(f), None if folder == "." else folder)
-
-    def end(self, ok: bool) -> None:
-        self.flush()
-        self.client.set_terminated(self.run_id, "FINISHED" if ok else "FAILED")
-
-
-def _mlflow_key(key: str) -> str:
-    return re.sub(r"[^\w\-./ :]", "_", key)  # the characters MLflow accepts in metric and tag names
-
-
-class WandB:
-    def __init__(self, cfg: Config, run_dir: Path):
-        self.project, self.dir = cfg.tracking.project, run_dir
-
-    def start(self, name: str, params: dict, group=None, tags: dict | None = None, job_type: str = "train") -> None:
-        import wandb
-
-        # reinit="create_new": a sweep runs several trials in one process, each its own W&B run
-        self.run = wandb.init(project=self.project, name=name, group=group.name if group else None,
-                              job_type=job_type, config=params, dir=str(self.dir), reinit="create_new")
-
-    def log(self, values: dict, step: int) -> None:
-        self.run.log(values, step=step)
-
-    def flush(self) -> None:
-        pass  # W&B writes in the background already
-
-    def final(self, numbers: dict, texts: dict, step: int) -> None:
-        self.run.summary.update({**numbers, **texts})
-
-    def upload(self, files: list[Path], base: Path) -> None:
-        for f in files:
-            # copied into the W&B run's own folder rather than linked (wandb.save's way), so an offline run
-            # moved to another machine to be synced keeps them
-            copy = Path(self.run.dir) / f.relative_to(base)
-            copy.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(f, copy)
-            self.run.save(str(copy), base_path=self.run.dir, policy="now")
-
-    def end(self, ok: bool) -> None:
-        self.run.finish(exit_code=0 if ok else 1)
-
-
-CLASSES = {"tensorboard": TensorBoard, "mlflow": MLflow, "wandb": WandB}
+    run = RunDir(run_dir)
+    return [p for p in [run.metrics_file, *run.plot_files()] if p.is_file()]
 
 
 class Guarded:
@@ -271,7 +115,7 @@ class RunTracker:
         self.run_dir = Path(run_dir)
         # in a sweep, trials are told apart by their run directories; tracking.run_name names the sweep
         title = self.run_dir.name if group is not None else (cfg.tracking.run_name or self.run_dir.name)
-        self.backend = Guarded(name, lambda: CLASSES[name](cfg, self.run_dir), f"run '{title}'")
+        self.backend = Guarded(name, lambda: trackers.get(name)(cfg, self.run_dir), f"run '{title}'")
         self.backend.start(title, config_params(cfg), group, {"peftlab.run_dir": str(self.run_dir.resolve())})
         atexit.register(self.on_exit)
 
@@ -280,7 +124,7 @@ class RunTracker:
 
     def on_epoch_end(self, trainer, epoch: int, scores: dict) -> None:
         values = {"epoch": epoch, **{f"val/{k}": scores[k] for k in SCORES},
-                  **{f"val/{k}": scores[k] for k in MULTI_LABEL_SCORES if scores.get(k) is not None}}
+                  **{f"val/{k}": scores[k] for k in trainer.task.tracked_scores if scores.get(k) is not None}}
         self.backend.log(values, trainer.state.step)
         self.backend.flush()
 
@@ -292,7 +136,7 @@ class RunTracker:
 
     def on_exit(self) -> None:
         """Still open when Python exits: the run failed or was interrupted; its record, if any, says why."""
-        record = RunRecord.read_or_none(self.run_dir / "metrics.json")
+        record = RunRecord.read_or_none(RunDir(self.run_dir).metrics_file)
         if record is not None:
             self.backend.final(*record_figures(record), 0)
         self.backend.close(False)
@@ -307,38 +151,29 @@ def callbacks_for(cfg: Config, run_dir: str | Path, group: "SweepTracking | None
 
 # --- a sweep -------------------------------------------------------------------------------------
 class SweepTracking:
-    """The sweep as one tracked run: the MLflow parent of every trial's run (found again when the sweep is
-    resumed, or by another worker), the W&B group of its trials plus a summary run at the end. TensorBoard
-    has no parents: `tensorboard --logdir SWEEP_DIR/trials` shows the trials side by side."""
+    """The sweep as a whole, in each backend its own way (Tracker.sweep_start / sweep_finish): the MLflow
+    parent of every trial's run, the W&B group of its trials plus a summary run at the end; TensorBoard has
+    none. Passed to each trial's trackers as their `group`."""
 
     def __init__(self, cfg: Config, sweep_dir: str | Path, study: str, storage: str):
         require(cfg.tracking.backends)
         self.cfg, self.dir, self.name = cfg, Path(sweep_dir), cfg.tracking.run_name or study
         self.tags = {"peftlab.sweep": f"{study} @ {storage}"}  # the Optuna study, which every worker shares
-        self.mlflow_parent, self.parent = None, None
-        if "mlflow" in cfg.tracking.backends:
-            self.parent = Guarded("mlflow", lambda: MLflow(cfg, self.dir), f"sweep {self.name}")
-            self.parent.start(self.name, config_params(cfg), None, self.tags, reuse="peftlab.sweep")
-            self.mlflow_parent = self.parent.backend.run_id if self.parent.backend is not None else None
-            atexit.register(self.parent.close, False)  # a sweep that dies: its parent run says failed
+        self.params = config_params(cfg)
+        for name in cfg.tracking.backends:
+            trackers.get(name).sweep_start(self)
+
+    def guard(self, tracker: type[trackers.Tracker]) -> Guarded:
+        """A run of the sweep itself in `tracker`, behind the guard that drops it on its first error."""
+        return Guarded(tracker.name, lambda: tracker(self.cfg, self.dir), f"sweep {self.name}")
 
     def finish(self, summary: dict) -> None:
         """Each configuration's mean and std over seeds (sweep.json's configurations) and sweep.json itself,
         on the parent; the parent ends once the sweep is complete (other workers may still be running)."""
         figures, texts = aggregates(summary), {"best": (summary.get("best") or {}).get("name") or ""}
         files = [p for p in [self.dir / "sweep.json"] if p.is_file()]
-        if self.parent is not None:
-            self.parent.final(figures, texts, 0)
-            self.parent.upload(files, self.dir)
-            atexit.unregister(self.parent.close)
-            if summary.get("complete"):  # else other workers still hold trials: the last one ends the parent
-                self.parent.close(True)
-        if "wandb" in self.cfg.tracking.backends:
-            run = Guarded("wandb", lambda: WandB(self.cfg, self.dir), f"sweep {self.name}")
-            run.start(f"{self.name}-summary", config_params(self.cfg), self, job_type="sweep")
-            run.final(figures, texts, 0)
-            run.upload(files, self.dir)
-            run.close(True)
+        for name in self.cfg.tracking.backends:
+            trackers.get(name).sweep_finish(self, figures, texts, files, bool(summary.get("complete")))
 
 
 def aggregates(summary: dict) -> dict[str, float]:

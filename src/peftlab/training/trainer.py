@@ -30,7 +30,6 @@ from peftlab.data.splits import capped_batch_size, check_not_empty, selection_pl
 from peftlab.data.tokenize import Encoded, encode
 from peftlab.errors import UserError
 from peftlab.evaluation.predict import predict_logits
-from peftlab.evaluation.tasks import score_logits, task_for
 from peftlab.models.build import build_model
 from peftlab.models.architectures import check_max_length
 from peftlab.models.loading import load_tokenizer, model_config
@@ -40,12 +39,12 @@ from peftlab.models.speed import first_token_only
 from peftlab.runs.record import RunRecord
 from peftlab.runs.rundir import RunDir, RunView
 from peftlab.runs.select import RULE, better
+from peftlab.tasks.losses import UNLABELED
 from peftlab.training import distributed
 from peftlab.training import engines
 from peftlab.training.distill import teacher_logits
 from peftlab.training.engines.cuda_graphs import CaptureFailed
 from peftlab.training.engines.registry import RunFacts
-from peftlab.training.losses import UNLABELED, hard_loss, soft_target_loss
 
 SPLITS = ("train", "validation", "test")
 SCORE_KEYS = ("accuracy", "macro_f1", "loss")
@@ -154,7 +153,7 @@ class Trainer:
         cfg = self.cfg
         self.tokenizer = load_tokenizer(cfg.model.name, cfg.model.tokenizer)  # first: a wrong name fails fast
         self.data = load_data(cfg.data, cfg.train.seed)  # data.seed, when set, picks the splits
-        self.task = task_for(self.data.multi_label)
+        self.task = self.data.task
         self._plan_selection()
         check_max_length(model_config(cfg.model.name, self.data.label_names), cfg.data.max_length, cfg.model.name)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
@@ -212,8 +211,8 @@ class Trainer:
         return kept
 
     def _setup_loss(self) -> None:
-        self.hard_loss = hard_loss(self.cfg.train, self.task.multi_label, self.data.train.labels,
-                                   self.data.label_names, self.runtime.device, unlabeled=bool(self.unlabeled))
+        self.hard_loss = self.task.training_loss(self.cfg.train, self.data.train.labels, self.data.label_names,
+                                                 self.runtime.device, unlabeled=bool(self.unlabeled))
 
     def _frozen_dtype(self) -> torch.dtype | None:
         """train.frozen_dtype as a dtype (None: keep what was loaded)."""
@@ -231,7 +230,7 @@ class Trainer:
 
     def _setup_model(self) -> None:
         frozen = self._frozen_dtype()
-        self.built = build_model(self.cfg, self.data.label_names, self.runtime.device, self.task.multi_label, frozen)
+        self.built = build_model(self.cfg, self.data.label_names, self.runtime.device, self.task, frozen)
         self.model = self.built.model
         # as built: the dtype of the frozen floating-point weights (None: nothing is frozen)
         held = next((p.dtype for p in self.model.parameters() if not p.requires_grad and p.dtype.is_floating_point), None)
@@ -248,10 +247,10 @@ class Trainer:
         self.teacher, cfg = None, self.cfg
         if not cfg.distill.teacher:
             return
-        cached = self.run.checkpoints / "teacher_logits.npy"
+        cached = self.run.teacher_logits_file
         if self.dist.main and not cached.exists():
             logits = teacher_logits(cfg.distill, self.train_texts, self.data.label_names, self.runtime,
-                                    cfg.data.cache_dir, cfg.eval.batch_size, self.task.multi_label)
+                                    cfg.data.cache_dir, cfg.eval.batch_size, self.task)
             self.run.checkpoints.mkdir(exist_ok=True)
             np.save(cached, logits)
         self.dist.barrier()  # the other ranks read what rank 0 computed
@@ -285,7 +284,7 @@ class Trainer:
         device = "cuda" if self.runtime.device.type == "cuda" or not self.capture_graphs else self.runtime.device.type
         return RunFacts(device=device, world_size=self.dist.world_size, fp16_scaler=self.scaler is not None,
                         accumulation=tc.gradient_accumulation_steps, distill=bool(self.cfg.distill.teacher),
-                        multi_label=self.task.multi_label, loss=tc.loss, compile=tc.compile,
+                        task=self.task, loss=tc.loss, compile=tc.compile,
                         gradient_checkpointing=self.cfg.model.gradient_checkpointing,
                         quantized=bool(self.built.quantization.get("modules_4bit") or self.built.quantization.get("modules_8bit")))
 
@@ -325,7 +324,7 @@ class Trainer:
         if self.teacher is None:
             return hard
         d, teacher = self.cfg.distill, self.teacher[index].to(self.runtime.device)
-        return d.alpha * hard + (1 - d.alpha) * soft_target_loss(logits, teacher, d.temperature, self.task.multi_label)
+        return d.alpha * hard + (1 - d.alpha) * self.task.soft_loss(logits, teacher, d.temperature)
 
     def train_epoch(self, epoch: int) -> float:
         """One pass over the (remaining) batches of `epoch` (0-based); returns the mean training loss. The
@@ -406,7 +405,7 @@ class Trainer:
 
     def evaluate(self, split: str) -> dict:
         """Scores of the current weights on a split: accuracy, macro-F1, per class, confusion, loss."""
-        return score_logits(self.task, self.logits(split), self.encoded[split].labels, self.data.label_names)
+        return self.task.score_logits(self.logits(split), self.encoded[split].labels, self.data.label_names)
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         return {n: p.detach().to("cpu", copy=True) for n, p in self.model.named_parameters() if p.requires_grad}
@@ -466,16 +465,16 @@ class Trainer:
         best = self.run.load_checkpoint("best")
         self.model.load_state_dict(best["trainable"], strict=False)
         test_logits = self.logits("test")
-        test = score_logits(self.task, test_logits, self.encoded["test"].labels, self.data.label_names)
+        test = self.task.score_logits(test_logits, self.encoded["test"].labels, self.data.label_names)
         decision, temperature, threshold = self._decision(test_logits)  # every rank: it gathers validation logits
         # the model's own probabilities (as exported), and the labels predict gives (temperature, threshold)
         predicted = self.task.decide(self.task.probabilities(test_logits, temperature), threshold)
         self.run.write_predictions(self.data.test.texts, self.encoded["test"].labels,
                                    self.task.probabilities(test_logits), predicted, self.data.label_names,
-                                   self.cfg.data.label_separator)
+                                   self.cfg.data.label_separator, self.task)
         if not self.dist.main:
             return self._finished(self._record(test, best["validation"], None, decision))
-        weights = self.run.save_weights(self.built.method.weights_dir, self.model, self.tokenizer)
+        weights = self.run.save_weights(self.built.method, self.model, self.tokenizer)
         adapter_bytes = sum(f.stat().st_size for f in weights.iterdir() if f.suffix in (".safetensors", ".bin"))
         record = self._record(test, best["validation"], adapter_bytes, decision)
         if self.cfg.output.plots:
@@ -528,7 +527,7 @@ class Trainer:
         return RunRecord(
             status="completed", method=cfg.method.name, model=cfg.model.name, dataset=self.data.name,
             run_dir=str(self.run.path), config=cfg.model_dump(mode="json"), label_names=self.data.label_names,
-            multi_label=self.task.multi_label,
+            task=self.task.name,
             split_sizes={s: len(getattr(self.data, s)) for s in SPLITS}, split_sources=self.data.split_sources,
             overlap_with_train=self.data.overlap,
             params={**self.params, "adapter_bytes": adapter_bytes}, best_epoch=st.best_epoch,

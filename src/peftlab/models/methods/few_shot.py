@@ -9,6 +9,7 @@ peftlab.training.contrastive rather than the standard loop:
 Their weights are their body method's (a LoRA or IA3 adapter with the head, or a whole model), so
 predict, serve and export read them as they read any run's. The probe saves a LoRA adapter whose
 update is exactly zero (B = 0) beside its head: a small file, and the adapter path everywhere."""
+from peftlab.models.methods import full, ia3, lora  # noqa: F401  (registered before the variants built on them)
 from peftlab.models.methods.registry import Method, get, register
 
 TRAINER = "peftlab.training.contrastive:ContrastiveTrainer"

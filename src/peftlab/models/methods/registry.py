@@ -1,11 +1,13 @@
 """One registry of fine-tuning methods. Adding a method is one new file in this folder that calls
-`register(Method(...))`, plus its name in `_MODULES` below."""
+`register(Method(...))`: every module of the folder is imported before the registry is first asked."""
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from dataclasses import dataclass, field
 from typing import Callable
 
+from peftlab.config.choices import register_choices
 from peftlab.errors import UserError
 
 
@@ -29,10 +31,6 @@ class Method:
     pooled_head: bool = False  # classifies from the pooled embedding even where model.head=auto would not
 
     @property
-    def weights_dir(self) -> str:
-        return "adapter" if self.saves_adapter else "model"
-
-    @property
     def has_rank(self) -> bool:
         return "r" in self.hyperparameters
 
@@ -43,7 +41,6 @@ class Method:
 
 
 _METHODS: dict[str, Method] = {}
-_MODULES = ("full", "lora", "qlora", "ia3", "few_shot")
 
 
 def register(method: Method) -> Method:
@@ -56,9 +53,10 @@ _LOADED: list[bool] = []
 
 def _load_all() -> None:
     if not _LOADED:
-        _LOADED.append(True)  # first: a module that asks the registry for another method does not loop
-        for m in _MODULES:
-            importlib.import_module(f"peftlab.models.methods.{m}")
+        _LOADED.append(True)  # first: a module that asks the registry while it loads must not recurse
+        package = importlib.import_module("peftlab.models.methods")
+        for m in pkgutil.iter_modules(package.__path__):
+            importlib.import_module(f"{package.__name__}.{m.name}")
 
 
 def names() -> list[str]:
@@ -70,6 +68,9 @@ def find(name: str) -> Method | None:
     """The method, or None for a name this version does not know (e.g. in an old or foreign run)."""
     _load_all()
     return _METHODS.get(name)
+
+
+register_choices("method.name", names)  # config validates method.name against these
 
 
 def get(name: str) -> Method:

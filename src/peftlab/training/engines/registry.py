@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from peftlab.tasks import SINGLE_LABEL, Task
 from peftlab.training.engines.base import StepEngine, StepParts
 from peftlab.training.engines.cuda_graphs import GraphEngine
 from peftlab.training.engines.eager import EagerEngine
@@ -19,7 +20,7 @@ class RunFacts:
     fp16_scaler: bool = False
     accumulation: int = 1
     distill: bool = False
-    multi_label: bool = False
+    task: Task = SINGLE_LABEL  # its loss may not skip the padded rows of a partial batch
     loss: str = "cross_entropy"
     compile: bool = False
     gradient_checkpointing: bool = False
@@ -34,7 +35,8 @@ def graph_blockers(f: RunFacts) -> list[str]:
         (f.fp16_scaler, "fp16 gradient scaling (GradScaler) reads the overflow flag on the host each step: use bf16"),
         (f.accumulation > 1, "gradient accumulation (train.gradient_accumulation_steps > 1)"),
         (f.distill, "distillation: teacher logits are gathered per batch on the host"),
-        (f.multi_label, "multi-label: the padded partial batch needs a loss that skips ignore-index rows"),
+        (not f.task.loss_skips_ignore_index,
+         f"{f.task.title}: the padded partial batch needs a loss that skips ignore-index rows"),
         (f.loss != "cross_entropy", f"train.loss={f.loss}: the padded partial batch needs a loss that skips ignore-index rows"),
         (f.compile, "train.compile: torch.compile manages its own graphs"),
         (f.gradient_checkpointing, "gradient checkpointing: recomputation is not captured"),

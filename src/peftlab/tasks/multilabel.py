@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from peftlab.evaluation.metrics import ECE_BINS, reliability_bins
+from peftlab.tasks.metrics import ECE_BINS, reliability_bins
 
 
 def sigmoid(logits: np.ndarray) -> np.ndarray:
