@@ -15,7 +15,7 @@ SRC = REPO / "src"
 # each folder may import only from folders before it (and from itself): config -> tasks -> data + models
 # -> evaluation -> runs -> training -> report / sweep / serve / export / bench -> cli / api
 LAYERS = [
-    {"errors", "files", "hub", "runtime"},
+    {"discovery", "errors", "files", "hub", "runtime"},
     {"config"},
     {"tasks"},
     {"data", "models"},

@@ -8,11 +8,10 @@ loaded. The config says which task a run does (data.multi_label): `for_data(data
 """
 from __future__ import annotations
 
-import importlib
-import pkgutil
 
 import numpy as np
 
+from peftlab.discovery import import_all
 from peftlab.errors import UserError
 
 Threshold = float | list[float] | None  # single-label: one (two classes); multi-label: one per label
@@ -159,7 +158,6 @@ class Task:
 
 
 _TASKS: dict[str, Task] = {}
-_LOADED: list[bool] = []
 
 
 def register(task: Task) -> Task:
@@ -168,11 +166,7 @@ def register(task: Task) -> Task:
 
 
 def _load_all() -> None:
-    if not _LOADED:
-        _LOADED.append(True)  # first: a module that asks the registry while it loads must not recurse
-        package = importlib.import_module("peftlab.tasks")
-        for m in pkgutil.iter_modules(package.__path__):
-            importlib.import_module(f"{package.__name__}.{m.name}")
+    import_all("peftlab.tasks")
 
 
 def names() -> list[str]:

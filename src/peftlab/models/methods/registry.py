@@ -2,12 +2,11 @@
 `register(Method(...))`: every module of the folder is imported before the registry is first asked."""
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from dataclasses import dataclass, field
 from typing import Callable
 
 from peftlab.config.choices import register_choices
+from peftlab.discovery import import_all
 from peftlab.errors import UserError
 
 
@@ -48,15 +47,10 @@ def register(method: Method) -> Method:
     return method
 
 
-_LOADED: list[bool] = []
 
 
 def _load_all() -> None:
-    if not _LOADED:
-        _LOADED.append(True)  # first: a module that asks the registry while it loads must not recurse
-        package = importlib.import_module("peftlab.models.methods")
-        for m in pkgutil.iter_modules(package.__path__):
-            importlib.import_module(f"{package.__name__}.{m.name}")
+    import_all("peftlab.models.methods")
 
 
 def names() -> list[str]:
