@@ -27,21 +27,25 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory) -> Path:
+def write_bert(path: Path, hidden_size: int, intermediate_size: int) -> Path:
+    """A randomly initialised 2-layer BERT (seed 0) with MiniLM's tokenizer, saved to `path`."""
     import torch
     from transformers import BertConfig, BertForSequenceClassification
 
     from peftlab.models.loading import load_tokenizer
 
-    path = tmp_path_factory.mktemp("tiny-bert")
     torch.manual_seed(0)
     tokenizer = load_tokenizer("minilm-l6")
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=128)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=hidden_size, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=intermediate_size, max_position_embeddings=128)
     BertForSequenceClassification(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return write_bert(tmp_path_factory.mktemp("tiny-bert"), hidden_size=32, intermediate_size=64)
 
 
 WORDS = {

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from conftest import write_bert
 from tests.test_train import train_cli
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -18,18 +19,7 @@ needs_bnb = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None,
 def wide_model_dir(tmp_path_factory):
     """A small BERT whose linear layers are 128 / 256 wide: bitsandbytes 4-bit needs multiples of 64 (the
     32-wide tiny model gave CUBLAS_STATUS_INTERNAL_ERROR)."""
-    from transformers import BertConfig, BertForSequenceClassification
-
-    from peftlab.models.loading import load_tokenizer
-
-    path = tmp_path_factory.mktemp("wide-bert")
-    torch.manual_seed(0)
-    tokenizer = load_tokenizer("minilm-l6")
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=256, max_position_embeddings=128)
-    BertForSequenceClassification(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return write_bert(tmp_path_factory.mktemp("wide-bert"), hidden_size=128, intermediate_size=256)
 
 
 def _wide(overrides: list[str], model_dir) -> list[str]:
