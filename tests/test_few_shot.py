@@ -50,14 +50,20 @@ def test_ties_go_to_the_lower_validation_loss():
     assert pick_best(rows, lambda r: r[1], lambda r: r[3], lambda r: r[0])[0] == "a"  # no loss: fewer params
 
 
+def data_with_validation(tmp_path, topic_data_dir, rows: int):
+    """The topic data's train and test files beside a validation file of `rows` rows."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for split in ("train", "test"):
+        (data / f"{split}.jsonl").write_text((topic_data_dir / f"{split}.jsonl").read_text())
+    write_rows(data, "validation", make_rows(rows, seed=9))
+    return data
+
+
 def test_the_best_epoch_breaks_ties_by_validation_loss(tmp_path, tiny_model_dir, topic_data_dir):
     """Validation of 3 rows, kept (min_validation_rows=1): the metric ties across epochs, so the best epoch
     is the one of least validation loss among the tied, as the history shows."""
-    val = tmp_path / "data"
-    val.mkdir()
-    for split in ("train", "test"):
-        (val / f"{split}.jsonl").write_text((topic_data_dir / f"{split}.jsonl").read_text())
-    write_rows(val, "validation", make_rows(3, seed=9))
+    val = data_with_validation(tmp_path, topic_data_dir, 3)
     out = tmp_path / "run"
     assert train(out, f"model.name={tiny_model_dir}", f"data.path={val}", "train.epochs=5",
                  "train.learning_rate=0.005", "data.min_validation_rows=1", "method.name=full") == 0
@@ -93,11 +99,7 @@ def test_few_rows_keep_the_last_epoch_and_take_several_steps(tmp_path, capsys, t
 
 
 def test_a_tiny_given_validation_is_warned_about(tmp_path, capsys, tiny_model_dir, topic_data_dir):
-    data = tmp_path / "data"
-    data.mkdir()
-    for split in ("train", "test"):
-        (data / f"{split}.jsonl").write_text((topic_data_dir / f"{split}.jsonl").read_text())
-    write_rows(data, "validation", make_rows(6, seed=9))
+    data = data_with_validation(tmp_path, topic_data_dir, 6)
     out = tmp_path / "run"
     assert train(out, f"model.name={tiny_model_dir}", f"data.path={data}", "train.epochs=2") == 0
     assert record(out)["selection"]["rule"] == "last epoch" and record(out)["best_epoch"] == 2
