@@ -283,7 +283,7 @@ def _label_details(record: RunRecord | None, decisions) -> tuple[dict, dict] | N
         return per_class, dict(record.test.label_confusion)
     if decisions is None:
         return None
-    from peftlab.tasks.multilabel import multilabel_metrics
+    from peftlab.tasks.multi_label_metrics import multilabel_metrics
 
     labels, probs, names = decisions
     m = multilabel_metrics(labels, probs, names)
@@ -407,7 +407,7 @@ def _label_reliability_plot(record: RunRecord | None, decisions, out: Path) -> P
     the record's ECE), with the calibration temperature's probabilities beside when the run fitted one."""
     if decisions is None:
         return None
-    from peftlab.tasks.multilabel import sigmoid
+    from peftlab.tasks.multi_label_metrics import sigmoid
 
     labels, probs, _ = decisions
     fig = _new_figure(5.2, 5.0)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from peftlab.tasks import label_encoding, losses, multilabel
+from peftlab.tasks import label_encoding, losses, multi_label_metrics
 from peftlab.tasks.base import Task, Threshold, register
 
 
@@ -95,23 +95,23 @@ class MultiLabel(Task):
     # --- scores and decisions
     def probabilities(self, logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
         logits = np.asarray(logits)
-        return multilabel.sigmoid(logits / temperature if temperature != 1.0 else logits)
+        return multi_label_metrics.sigmoid(logits / temperature if temperature != 1.0 else logits)
 
     def loss(self, logits: np.ndarray, labels: np.ndarray) -> float:
-        return multilabel.binary_cross_entropy(logits, labels)
+        return multi_label_metrics.binary_cross_entropy(logits, labels)
 
     def metrics(self, labels: np.ndarray, probs: np.ndarray, names: list[str], predicted=None) -> dict:
-        return multilabel.multilabel_metrics(labels, probs, names, predicted)
+        return multi_label_metrics.multilabel_metrics(labels, probs, names, predicted)
 
     def probability_metrics(self, labels: np.ndarray, probs: np.ndarray) -> dict:
-        return multilabel.probability_metrics(labels, probs)
+        return multi_label_metrics.probability_metrics(labels, probs)
 
     def decide(self, probs: np.ndarray, threshold: Threshold = None) -> np.ndarray:
         """0/1 per label: probability >= the label's threshold (0.5 when there is none)."""
-        return multilabel.decide(probs, threshold)
+        return multi_label_metrics.decide(probs, threshold)
 
     def fit_temperature(self, logits: np.ndarray, labels: np.ndarray) -> float:
-        return multilabel.fit_temperature(logits, labels)
+        return multi_label_metrics.fit_temperature(logits, labels)
 
     def check(self, metric: str, threshold, names: list[str]) -> None:
         pass  # every metric and every threshold setting applies
@@ -124,7 +124,7 @@ class MultiLabel(Task):
         if setting == "argmax":
             return None
         if setting == "tune":
-            return multilabel.tune_thresholds(probs, labels, metric, per_label=scope == "per_label")
+            return multi_label_metrics.tune_thresholds(probs, labels, metric, per_label=scope == "per_label")
         return [float(setting)] * probs.shape[1]
 
     def at_threshold(self, probs, labels, names, threshold: Threshold, tuned_for: str) -> dict:
