@@ -28,7 +28,7 @@ from peftlab.data.sources import read_texts
 from peftlab.data.batching import batch_order, pad_multiple
 from peftlab.data.splits import capped_batch_size, check_not_empty, selection_plan
 from peftlab.data.tokenize import Encoded, encode
-from peftlab.errors import UserError
+from peftlab.errors import UserError, out_of_memory
 from peftlab.evaluation.predict import predict_logits
 from peftlab.models.build import build_model
 from peftlab.models.architectures import check_max_length
@@ -36,6 +36,7 @@ from peftlab.models.loading import load_tokenizer, model_config
 from peftlab.models.methods.registry import get as method_named
 from peftlab.models.params import count_parameters
 from peftlab.models.speed import first_token_only
+from peftlab.runs.model_card import model_card
 from peftlab.runs.record import RunRecord
 from peftlab.runs.rundir import RunDir, RunView
 from peftlab.runs.select import RULE, better
@@ -151,11 +152,13 @@ class Trainer:
 
     def _setup_data(self) -> None:
         cfg = self.cfg
-        self.tokenizer = load_tokenizer(cfg.model.name, cfg.model.tokenizer)  # first: a wrong name fails fast
+        # first: a wrong name fails fast
+        self.tokenizer = load_tokenizer(cfg.model.name, cfg.model.tokenizer, cfg.model.trust_remote_code)
         self.data = load_data(cfg.data, cfg.train.seed)  # data.seed, when set, picks the splits
         self.task = self.data.task
         self._plan_selection()
-        check_max_length(model_config(cfg.model.name, self.data.label_names), cfg.data.max_length, cfg.model.name)
+        check_max_length(model_config(cfg.model.name, self.data.label_names, trust_remote_code=cfg.model.trust_remote_code),
+                         cfg.data.max_length, cfg.model.name)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.encoded: dict[str, Encoded] = {
             s: encode(self.tokenizer, getattr(self.data, s).texts, getattr(self.data, s).labels,
@@ -477,13 +480,23 @@ class Trainer:
         weights = self.run.save_weights(self.built.method, self.model, self.tokenizer)
         adapter_bytes = sum(f.stat().st_size for f in weights.iterdir() if f.suffix in (".safetensors", ".bin"))
         record = self._record(test, best["validation"], adapter_bytes, decision)
-        if self.cfg.output.plots:
-            from peftlab.runs.plots import write_plots
-
-            write_plots(self.run.path, record)
-        self.run.write_record(record)
+        self.run.write_card(model_card(record, self.cfg, weights, self.run.path))
+        self.run.write_record(record)  # the run is complete here: nothing optional comes before
         self.run.remove_checkpoints()
+        if self.cfg.output.plots:
+            self._plots(record)
         return self._finished(record)
+
+    def _plots(self, record: RunRecord) -> None:
+        """plots/, after the record: a plot that cannot be drawn is a warning, never a lost run."""
+        from peftlab.runs.plots import write_plots
+
+        try:
+            write_plots(self.run.path, record)
+        except Exception as e:  # noqa: BLE001 - matplotlib, memory, disk: the run itself is complete
+            self._say(f"peftlab: warning: the plots of {self.run.path} could not be drawn "
+                      f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); the run is complete "
+                      f"(metrics.json); peftlab.runs.plots.write_plots({str(self.run.path)!r}) draws them again")
 
     def _finished(self, record: RunRecord) -> RunRecord:
         for cb in self.callbacks:
@@ -570,10 +583,23 @@ class Trainer:
                 self._epochs()
             return self.finish()
         except BaseException as e:
-            self.run.record_failure(e, self.cfg)
-            raise
+            memory = out_of_memory(e)
+            if memory is None:
+                self.run.record_failure(e, self.cfg)
+                raise
+            error = self._out_of_memory(memory)
+            self.run.record_failure(error, self.cfg)
+            raise error from None
         finally:
             self.run.unlock()
+
+    def _out_of_memory(self, what: str) -> UserError:
+        c = self.cfg
+        return UserError(f"out of {what} on {self.runtime.device if hasattr(self, 'runtime') else 'this machine'}: "
+                         f"lower train.batch_size (now {c.train.batch_size}; train.gradient_accumulation_steps keeps "
+                         f"the batch the optimizer sees) or data.max_length (now {c.data.max_length}), and "
+                         f"eval.batch_size (now {c.eval.batch_size}) for evaluation; the model with its method "
+                         f"(model.name, method.r) must fit as well")
 
     def _epochs(self) -> None:
         for epoch in range(self.state.epoch, self.schedule.epochs):
