@@ -48,6 +48,24 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return write_bert(tmp_path_factory.mktemp("tiny-bert"), hidden_size=32, intermediate_size=64)
 
 
+@pytest.fixture(scope="session")
+def tiny_st_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny model as a sentence-transformers checkpoint (mean pooling, then unit length): its runs
+    classify from the pooled embedding (models/heads.py), as MiniLM and MPNet runs do."""
+    import shutil
+
+    path = tmp_path_factory.mktemp("tiny-st") / "model"
+    shutil.copytree(tiny_model_dir, path)
+    (path / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]))
+    (path / "1_Pooling").mkdir()
+    (path / "1_Pooling" / "config.json").write_text(json.dumps(
+        {"word_embedding_dimension": 32, "pooling_mode_cls_token": False, "pooling_mode_mean_tokens": True}))
+    return path
+
+
 WORDS = {
     "sport": ["match", "goal", "team", "coach", "league", "score", "player", "season"],
     "tech": ["software", "chip", "computer", "network", "phone", "data", "internet", "robot"],

@@ -57,8 +57,7 @@ def _loading(record: RunRecord, cfg: Config, folder: Path, run_dir: Path) -> lis
     pooled = (folder / REMOTE_FILE).is_file()
     here, names = str(folder), record.label_names
     problem = record.kind.problem_type
-    scores = "torch.sigmoid(logits)  # one probability per label" if record.kind.multi_label \
-        else "torch.softmax(logits, -1)"
+    scores = record.kind.probabilities_code
     lines = ["## How to load", "", "With peftlab (the run's decision rule included):", "", "```",
              f'peftlab predict {run_dir} --text "..."', "```", "", "```python", "import peftlab",
              f'run = peftlab.load_run("{run_dir}")', 'run.predict(["..."])  # [{label, confidence, probabilities}]',
@@ -120,7 +119,7 @@ def model_card(record: RunRecord, cfg: Config, folder: Path, run_dir: Path) -> s
             f"- base model: {base_name(cfg.model.name)}{where}",
             f"- method: {record.method}, {record.params.trainable:,} of {record.params.total:,} parameters trained",
             f"- head: {_head(record.head)}",
-            f"- task: {record.kind.name.replace('_', '-')} ({'a sigmoid per label' if record.kind.multi_label else 'softmax over the classes'})",
+            f"- task: {record.kind.title} ({record.kind.probabilities_words})",
             f"- labels: {_labels(record.label_names)}",
             f"- data: {record.dataset}; " + "; ".join(f"{s} {record.split_sizes.get(s, 0):,} rows "
                                                        f"({record.split_sources.get(s, '')})"

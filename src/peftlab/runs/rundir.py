@@ -6,9 +6,9 @@
     adapter/ | model/ the trained adapter (PEFT format) or full model, with tokenizer and a model card
                       (README.md); a pooled head's folder also holds peftlab_head.py and its config.json
     predictions.csv   test rows with predicted label, confidence and class probabilities
-    plots/            PNG charts
-    metrics.json      the contract; written last and atomically, so its presence with
-                      status "completed" means the run is complete
+    metrics.json      the contract; written atomically once everything the run needs is on
+                      disk, so its presence with status "completed" means the run is complete
+    plots/            PNG charts, drawn after metrics.json (optional: a failure is a warning)
 """
 from __future__ import annotations
 

@@ -164,11 +164,11 @@ def encode_classes(labels: dict[str, pd.Series], raw) -> tuple[list[str], dict[s
         check_names(names, where["train"])
         index = {n: i for i, n in enumerate(names)}
     ids = {}
-    for split, (_, written) in read.items():
+    for split, (numbers, written) in read.items():
         ids[split] = np.array([index.get(n, -1) for n in written], dtype=np.int64)
-        unseen = sorted({n for n, i in zip(written, ids[split]) if i < 0})
-        if unseen:
-            shown = ", ".join(repr(v) for v in unseen[:5]) + (", ..." if len(unseen) > 5 else "")
+        unseen = sorted({n for n, i in zip(written, ids[split]) if i < 0}, key=int if numbers is not None else str)
+        if unseen:  # as written: numbers bare, names quoted
+            shown = ", ".join(v if numbers is not None else repr(v) for v in unseen[:5]) + (", ..." if len(unseen) > 5 else "")
             folded = {n.casefold(): n for n in index}
             near = next((f" (train has {folded[v.casefold()]!r}: write it one way)" for v in unseen
                          if v.casefold() in folded), "")

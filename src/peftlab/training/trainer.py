@@ -462,7 +462,7 @@ class Trainer:
 
     # --- the end -------------------------------------------------------------------------------
     def finish(self) -> RunRecord:
-        """Test the best epoch's weights once; write predictions, weights, plots and metrics.json (last)."""
+        """Test the best epoch's weights once; write predictions, weights, card and metrics.json, then the plots."""
         if self.state.stopped and self.state.stopped.startswith("pruned"):
             return self._finished(self._finish_pruned())
         best = self.run.load_checkpoint("best")
