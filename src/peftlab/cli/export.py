@@ -9,6 +9,7 @@ from peftlab.errors import UserError
 # out of memory: what to lower (cli/__init__.py prints it in one line)
 MEMORY_HINT = "export on a machine with more free memory (the fp32 model is held while the export is checked)"
 
+
 def add_parser(sub):
     p = sub.add_parser("export", help="a trained run as a plain Hugging Face folder (merged) or ONNX, no peft needed")
     p.add_argument("run_dir")

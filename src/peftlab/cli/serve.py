@@ -15,6 +15,7 @@ from peftlab.errors import UserError
 # out of memory: what to lower (cli/__init__.py prints it in one line)
 MEMORY_HINT = "lower --max-batch (texts per forward pass) or --max-chars, or serve fewer runs in one process"
 
+
 def add_parser(sub):
     p = sub.add_parser("serve", help="serve trained runs over HTTP (many adapters over one frozen base)",
                        description="Serve completed runs over HTTP: POST /predict, GET /adapters, a web page at /, "

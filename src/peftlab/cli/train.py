@@ -14,6 +14,7 @@ from peftlab.runs.rundir import RunDir, default_run_dir
 # out of memory: what to lower (cli/__init__.py prints it in one line)
 MEMORY_HINT = "lower train.batch_size or data.max_length (--set), or eval.batch_size"
 
+
 def add_parser(sub):
     p = sub.add_parser("train", help="fine-tune, evaluate and save one run")
     add_config_arguments(p)
