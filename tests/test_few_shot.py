@@ -120,23 +120,6 @@ def test_an_emptied_split_is_one_line_exit_2(tmp_path, capsys, tiny_model_dir, t
 
 
 # --- the pooled head ----------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tiny_st_dir(tiny_model_dir, tmp_path_factory) -> Path:
-    """The tiny model as a sentence-transformers checkpoint: mean pooling, then unit length."""
-    import shutil
-
-    path = tmp_path_factory.mktemp("tiny-st") / "model"
-    shutil.copytree(tiny_model_dir, path)
-    (path / "modules.json").write_text(json.dumps([
-        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]))
-    (path / "1_Pooling").mkdir()
-    (path / "1_Pooling" / "config.json").write_text(json.dumps(
-        {"word_embedding_dimension": 32, "pooling_mode_cls_token": False, "pooling_mode_mean_tokens": True}))
-    return path
-
-
 def test_head_follows_the_checkpoint(tiny_model_dir, tiny_st_dir):
     import torch
 
