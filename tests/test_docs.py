@@ -613,6 +613,9 @@ def test_figures_match_their_source(figures: Figures, docs: Docs):
     listed = list(figures.figures) or shown
     missing = [f for f in listed if f not in shown]
     assert not missing, f"{figures.id}: listed figures not in the text below the comment: {missing}"
+    near = [f"{t} (next to {f})" for t in shown for f in figures.figures
+            if t != f and math.isclose(_value(t), _value(f), rel_tol=0.01)]
+    assert not near, f"{figures.id}: numbers within 1% of a listed figure, but not it (a copy that drifted?): {near}"
     known = [x for s in figures.sources for x in source_numbers(docs, s)]
     wrong = [f for f in listed if not any(_agrees(f, x) for x in known)]
     assert not wrong, f"{figures.id}: figures that {', '.join(figures.sources)} does not give: {wrong}"
