@@ -95,7 +95,7 @@ class ContrastiveTrainer(Trainer):
         if self.state.epoch:  # resumed after the one validation: nothing left but finish()
             return
         t0 = time.perf_counter()
-        loss = self._tune_body() if self.schedule.total_steps else float("nan")
+        loss = self._tune_body() if self.schedule.total_steps else None  # the probe trains no body: no loss
         body_seconds = time.perf_counter() - t0
         head = self._fit_head()
         self.epoch_seconds = time.perf_counter() - t0
@@ -112,7 +112,7 @@ class ContrastiveTrainer(Trainer):
         with self.runtime.autocast():
             return _hf_model(self.model).base_model(**batch)["pooler_output"].float()
 
-    def _tune_body(self) -> float:
+    def _tune_body(self) -> float | None:
         """The pairs, in a fresh random order per pass; returns the mean loss of the last pass."""
         tc, st, device, data = self.cfg.train, self.state, self.runtime.device, self.encoded["train"]
         per_epoch, total = self.schedule.steps_per_epoch, self.schedule.total_steps
@@ -138,7 +138,7 @@ class ContrastiveTrainer(Trainer):
             losses.append(loss.detach())
             if st.step % tc.log_every == 0 or step + 1 == total:
                 self._log_step(epoch + (i + 1) / per_epoch, float(losses[-1]))
-        return float(torch.stack(losses).mean()) if losses else float("nan")
+        return float(torch.stack(losses).mean()) if losses else None
 
     def _step(self) -> None:
         """One optimizer step of the body: unscale (fp16), clip, step, schedule."""

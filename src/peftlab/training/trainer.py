@@ -428,8 +428,9 @@ class Trainer:
             raise ValueError(f"unknown checkpoint kind {kind!r}")
         self.dist.barrier()  # written before any rank may read it
 
-    def end_epoch(self, epoch: int, train_loss: float) -> bool:
-        """Validate, keep the best weights, record the epoch; False when training should stop."""
+    def end_epoch(self, epoch: int, train_loss: float | None) -> bool:
+        """Validate, keep the best weights, record the epoch; False when training should stop. `train_loss`
+        is None where nothing was trained by a loss (the probe fits its head alone)."""
         st, metric = self.state, self.cfg.eval.metric
         scores = self.evaluate("validation")
         # the last epoch, where validation is too small to choose; else runs.select's rule (ties: lower loss)
@@ -443,7 +444,8 @@ class Trainer:
         self.run.append_history({"kind": "epoch", "epoch": epoch + 1, "step": st.step, "train_loss": train_loss,
                                  "validation": {k: scores[k] for k in SCORE_KEYS + self.task.metrics_names if k in scores},
                                  "seconds": self.epoch_seconds})
-        self._say(f"epoch {epoch + 1}/{self.schedule.epochs}  train loss {train_loss:.4f}  val loss {scores['loss']:.4f}  "
+        trained = f"train loss {train_loss:.4f}  " if train_loss is not None else ""
+        self._say(f"epoch {epoch + 1}/{self.schedule.epochs}  {trained}val loss {scores['loss']:.4f}  "
               f"val acc {scores['accuracy']:.4f}  val macro-F1 {scores['macro_f1']:.4f}  "
               f"{self.epoch_seconds:.1f}s{'  *best' if improved else ''}")
         if self.cfg.train.checkpoint_every_epoch:
