@@ -323,7 +323,18 @@ def _tags_export(docs: Docs) -> Path:
     return out
 
 
-PRODUCTS: dict[str, Callable[[Docs], Path]] = {"exports/tags-merged": _tags_export}
+def _own_head_run(docs: Docs) -> Path:
+    """README's plain-PEFT snippet: the demo on the small settings with the checkpoint's own head."""
+    out = docs.root.parent / "products" / "demo-cls"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sets = [docs.fill(s) for s in SMALL] + ["model.head=cls"]
+    code, _, err = cli(["train", str(REPO / "configs" / "demo.yaml"), "--output-dir", str(out),
+                        *(a for s in sets for a in ("--set", s))], docs.root)
+    assert code == 0, err
+    return out
+
+
+PRODUCTS: dict[str, Callable[[Docs], Path]] = {"exports/tags-merged": _tags_export, "runs/demo-cls": _own_head_run}
 
 
 def _texts(docs: Docs) -> list[str]:
@@ -359,19 +370,24 @@ def _close(got: list[dict[str, float]], want: list[dict[str, float]], tol: float
                          f"({agree} of {len(want)} top labels agree)"
 
 
-def check_adapter_agrees(docs: Docs, ns: dict) -> None:
-    """README's plain-PEFT snippet: the model it loads answers as the run does."""
+def check_adapter_agrees(docs: Docs, ns: dict, run_name: str = "runs/demo") -> None:
+    """README's adapter snippets: the model it loads answers as the run does."""
     import torch
     from transformers import AutoTokenizer
 
-    run = docs.product("runs/demo")
+    run = docs.product(run_name)
     texts = _texts(docs)
     tok = AutoTokenizer.from_pretrained(run / "adapter")
     names = json.loads((run / "metrics.json").read_text())["label_names"]
     with torch.no_grad():
         probs = torch.softmax(ns["model"].eval()(**tok(texts, padding=True, return_tensors="pt")).logits, -1)
     got = [dict(zip(names, p.tolist())) for p in probs]
-    _close(got, _probabilities(_reference(docs, "runs/demo", texts)), 1e-4, "PeftModel.from_pretrained")
+    _close(got, _probabilities(_reference(docs, run_name, texts)), 1e-4, f"the adapter of {run_name}")
+
+
+def check_own_head_adapter_agrees(docs: Docs, ns: dict) -> None:
+    """README's plain-PEFT snippet, on a run that keeps the checkpoint's own head."""
+    check_adapter_agrees(docs, ns, "runs/demo-cls")
 
 
 def check_pipeline_agrees(docs: Docs, ns: dict) -> None:
@@ -431,7 +447,8 @@ def check_mlflow_found_runs(docs: Docs, ns: dict) -> None:
 
 
 CHECKS: dict[str, Callable[[Docs, dict], None]] = {
-    "adapter_agrees": check_adapter_agrees, "pipeline_agrees": check_pipeline_agrees,
+    "adapter_agrees": check_adapter_agrees, "own_head_adapter_agrees": check_own_head_adapter_agrees,
+    "pipeline_agrees": check_pipeline_agrees,
     "decision_rule_agrees": check_decision_rule_agrees, "onnx_agrees": check_onnx_agrees,
     "python_api": check_python_api, "mlflow_found_runs": check_mlflow_found_runs,
 }

@@ -57,7 +57,7 @@ def is_random(name: str) -> bool:
     return name.startswith("random:")
 
 
-def quiet_transformers() -> None:
+def _quiet_transformers() -> None:
     # transformers 5 prints a load report per model (e.g. "classifier MISSING", which is expected for a new head)
     from transformers.utils import logging as hf_logging
 
@@ -81,7 +81,7 @@ def _not_found(what: str, name: str, err: Exception) -> UserError:
 
 
 def load_tokenizer(model_name: str, tokenizer_name: str | None = None, trust_remote_code: bool = False):
-    quiet_transformers()
+    _quiet_transformers()
     if is_random(model_name) and not tokenizer_name:
         tokenizer_name = "minilm-l6"  # any BERT WordPiece vocabulary will do for random weights
     name = resolve(tokenizer_name or model_name)
@@ -160,7 +160,7 @@ def load_classifier(model_name: str, label_names: list[str], extra_kwargs: dict 
     """AutoModelForSequenceClassification with a fresh head sized to our labels, reading the pooled
     embedding where `head` says so (head_for). Pretrained models and random:SHAPE take the same path
     (random weights come from a cached folder)."""
-    quiet_transformers()
+    _quiet_transformers()
     config = model_config(model_name, label_names, task, trust_remote_code)
     source = random_model_dir(model_name) if is_random(model_name) else resolve(model_name)
     try:

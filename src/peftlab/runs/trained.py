@@ -11,7 +11,7 @@ from peftlab.config import Config
 from peftlab.errors import UserError
 from peftlab.evaluation.predict import Predictor
 from peftlab.models.heads import install_saved, local_config
-from peftlab.models.loading import is_random, load_classifier, quiet_transformers
+from peftlab.models.loading import _quiet_transformers, is_random, load_classifier
 from peftlab.runs.record import RunRecord
 from peftlab.runs.rundir import RunDir
 from peftlab.runtime import Runtime
@@ -64,7 +64,7 @@ def load_trained(run_dir: str | Path, device: torch.device, merge: bool = True, 
 
     run, record, cfg = completed_run(run_dir, what)
     weights = run.saved_weights()
-    quiet_transformers()  # its load reports (a pooled folder's model type, a new head) are not the user's business
+    _quiet_transformers()  # its load reports (a pooled folder's model type, a new head) are not the user's business
     try:
         if weights.name == "model":
             # a pooled head's folder names its own code (auto_map): peftlab reads it with its own classes

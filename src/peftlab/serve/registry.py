@@ -20,7 +20,7 @@ import torch
 
 from peftlab.errors import UserError
 from peftlab.evaluation.predict import Predictor
-from peftlab.models.loading import is_random, load_classifier, quiet_transformers
+from peftlab.models.loading import _quiet_transformers, is_random, load_classifier
 from peftlab.runs.trained import completed_run, load_trained
 from peftlab.runtime import Runtime
 
@@ -168,7 +168,7 @@ class Registry:
         # peft adapter names must be valid module attribute names; served names are free text
         adapter = f"adapter{next(self._ids)}"
         labels = record.label_names
-        quiet_transformers()
+        _quiet_transformers()
         try:
             tokenizer = AutoTokenizer.from_pretrained(weights, trust_remote_code=False)
             peft_type = json.loads((weights / "adapter_config.json").read_text())["peft_type"]
