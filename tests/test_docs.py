@@ -359,21 +359,24 @@ def _close(got: list[dict[str, float]], want: list[dict[str, float]], tol: float
                          f"({agree} of {len(want)} top labels agree)"
 
 
-def _adapter_agrees(run_name: str) -> Callable[[Docs, dict], None]:
-    """README's loading snippets: the model a snippet loads (`model`) answers as the run does."""
-    def check(docs: Docs, ns: dict) -> None:
-        import torch
-        from transformers import AutoTokenizer
+def check_adapter_agrees(docs: Docs, ns: dict, run_name: str = "runs/demo") -> None:
+    """README's adapter snippets: the model it loads answers as the run does."""
+    import torch
+    from transformers import AutoTokenizer
 
-        run = docs.product(run_name)
-        texts = _texts(docs)
-        tok = AutoTokenizer.from_pretrained(run / "adapter")
-        names = json.loads((run / "metrics.json").read_text())["label_names"]
-        with torch.no_grad():
-            probs = torch.softmax(ns["model"].eval()(**tok(texts, padding=True, return_tensors="pt")).logits, -1)
-        got = [dict(zip(names, p.tolist())) for p in probs]
-        _close(got, _probabilities(_reference(docs, run_name, texts)), 1e-4, f"the model loaded from {run_name}/adapter")
-    return check
+    run = docs.product(run_name)
+    texts = _texts(docs)
+    tok = AutoTokenizer.from_pretrained(run / "adapter")
+    names = json.loads((run / "metrics.json").read_text())["label_names"]
+    with torch.no_grad():
+        probs = torch.softmax(ns["model"].eval()(**tok(texts, padding=True, return_tensors="pt")).logits, -1)
+    got = [dict(zip(names, p.tolist())) for p in probs]
+    _close(got, _probabilities(_reference(docs, run_name, texts)), 1e-4, f"the adapter of {run_name}")
+
+
+def check_own_head_adapter_agrees(docs: Docs, ns: dict) -> None:
+    """README's plain-PEFT snippet, on a run that keeps the checkpoint's own head."""
+    check_adapter_agrees(docs, ns, "runs/demo-cls")
 
 
 def check_pipeline_agrees(docs: Docs, ns: dict) -> None:
@@ -433,7 +436,8 @@ def check_mlflow_found_runs(docs: Docs, ns: dict) -> None:
 
 
 CHECKS: dict[str, Callable[[Docs, dict], None]] = {
-    "adapter_agrees": _adapter_agrees("runs/demo"), "cls_adapter_agrees": _adapter_agrees("runs/demo-cls"), "pipeline_agrees": check_pipeline_agrees,
+    "adapter_agrees": check_adapter_agrees, "own_head_adapter_agrees": check_own_head_adapter_agrees,
+    "pipeline_agrees": check_pipeline_agrees,
     "decision_rule_agrees": check_decision_rule_agrees, "onnx_agrees": check_onnx_agrees,
     "python_api": check_python_api, "mlflow_found_runs": check_mlflow_found_runs,
 }

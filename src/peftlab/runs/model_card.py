@@ -77,15 +77,15 @@ def _loading(record: RunRecord, cfg: Config, folder: Path, run_dir: Path) -> lis
                   f'classify = pipeline("text-classification", model="{here}"{trust})',
                   "```", ""]
         if pooled:
-            lines += [f"`trust_remote_code=True` runs `{REMOTE_FILE}` from this folder (the head's pooling, "
-                      f"torch and transformers only; read it first). Without it transformers refuses this "
+            lines += [f"`trust_remote_code=True` runs `{REMOTE_FILE}` from this folder (the head's pooling; it "
+                      f"imports only torch and transformers: read it first). Without it transformers refuses this "
                       f"folder: its config.json names a model type of peftlab's own, so that nothing builds "
                       f"the checkpoint's [CLS] head instead in silence."
                       + (" The base model's weights are read from adapter_config.json's "
                          "`base_model_name_or_path`, then transformers loads the adapter (peft must be "
                          "installed)." if adapter else ""), ""]
             if adapter:
-                lines += ["Not onto a plain `AutoModelForSequenceClassification` of the base with "
+                lines += ["Do not load it onto a plain `AutoModelForSequenceClassification` of the base with "
                           "`PeftModel.from_pretrained`: that model classifies from the [CLS] pooler, not from "
                           "the pooled embedding this head was trained on, and its answers differ.", ""]
         return lines

@@ -11,7 +11,7 @@ from peftlab.config import Config
 from peftlab.errors import UserError
 from peftlab.evaluation.predict import Predictor
 from peftlab.models.heads import install_saved, local_config
-from peftlab.models.loading import is_random, load_classifier, quiet_transformers
+from peftlab.models.loading import quiet_transformers, is_random, load_classifier
 from peftlab.runs.record import RunRecord
 from peftlab.runs.rundir import RunDir
 from peftlab.runtime import Runtime

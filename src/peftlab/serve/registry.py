@@ -20,7 +20,7 @@ import torch
 
 from peftlab.errors import UserError
 from peftlab.evaluation.predict import Predictor
-from peftlab.models.loading import is_random, load_classifier, quiet_transformers
+from peftlab.models.loading import quiet_transformers, is_random, load_classifier
 from peftlab.runs.trained import completed_run, load_trained
 from peftlab.runtime import Runtime
 
