@@ -106,6 +106,27 @@ def test_cpu_scenarios_weigh_auto_against_fp32_and_a_bf16_tuned_trainer(monkeypa
     assert "50.0%    12.5%" in text and " 1.52" in text and "bfloat16, eager" in text
 
 
+@pytest.mark.skipif(not BASELINE.is_file(), reason="needs ../shared/bench")
+def test_tuned_trainer_runs_in_bf16_on_a_cpu_with_bf16_units(tmp_path, tiny_model_dir, monkeypatch):
+    """transformers 5 refuses bf16=True without a GPU unless use_cpu=True: the reference script, unchanged,
+    runs with that one default added, and reports bf16."""
+    from peftlab.bench.runner import _env, run_baseline
+
+    monkeypatch.setenv("PEFTLAB_CPU_BF16", "1")
+    for split in ("train", "test"):
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps({"text": f"{w} film {i}", "label": i % 2}) + "\n"
+                                                         for i, w in enumerate(["dull", "great"] * 8)))
+    scenario_file = tmp_path / "scenarios.yaml"
+    scenario_file.write_text(yaml.safe_dump({"scenarios": {"tiny": {
+        "device": "cpu", "baseline": str(BASELINE), "data": str(tmp_path), "batch_size": 8,
+        "parts": [{"name": "main", "model": str(tiny_model_dir)}]}}}))
+    scenario = scenarios.load("tiny", scenario_file)
+    res = run_baseline("tuned", scenario.parts[0], scenario, {"dir": tmp_path}, BASELINE, tmp_path / "tuned",
+                       _env(scenario, 1), 300)
+    assert res["ok"], res.get("error")
+    assert res["precision"] == "bf16" and res["use_cpu"] and res["optimizer_steps"] == 2 and res["device"] == "cpu"
+
+
 def test_flops_and_mfu():
     bert_base = flops.non_embedding_params("random:bert-base")
     assert 85e6 < bert_base < 87e6  # 12 x (4 x 768^2 + 2 x 768 x 3072 + biases, norms) + pooler, head

@@ -70,8 +70,7 @@ def pick_precision(choice: str, device: torch.device) -> torch.dtype:
 def precision_reason(choice: str, device: torch.device, dtype: torch.dtype) -> str:
     """Why a run computes in `dtype` (metrics.json efficiency.precision_reason)."""
     if choice == "auto":
-        picked, why = auto_precision(device)
-        return why if picked == dtype else f"auto: {str(dtype).replace('torch.', '')}"
+        return auto_precision(device)[1]
     slow = emulated_bf16(device, dtype)
     return f"precision={choice} as set" + (f" (slow here: {slow})" if slow else "")
 

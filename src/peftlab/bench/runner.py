@@ -219,6 +219,22 @@ def run_peftlab(name: str, part: Part, scenario: Scenario, data: dict, overrides
     }
 
 
+# transformers 5 refuses TrainingArguments(bf16=True) on a machine without a GPU unless use_cpu=True is set too
+# (its own error says so): what a user tuning the Trainer for bf16 on a CPU sets. The baseline script is run
+# unchanged, with that default added to TrainingArguments.
+CPU_BF16_LAUNCHER = """import functools, runpy, sys
+import transformers
+init = transformers.TrainingArguments.__init__
+@functools.wraps(init)
+def with_use_cpu(self, *args, **kwargs):
+    kwargs.setdefault("use_cpu", True)
+    init(self, *args, **kwargs)
+transformers.TrainingArguments.__init__ = with_use_cpu
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
 def baseline_precision(style: str, scenario: Scenario) -> str | None:
     """The tuned Trainer trains in bf16 on a CPU with bf16 units (bf16=True, as a user tuning it would set);
     otherwise each style keeps its own choice (None)."""
@@ -243,6 +259,8 @@ def run_baseline(style: str, part: Part, scenario: Scenario, data: dict, baselin
     precision = baseline_precision(style, scenario)
     if precision:
         cmd += ["--precision", precision]
+        if scenario.device == "cpu":
+            cmd[1:1] = ["-c", CPU_BF16_LAUNCHER]
     code, stdout, rss, seconds = _spawn(cmd, env, work / "log", timeout)
     line = next((ln for ln in reversed(stdout.strip().splitlines()) if ln.startswith("{")), None)
     if code != 0 or line is None:
@@ -260,6 +278,7 @@ def run_baseline(style: str, part: Part, scenario: Scenario, data: dict, baselin
         "test_accuracy": res["test_accuracy"], "test_macro_f1": res["test_macro_f1"],
         "device": res["device"], "process_seconds": round(seconds, 1),
         "step_engine": "transformers Trainer", "quantization": None,
+        "use_cpu": bool(precision) and scenario.device == "cpu",  # CPU_BF16_LAUNCHER's one addition
     }
 
 
