@@ -151,7 +151,11 @@ class TrainConfig(Section):
     max_grad_norm: float | None = Field(1.0, gt=0, le=1e6, description="clip the gradient norm (at most 1e6); null: no clipping")
     seed: int = 42
     early_stopping_patience: int | None = Field(None, ge=1, description="stop after this many epochs without a better validation metric")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16 on a GPU that has it, else fp32")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 where the device multiplies bf16 in hardware (a bf16 GPU; a CPU with AVX512-BF16 "
+                            "or AMX), else fp32; metrics.json efficiency.precision_reason says why. $PEFTLAB_CPU_BF16=0 "
+                            "(or 1) tells peftlab the CPU has no (or has) bf16 units. Trainable weights and optimizer "
+                            "state stay fp32; an auto run whose 16-bit loss turns non-finite starts again in fp32")
     sampler: Literal["length_grouped", "random"] = Field("length_grouped", description="length_grouped: similar lengths share a batch (less padding)")
     compile: bool = Field(False, description="torch.compile the model (GPU)")
     step_engine: Literal["auto", "eager", "cuda_graphs"] = Field(
@@ -160,8 +164,8 @@ class TrainConfig(Section):
                              "where it can run, else eager. Where cuda_graphs cannot run (CPU, several processes, fp16, "
                              "gradient accumulation, distillation, ...) eager runs and metrics.json says why")
     frozen_dtype: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="the dtype frozen (non-trained) weights are stored in. auto: bf16 on a bf16 GPU run of a "
-                            "method that freezes the backbone (half the memory, no re-cast each step), else as loaded; "
+        "auto", description="the dtype frozen (non-trained) weights are stored in. auto: bf16 on a bf16 run (GPU or CPU) "
+                            "of a method that freezes the backbone (half the memory, no re-cast each step), else as loaded; "
                             "fp32: upcast them (what peft's prepare_model_for_kbit_training does for QLoRA)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     log_every: int = Field(10, ge=1, description="optimizer steps between loss readings (the only host syncs; a non-finite loss is caught there)")

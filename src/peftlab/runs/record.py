@@ -92,6 +92,7 @@ class Efficiency(Record):
     peak_memory_kind: str  # gpu_max_allocated | cpu_peak_rss
     device: str
     precision: str | None = None
+    precision_reason: str | None = None  # why: what precision=auto found on the device, or the setting
     optimizer_steps: int | None = None
     wall_seconds: float | None = None
     world_size: int = 1  # processes that trained (peftlab train --nproc, torchrun, accelerate launch)

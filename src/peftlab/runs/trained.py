@@ -11,7 +11,8 @@ from peftlab.config import Config
 from peftlab.errors import UserError
 from peftlab.evaluation.predict import Predictor
 from peftlab.models.heads import install_saved, local_config
-from peftlab.models.loading import quiet_transformers, is_random, load_classifier
+from peftlab.models.loading import is_random, load_classifier, quiet_transformers
+from peftlab.models.speed import linear_weights_to
 from peftlab.runs.record import RunRecord
 from peftlab.runs.rundir import RunDir
 from peftlab.runtime import Runtime
@@ -27,7 +28,11 @@ class Trained:
     record: RunRecord
 
     def predictor(self, runtime: Runtime | None = None, batch_size: int = 64) -> Predictor:
-        """With the run's calibration temperature and tuned decision threshold, when it has them."""
+        """With the run's calibration temperature and tuned decision threshold, when it has them. A 16-bit
+        runtime stores the linear weights in its dtype (the same outputs under autocast, no re-cast per
+        batch): the model is then this predictor's alone."""
+        if runtime is not None:
+            linear_weights_to(self.model, runtime.dtype)
         return Predictor(self.model, self.tokenizer, self.label_names, self.config.data.max_length,
                          runtime, batch_size, self.config.data.cache_dir,
                          temperature=self.record.temperature, threshold=self.record.threshold,
@@ -90,7 +95,9 @@ def load_trained(run_dir: str | Path, device: torch.device, merge: bool = True, 
 
 
 def load_predictor(run_dir: str | Path, device: torch.device | None = None, batch_size: int = 64,
-                   what: str = "run") -> Predictor:
-    """A Predictor for the run (fp32 on `device`, default: the GPU when there is one)."""
+                   what: str = "run", precision: str = "auto") -> Predictor:
+    """A Predictor for the run on `device` (default: the GPU when there is one), in `precision` (auto: bf16
+    where the device multiplies bf16 in hardware, else fp32: runtime.auto_precision)."""
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return load_trained(run_dir, device, what=what).predictor(Runtime(device, torch.float32), batch_size)
+    runtime = Runtime.pick(device, precision)
+    return load_trained(run_dir, device, what=what).predictor(runtime, batch_size)

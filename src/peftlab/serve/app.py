@@ -43,6 +43,7 @@ class ServeSettings:
     max_texts: int = 128            # texts per request
     max_chars: int = 10_000         # characters per text (beyond: 422, never silently cut)
     max_body_bytes: int = 1 << 20   # request body (beyond: 413)
+    precision: str = "auto"         # auto: bf16 where the device multiplies bf16 in hardware, else fp32
     batch: BatchSettings = field(default_factory=BatchSettings)
     connections: ConnectionLimits = field(default_factory=ConnectionLimits)  # applied by the server (cli/serve.py)
 
@@ -305,7 +306,7 @@ def create_app(run_dirs: list[str], device: torch.device | None = None, settings
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     metrics = Metrics()
     batchers: dict[int, Batcher] = {}
-    registry = Registry(device,
+    registry = Registry(device, precision=settings.precision,
                         on_group_added=lambda g: batchers.__setitem__(g.index, Batcher(g, settings.batch, metrics.batch)),
                         on_group_removed=lambda g: batchers.pop(g.index).stop())
     try:

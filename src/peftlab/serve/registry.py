@@ -20,7 +20,8 @@ import torch
 
 from peftlab.errors import UserError
 from peftlab.evaluation.predict import Predictor
-from peftlab.models.loading import quiet_transformers, is_random, load_classifier
+from peftlab.models.loading import is_random, load_classifier, quiet_transformers
+from peftlab.models.speed import linear_weights_to
 from peftlab.runs.trained import completed_run, load_trained
 from peftlab.runtime import Runtime
 
@@ -126,8 +127,9 @@ class Registry:
     """Served runs by name. add() and remove() may run while requests are served: model changes
     happen under the group's lock, the dictionaries under the registry's."""
 
-    def __init__(self, device: torch.device, on_group_added=None, on_group_removed=None):
-        self.device, self.runtime = device, Runtime(device, torch.float32)
+    def __init__(self, device: torch.device, on_group_added=None, on_group_removed=None, precision: str = "auto"):
+        # auto: bf16 where the device multiplies bf16 in hardware (runtime.auto_precision), else fp32
+        self.device, self.runtime = device, Runtime.pick(device, precision)
         self.served: dict[str, Served] = {}
         self.groups: dict[tuple, Group] = {}
         self.lock = threading.RLock()
@@ -181,7 +183,9 @@ class Registry:
                 model = PeftModel.from_pretrained(base, weights, adapter_name=adapter)
                 if peft_type == "LORA":
                     route_heads_per_row(model)
-                group = self._new_group(key, model.to(self.device).eval(), mixable=peft_type == "LORA")
+                model = model.to(self.device).eval()
+                linear_weights_to(model, self.runtime.dtype)  # the same outputs under autocast, no re-cast per batch
+                group = self._new_group(key, model, mixable=peft_type == "LORA")
             else:
                 # a head of another width (other label count) comes from a model built for this run's labels:
                 # a temporary second copy of the base, at load time only, outside the lock

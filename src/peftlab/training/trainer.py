@@ -53,6 +53,9 @@ SCORE_KEYS = ("accuracy", "macro_f1", "loss")
 RECORD_KEYS = SCORE_KEYS + ("mcc", "roc_auc", "log_loss", "brier", "ece", "micro_f1", "samples_f1", "hamming_loss")
 
 
+RETRY_REASON = "auto: fp32 after a non-finite 16-bit loss (precision_retry)"
+
+
 class NonFiniteLoss(UserError):
     """The training loss became NaN or infinite (read at a logging step)."""
 
@@ -128,7 +131,9 @@ class Trainer:
     def setup(self, resume: bool = False) -> "Trainer":
         self.runtime = rt.Runtime.pick(self.cfg.train.device, self.cfg.train.precision)
         if self.dist.device is not None and self.runtime.device.type == self.dist.device.type:
-            self.runtime = rt.Runtime(self.dist.device, self.runtime.dtype)  # each rank its own GPU
+            self.runtime = rt.Runtime(self.dist.device, self.runtime.dtype, self.runtime.reason)  # each rank its own GPU
+        if slow := rt.emulated_bf16(self.runtime.device, self.runtime.dtype):
+            self._say(f"peftlab: warning: train.precision=bf16 on this CPU is slow ({slow}): fp32 is faster here")
         if self.dist.main and not self.run.config_file.exists():  # made with RunDir.create(), not start()
             save_config(self.cfg, self.run.config_file)
         rt.seed_everything(self.cfg.train.seed)
@@ -227,9 +232,9 @@ class Trainer:
                 raise UserError(f"train.frozen_dtype=bf16 needs train.precision=bf16 (this run computes in "
                                 f"{self.runtime.precision}); use frozen_dtype=auto or fp32")
             return torch.bfloat16
-        trains_backbone = method_named(method).trains_backbone
-        bf16_gpu = self.runtime.device.type == "cuda" and self.runtime.dtype == torch.bfloat16
-        return torch.bfloat16 if bf16_gpu and not trains_backbone else None
+        # a bf16 run (GPU or CPU) that freezes the backbone: no re-cast of the frozen weights each step
+        bf16 = self.runtime.dtype == torch.bfloat16
+        return torch.bfloat16 if bf16 and not method_named(method).trains_backbone else None
 
     def _setup_model(self) -> None:
         frozen = self._frozen_dtype()
@@ -313,7 +318,7 @@ class Trainer:
             self.scaler.load_state_dict(checkpoint["scaler"])
         self.state.load_state_dict(checkpoint["state"])
         if self.state.precision_retry:  # the run had started again in fp32
-            self.runtime = rt.Runtime(self.runtime.device, torch.float32)
+            self.runtime = rt.Runtime(self.runtime.device, torch.float32, RETRY_REASON)
         self.run.truncate_history(self.state.step)
         self._say(f"resuming {self.run.path} after epoch {self.state.epoch} (step {self.state.step})")
 
@@ -552,7 +557,7 @@ class Trainer:
                 "train_samples_per_second": round(st.samples / max(st.train_seconds, 1e-9), 2),
                 "train_tokens_per_second": round(st.tokens / max(st.train_seconds, 1e-9), 1),
                 "peak_memory_bytes": memory, "peak_memory_kind": memory_kind, "device": rt.device_name(device),
-                "precision": self.runtime.precision, "optimizer_steps": st.step, "world_size": self.dist.world_size,
+                "precision": self.runtime.precision, "precision_reason": self.runtime.reason, "optimizer_steps": st.step, "world_size": self.dist.world_size,
                 "step_engine": self.engine_name, "step_engine_reason": self.engine_reason,
                 "graph_capture_seconds": round(getattr(self.engine, "capture_seconds", 0.0), 3)
                 if self.engine_name == "cuda_graphs" else None,
@@ -619,7 +624,7 @@ class Trainer:
                  "reason": str(error)}
         self._say(f"{error}; train.precision=auto: starting again in fp32")
         self.state = TrainState(baseline=self.state.baseline, precision_retry=retry)
-        self.runtime = rt.Runtime(self.runtime.device, torch.float32)
+        self.runtime = rt.Runtime(self.runtime.device, torch.float32, RETRY_REASON)
         if self.dist.main:
             for name in ("best", "last"):
                 (self.run.checkpoints / f"{name}.pt").unlink(missing_ok=True)
