@@ -35,6 +35,9 @@ class Section(BaseModel):
         return v if isinstance(v, BaseModel) else _finite(v)
 
 
+FALLBACK_MAX_LENGTH = 128  # data.max_length unset, and the checkpoint names no max_seq_length of its own
+
+
 class DataConfig(Section):
     name: str | None = Field("bbc_news", description="built-in dataset (bbc_news) or a hub dataset (ag_news, imdb, owner/name)")
     path: str | None = Field(None, description="a local file (csv, tsv, jsonl[.gz], parquet) or a directory holding train.*, validation.*, test.*; wins over name")
@@ -46,7 +49,10 @@ class DataConfig(Section):
                                                  "binary cross-entropy on every label")
     label_separator: str = Field("|", min_length=1, description="multi-label: separates the labels in one text field "
                                                                 "(CSV/TSV/Parquet strings), e.g. 'sports|politics'")
-    max_length: int = Field(128, ge=8, le=8192, description="tokens per text, truncated")
+    max_length: int | None = Field(None, ge=8, le=8192, description="tokens per text, truncated. Unset: a sentence-"
+                                   "transformers checkpoint's own max_seq_length (its sentence_bert_config.json, "
+                                   "e.g. 256 for all-MiniLM-L6-v2), else FALLBACK_MAX_LENGTH (128); capped at what "
+                                   "the model can read. metrics.json max_length records the number and its source")
     validation_fraction: float = Field(0.1, gt=0, lt=1, description="stratified share of train used for validation when there is no validation split")
     test_fraction: float = Field(0.2, gt=0, lt=1, description="stratified share carved out for test when there is no test split")
     seed: int | None = Field(None, description="seed of the carved splits and subsets; default: train.seed. Set it for seed studies, so that every training seed is scored on the same rows")
@@ -90,6 +96,17 @@ class MethodConfig(Section):
                                  "(each row with one row of its class and one of another, per iteration; SetFit's "
                                  "num_iterations). 5 keeps 64 rows per class of 4 classes at 2,560 pairs")
     body_epochs: float = Field(1, gt=0, description="contrastive-* methods: passes over the sentence pairs")
+    pair_objective: Literal["pairs", "in_batch"] = Field(
+        "pairs", description="contrastive-* methods: how the body learns from pairs. pairs: SetFit's, sampled pairs "
+                             "(pair_iterations), cosine similarity towards 1 (same class) or 0 (mean squared error). "
+                             "in_batch: FastFit-style, class-balanced batches of train.batch_size labelled rows and "
+                             "every pair in the batch at once (supervised contrastive loss at pair_temperature), as "
+                             "many steps as give the same number of pairs as pairs would")
+    pair_temperature: float = Field(0.07, gt=0, le=10, description="pair_objective=in_batch: temperature of the "
+                                    "softmax over cosine similarities")
+    end_to_end_epochs: float = Field(0, ge=0, le=1000, description="contrastive-* methods: after the head is fitted, "
+                                     "passes over the labelled rows training body and head together on the "
+                                     "classification loss (SetFit's end-to-end phase); 0: none")
     head_fit: Literal["logistic", "linear"] = Field(
         "logistic", description="contrastive-* and probe: how the head is fitted on the labelled rows' embeddings. "
                                 "logistic: scikit-learn's logistic regression (SetFit's default head), written into the "
