@@ -246,7 +246,7 @@ def test_pairs_join_a_row_with_its_class_and_another():
 
 
 def few_shot_run(out: Path, model: Path, data: Path, method: str, *extra: str) -> dict:
-    assert train(out, f"model.name={model}", f"data.path={data}", f"method.name={method}",
+    assert train(out, f"model.name={model}", f"data.path={data}", f"method.name={method}", "method.pair_objective=pairs",
                  "method.pair_iterations=2", "train.batch_size=8", "train.learning_rate=0.01", *extra) == 0
     return record(out)
 

@@ -92,12 +92,14 @@ class MethodConfig(Section):
     layers: list[int] | None = Field(None, description="adapt only these layer indices (LoRA, IA3)")
     rank_pattern: dict[str, int] = Field({}, description="per-module-type rank, e.g. {attention.output.dense: 4}")
     bits: Literal[4, 8] = Field(4, description="QLoRA backbone precision; falls back to 8-bit, then none, where it cannot run")
-    pair_iterations: int = Field(5, ge=1, description="contrastive-* methods: sentence pairs per labelled row = 2 x this "
-                                 "(each row with one row of its class and one of another, per iteration; SetFit's "
-                                 "num_iterations). 5 keeps 64 rows per class of 4 classes at 2,560 pairs")
+    pair_iterations: int = Field(100, ge=1, description="contrastive-* methods: the pair budget, 2 x this pairs per "
+                                 "labelled row (SetFit's num_iterations). pair_objective=in_batch reaches it in few "
+                                 "steps (a batch of 16 rows holds 120 pairs); pairs draws them one by one (each row "
+                                 "with one row of its class and one of another, per iteration), 2 texts per pair: "
+                                 "set 5 to 20 there")
     body_epochs: float = Field(1, gt=0, description="contrastive-* methods: passes over the sentence pairs")
     pair_objective: Literal["pairs", "in_batch"] = Field(
-        "pairs", description="contrastive-* methods: how the body learns from pairs. pairs: SetFit's, sampled pairs "
+        "in_batch", description="contrastive-* methods: how the body learns from pairs. pairs: SetFit's, sampled pairs "
                              "(pair_iterations), cosine similarity towards 1 (same class) or 0 (mean squared error). "
                              "in_batch: FastFit-style, class-balanced batches of train.batch_size labelled rows and "
                              "every pair in the batch at once (supervised contrastive loss at pair_temperature), as "
