@@ -44,7 +44,7 @@ DATASETS = ("sst2", "ag_news", "imdb")
 # peftlab systems: config file and overrides (more with --variant NAME KEY=VALUE ...)
 PEFTLAB = {
     "contrastive-lora": ("configs/few-shot-contrastive-lora.yaml", []),
-    "contrastive-full": ("configs/few-shot-contrastive-lora.yaml", ["method.name=contrastive-full"]),
+    "contrastive-full": ("configs/few-shot-contrastive-full.yaml", []),
     "probe": ("configs/few-shot-probe.yaml", []),
     "lora": ("configs/few-shot-lora.yaml", []),
 }
@@ -214,7 +214,9 @@ def table(out: Path, systems: list[str] | None = None) -> str:
                 ratios = [r["train_seconds"] / here[("setfit", r["seed"])]["train_seconds"]
                           for r in got if ("setfit", r["seed"]) in here and s != "setfit"]
                 ratio = f", x{statistics.fmean(ratios):.2f} of SetFit's time" if ratios else ""
-                cell.append(f"**{statistics.fmean(acc):.3f}** ± {std:.3f} (n={len(acc)}; {secs:.0f}s{ratio})")
+                pairs = [r.get("pairs") or (r.get("few_shot") or {}).get("pairs") or 0 for r in got]
+                cell.append(f"**{statistics.fmean(acc):.3f}** ± {std:.3f} (n={len(acc)}; {secs:.0f}s{ratio}; "
+                            f"{statistics.fmean(pairs):,.0f} pairs)")
             lines.append(f"| {name}, {k} | " + " | ".join(cell) + " |")
     return "\n".join(lines)
 
@@ -223,7 +225,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=str(REPO / "runs" / "few-shot-study"), help="results and runs (default runs/few-shot-study)")
     parser.add_argument("--setfit-venv", default=str(Path.home() / ".cache" / "peftlab" / "setfit-venv"))
-    parser.add_argument("--systems", default="setfit,contrastive-lora,probe",
+    parser.add_argument("--systems", default="setfit,contrastive-lora,contrastive-full",
                         help="comma-separated: setfit, peftlab's " + ", ".join(PEFTLAB) + ", and --variant names")
     parser.add_argument("--variant", nargs="+", action="append", default=[], metavar=("NAME", "KEY=VALUE"),
                         help="a peftlab system: contrastive-lora's config with these --set overrides "
