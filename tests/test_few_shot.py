@@ -136,24 +136,17 @@ def test_an_emptied_split_is_one_line_exit_2(tmp_path, capsys, tiny_model_dir, t
 
 # --- the pooled head ----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def tiny_st_dir(tiny_model_dir, tmp_path_factory) -> Path:
-    """The tiny model as a sentence-transformers checkpoint: mean pooling, then unit length."""
+def tiny_st_own_length_dir(tiny_st_dir, tmp_path_factory) -> Path:
+    """The tiny sentence-transformers checkpoint with a max_seq_length of its own (40 tokens)."""
     import shutil
 
-    path = tmp_path_factory.mktemp("tiny-st") / "model"
-    shutil.copytree(tiny_model_dir, path)
-    (path / "modules.json").write_text(json.dumps([
-        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]))
-    (path / "1_Pooling").mkdir()
-    (path / "1_Pooling" / "config.json").write_text(json.dumps(
-        {"word_embedding_dimension": 32, "pooling_mode_cls_token": False, "pooling_mode_mean_tokens": True}))
+    path = tmp_path_factory.mktemp("tiny-st-40") / "model"
+    shutil.copytree(tiny_st_dir, path)
     (path / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 40, "do_lower_case": False}))
     return path
 
 
-def test_max_length_follows_the_checkpoint(tiny_model_dir, tiny_st_dir, tmp_path):
+def test_max_length_follows_the_checkpoint(tiny_model_dir, tiny_st_own_length_dir, tmp_path):
     import shutil
 
     from peftlab.models.loading import max_length_for, model_config
@@ -161,6 +154,7 @@ def test_max_length_follows_the_checkpoint(tiny_model_dir, tiny_st_dir, tmp_path
     def tokens(model, asked=None):
         return max_length_for(asked, str(model), model_config(str(model), ["a", "b"]))
 
+    tiny_st_dir = tiny_st_own_length_dir
     assert tokens(tiny_st_dir) == {"tokens": 40, "source": "the checkpoint's sentence_bert_config.json max_seq_length"}
     assert tokens(tiny_st_dir, 24) == {"tokens": 24, "source": "data.max_length"}
     assert tokens(tiny_model_dir)["tokens"] == 128 and tokens(tiny_model_dir)["source"].startswith("default")
@@ -299,12 +293,12 @@ def test_probe_fits_the_head_alone(tmp_path, tiny_st_dir, few_rows_dir):
     predictions_match(tmp_path / "run")
 
 
-def test_in_batch_pairs_and_the_end_to_end_phase(tmp_path, tiny_st_dir, few_rows_dir):
+def test_in_batch_pairs_and_the_end_to_end_phase(tmp_path, tiny_st_own_length_dir, few_rows_dir):
     """FastFit-style batches (every pair of a class-balanced batch at once), then body and head trained
     together; data.max_length unset: the checkpoint's own 40 tokens, recorded and used again by predict."""
     out = tmp_path / "run"
     args = ["train", "--no-progress", "--output-dir", str(out)]
-    for o in (f"model.name={tiny_st_dir}", f"data.path={few_rows_dir}", "method.name=contrastive-lora",
+    for o in (f"model.name={tiny_st_own_length_dir}", f"data.path={few_rows_dir}", "method.name=contrastive-lora",
               "method.pair_objective=in_batch", "method.pair_iterations=4", "method.end_to_end_epochs=2",
               "train.batch_size=12", "train.learning_rate=0.01", "output.plots=false", "eval.baseline=false"):
         args += ["--set", o]

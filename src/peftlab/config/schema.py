@@ -8,7 +8,9 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from peftlab.errors import UserError
 
 
 def _finite(value: Any) -> Any:
@@ -33,6 +35,22 @@ class Section(BaseModel):
     @classmethod
     def _finite_numbers(cls, v: Any) -> Any:
         return v if isinstance(v, BaseModel) else _finite(v)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """`cfg.train.batch_size = "x"` in Python: one UserError line, as a bad --set is."""
+        try:
+            super().__setattr__(name, value)
+        except ValidationError as e:
+            error = e.errors()[0]
+            key = f"{_section_name(type(self))}{name}"
+            if error["type"] == "no_such_attribute":
+                raise UserError(f"config: unknown key '{key}' (allowed keys: {', '.join(type(self).model_fields)})") from None
+            raise UserError(f"config: bad value {value!r} for '{key}': {error['msg']}") from None
+
+
+def _section_name(cls: type) -> str:
+    """'train.' for TrainConfig (the Config field that holds it), '' for Config itself."""
+    return next((f"{name}." for name, field in Config.model_fields.items() if field.annotation is cls), "")
 
 
 FALLBACK_MAX_LENGTH = 128  # data.max_length unset, and the checkpoint names no max_seq_length of its own
@@ -80,6 +98,11 @@ class ModelConfig(Section):
                             "pooling, then unit length for MiniLM and MPNet), else the checkpoint's own head. pooled: "
                             "that embedding (mean pooling where the checkpoint does not say). cls: the checkpoint's own "
                             "head ([CLS] pooler / first token). Recorded in metrics.json head")
+    trust_remote_code: bool = Field(
+        False, description="let transformers run the code a model folder names (config.json auto_map with a model "
+                           "type it does not know). Off: such a folder is refused in one line, and nothing is "
+                           "asked on stdin. Only for a folder whose code you have read and trust; kept in the run's "
+                           "config, so its predict, serve and export load it the same way")
 
 
 class MethodConfig(Section):

@@ -23,6 +23,7 @@ from peftlab.data.splits import carve, percent, subsample
 from peftlab.errors import UserError
 from peftlab.hub import hub_unreachable
 from peftlab.tasks import SINGLE_LABEL, Task
+from peftlab.tasks.label_encoding import check_names
 
 SPLIT_ALIASES = {"train": ("train",), "validation": ("validation", "valid", "dev"), "test": ("test",)}
 BUILTIN = "bbc_news"
@@ -272,6 +273,20 @@ def read_table(path: Path, keep_blank_rows: bool = False) -> pd.DataFrame:
     return frame
 
 
+def cell_texts(column: pd.Series, where: str, name: str) -> list[str]:
+    """A text column's cells as strings (a missing one as ""; numbers as written). A cell holding a list
+    or a mapping (a Parquet list column, a JSON array) is not a text: one line naming the row."""
+    out = []
+    for i, v in enumerate(column.tolist()):
+        if isinstance(v, (list, tuple, dict, np.ndarray)):
+            shown = repr(v.tolist() if isinstance(v, np.ndarray) else v)
+            raise UserError(f"{where}: row {i + 1} of column {name!r} holds a {'mapping' if isinstance(v, dict) else 'list'} "
+                            f"({shown[:60]}{'...' if len(shown) > 60 else ''}), not a text; write one string per "
+                            f"cell (join the parts), or list several text columns in data.text_columns")
+        out.append(v if isinstance(v, str) else ("" if pd.isna(v) else str(v)))
+    return out
+
+
 def read_texts(path: str, text_columns: list[str], what: str) -> list[str]:
     """The texts of a file without labels (`peftlab predict --input`, distill.unlabeled): its 'text' column,
     else data.text_columns joined with a space; one text per row, blank rows included."""
@@ -281,7 +296,8 @@ def read_texts(path: str, text_columns: list[str], what: str) -> list[str]:
     if missing:
         raise UserError(f"{what} {path!r}: no column {missing[0]!r} (columns: {', '.join(map(str, frame.columns))}); "
                         f"name the text column 'text' or {' + '.join(text_columns)}")
-    return frame[columns].fillna("").astype(str).agg(" ".join, axis=1).tolist()
+    parts = [cell_texts(frame[c], f"{what} {path!r}", c) for c in columns]
+    return [" ".join(row) for row in zip(*parts)]
 
 
 def _read_label_names(path: Path) -> list[str]:
@@ -291,6 +307,8 @@ def _read_label_names(path: Path) -> list[str]:
         raise UserError(f"{path}: cannot be read ({_first_line(e)}); it must be a JSON list of class names") from None
     if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
         raise UserError(f"{path}: must be a JSON list of class names, like [\"negative\", \"positive\"]; fix it")
+    names = [n.strip() for n in names]  # as in the data: surrounding whitespace is not part of a name
+    check_names(names, str(path), "name")
     return names
 
 
@@ -353,7 +371,7 @@ def _texts_and_labels(frame: pd.DataFrame, text_columns: list[str], label_column
     empty label is the empty label set when `empty_label_ok`: multi-label)."""
     frame = frame.rename(columns=str).reset_index(drop=True)
     _check_columns(frame.columns, text_columns, label_column, where)
-    parts = [[v if isinstance(v, str) else ("" if pd.isna(v) else str(v)) for v in frame[c]] for c in text_columns]
+    parts = [cell_texts(frame[c], where, c) for c in text_columns]
     texts = parts[0] if len(parts) == 1 else [" ".join(p for p in row if p) for row in zip(*parts)]
     blank = [i for i, t in enumerate(texts) if not t.strip()]
     if blank:

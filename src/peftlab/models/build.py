@@ -46,7 +46,7 @@ def build_model(cfg: Config, label_names: list[str], device: torch.device, task:
         raise UserError(f"method {method.name} classifies from the pooled sentence embedding: set model.head=auto "
                         f"(or pooled), not cls")
     head = head_for(cfg.model.name, "pooled" if method.pooled_head else cfg.model.head)
-    model = load_classifier(cfg.model.name, label_names, extra, task, head)
+    model = load_classifier(cfg.model.name, label_names, extra, task, head, cfg.model.trust_remote_code)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # without this, a frozen embedding gives "element 0 of tensors does not require grad" (peft #137)

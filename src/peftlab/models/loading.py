@@ -43,6 +43,7 @@ def _mpnet_dir() -> str:
 
 
 ALIASES = {"minilm-l6": _minilm_dir, "mpnet-base": _mpnet_dir}
+HUB_NAMES = {"minilm-l6": "sentence-transformers/all-MiniLM-L6-v2", "mpnet-base": "sentence-transformers/all-mpnet-base-v2"}
 
 
 def resolve(name: str) -> str:
@@ -59,7 +60,7 @@ def is_random(name: str) -> bool:
     return name.startswith("random:")
 
 
-def _quiet_transformers() -> None:
+def quiet_transformers() -> None:
     # transformers 5 prints a load report per model (e.g. "classifier MISSING", which is expected for a new head)
     from transformers.utils import logging as hf_logging
 
@@ -69,6 +70,10 @@ def _quiet_transformers() -> None:
 
 
 def _not_found(what: str, name: str, err: Exception) -> UserError:
+    if "trust_remote_code" in str(err):  # transformers: the folder's auto_map names code to run
+        return UserError(f"{what} {name!r} names code of its own to run (config.json auto_map, a model type "
+                         f"transformers does not know); peftlab runs no code from a model folder unless you set "
+                         f"model.trust_remote_code=true, for a folder whose code you have read and trust")
     if Path(name).exists():
         return UserError(f"{what} {name!r} could not be loaded from that folder ({str(err).splitlines()[0]}): "
                          f"point model.name at a folder written by save_pretrained")
@@ -78,20 +83,21 @@ def _not_found(what: str, name: str, err: Exception) -> UserError:
                      f"Use a local model folder, or a built-in model: {', '.join(ALIASES)}")
 
 
-def load_tokenizer(model_name: str, tokenizer_name: str | None = None):
-    _quiet_transformers()
+def load_tokenizer(model_name: str, tokenizer_name: str | None = None, trust_remote_code: bool = False):
+    quiet_transformers()
     if is_random(model_name) and not tokenizer_name:
         tokenizer_name = "minilm-l6"  # any BERT WordPiece vocabulary will do for random weights
     name = resolve(tokenizer_name or model_name)
     try:
-        return AutoTokenizer.from_pretrained(name, **_hub_kwargs(name))
+        return AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code, **_hub_kwargs(name))
     except Exception as e:  # noqa: BLE001 - hub/IO errors come in many types
         raise _not_found("tokenizer", name, e) from None
 
 
-def model_config(model_name: str, label_names: list[str], task: Task = SINGLE_LABEL):
+def model_config(model_name: str, label_names: list[str], task: Task = SINGLE_LABEL, trust_remote_code: bool = False):
     """The transformers config with our labels, without loading weights (problem_type: the task's, so that
-    pipeline() applies its softmax, or a sigmoid per label)."""
+    pipeline() applies its softmax, or a sigmoid per label). trust_remote_code is always passed, False
+    unless model.trust_remote_code says otherwise: transformers would otherwise ask on stdin."""
     labels = dict(num_labels=len(label_names), id2label=dict(enumerate(label_names)),
                   label2id={n: i for i, n in enumerate(label_names)},
                   problem_type=task.problem_type)
@@ -102,7 +108,7 @@ def model_config(model_name: str, label_names: list[str], task: Task = SINGLE_LA
         return BertConfig(vocab_size=30522, **RANDOM_SHAPES[shape], **labels)
     name = resolve(model_name)
     try:
-        return AutoConfig.from_pretrained(name, **labels, **_hub_kwargs(name))
+        return AutoConfig.from_pretrained(name, **labels, trust_remote_code=trust_remote_code, **_hub_kwargs(name))
     except Exception as e:  # noqa: BLE001
         raise _not_found("model", name, e) from None
 
@@ -174,21 +180,22 @@ def random_model_dir(model_name: str) -> str:
 
 
 def load_classifier(model_name: str, label_names: list[str], extra_kwargs: dict | None = None,
-                    task: Task = SINGLE_LABEL, head: dict | None = None):
+                    task: Task = SINGLE_LABEL, head: dict | None = None, trust_remote_code: bool = False):
     """AutoModelForSequenceClassification with a fresh head sized to our labels, reading the pooled
     embedding where `head` says so (head_for). Pretrained models and random:SHAPE take the same path
     (random weights come from a cached folder)."""
-    _quiet_transformers()
-    config = model_config(model_name, label_names, task)
+    quiet_transformers()
+    config = model_config(model_name, label_names, task, trust_remote_code)
     source = random_model_dir(model_name) if is_random(model_name) else resolve(model_name)
     try:
         # a checkpoint may carry a head for other labels: ours replaces it (hence ignore_mismatched_sizes)
         return install(AutoModelForSequenceClassification.from_pretrained(
-            source, config=config, ignore_mismatched_sizes=True, **(extra_kwargs or {})), head)
+            source, config=config, ignore_mismatched_sizes=True, trust_remote_code=trust_remote_code,
+            **(extra_kwargs or {})), head)
     except UserError:
         raise
     except (OSError, ValueError) as e:
-        if "does not appear to have" in str(e) or "not a valid model" in str(e):
+        if any(words in str(e) for words in ("does not appear to have", "not a valid model", "trust_remote_code")):
             raise _not_found("model", model_name, e) from None
         raise
 

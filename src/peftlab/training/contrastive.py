@@ -131,7 +131,8 @@ class ContrastiveTrainer(Trainer):
             return
         t0 = time.perf_counter()
         tuned = bool(self.schedule.total_steps)
-        loss = (self._tune_body_in_batch() if self.batches is not None else self._tune_body()) if tuned else float("nan")
+        # the probe trains no body: no loss
+        loss = (self._tune_body_in_batch() if self.batches is not None else self._tune_body()) if tuned else None
         body_seconds = time.perf_counter() - t0
         head = self._fit_head()
         mc = self.cfg.method
@@ -153,7 +154,7 @@ class ContrastiveTrainer(Trainer):
         with self.runtime.autocast():
             return _hf_model(self.model).base_model(**batch)["pooler_output"].float()
 
-    def _tune_body(self) -> float:
+    def _tune_body(self) -> float | None:
         """The pairs, in a fresh random order per pass; returns the mean loss of the last pass."""
         tc, st, device, data = self.cfg.train, self.state, self.runtime.device, self.encoded["train"]
         per_epoch, total = self.schedule.steps_per_epoch, self.schedule.total_steps
@@ -180,9 +181,9 @@ class ContrastiveTrainer(Trainer):
             if st.step % tc.log_every == 0 or step + 1 == total:
                 self._log_step(epoch + (i + 1) / per_epoch, float(losses[-1]))
         self.body_steps = st.step
-        return float(torch.stack(losses).mean()) if losses else float("nan")
+        return float(torch.stack(losses).mean()) if losses else None
 
-    def _tune_body_in_batch(self) -> float:
+    def _tune_body_in_batch(self) -> float | None:
         """pair_objective=in_batch: per step, one class-balanced batch of labelled rows, every pair at once."""
         tc, st, device, data = self.cfg.train, self.state, self.runtime.device, self.encoded["train"]
         total, temperature = self.schedule.total_steps, self.cfg.method.pair_temperature
@@ -200,7 +201,7 @@ class ContrastiveTrainer(Trainer):
             if st.step % tc.log_every == 0 or step + 1 == total:
                 self._log_step((step + 1) / total, float(losses[-1]))
         self.body_steps = st.step
-        return float(torch.stack(losses).mean()) if losses else float("nan")
+        return float(torch.stack(losses).mean()) if losses else None
 
     def _end_to_end(self) -> dict:
         """SetFit's end-to-end phase: body and the fitted head trained together on the classification loss,
