@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -12,8 +13,10 @@ import torch
 
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, BertConfig
 
+from peftlab.config.schema import FALLBACK_MAX_LENGTH
 from peftlab.errors import UserError
 from peftlab.hub import hub_unreachable
+from peftlab.models.architectures import check_max_length, position_limit
 from peftlab.models.heads import checkpoint_pooling, install
 from peftlab.tasks import SINGLE_LABEL, Task
 
@@ -124,6 +127,27 @@ def head_for(model_name: str, choice: str = "auto") -> dict:
         return {"kind": "pooled", "pooling": "mean", "normalize": False,
                 "source": "model.head=pooled (the checkpoint names no pooling: mean)"}
     return {"kind": "own", "reason": "not a sentence-transformers checkpoint (no modules.json with a Pooling module)"}
+
+
+def max_length_for(asked: int | None, model_name: str, config) -> dict:
+    """Tokens per text (data.max_length) and where the number came from, for metrics.json max_length:
+    as asked; else a sentence-transformers checkpoint's own max_seq_length (sentence_bert_config.json: what
+    it was trained to read, 256 for all-MiniLM-L6-v2), capped at the model's positions; else the fallback."""
+    if asked is not None:
+        check_max_length(config, asked, model_name)
+        return {"tokens": asked, "source": "data.max_length"}
+    folder = None if is_random(model_name) else Path(resolve(model_name))
+    try:
+        own = json.loads((folder / "sentence_bert_config.json").read_text(encoding="utf-8"))["max_seq_length"]
+    except (TypeError, OSError, ValueError, KeyError):
+        own = None
+    limit = position_limit(config)
+    if isinstance(own, int) and not isinstance(own, bool) and own >= 8:
+        tokens = min(own, limit) if limit else own
+        return {"tokens": tokens, "source": "the checkpoint's sentence_bert_config.json max_seq_length"
+                                            + (f" ({own}), capped at its {limit} positions" if tokens < own else "")}
+    tokens = min(FALLBACK_MAX_LENGTH, limit) if limit else FALLBACK_MAX_LENGTH
+    return {"tokens": tokens, "source": "default (data.max_length unset; the checkpoint names no max_seq_length)"}
 
 
 def _cache_root() -> Path:

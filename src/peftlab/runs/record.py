@@ -195,6 +195,7 @@ class RunRecord(Record):
     selection: dict | None = None
     head: dict | None = None  # what the classifier reads: the checkpoint's own head, or its pooled embedding
     few_shot: dict | None = None  # contrastive / probe methods: pairs, body epochs, head fit
+    max_length: dict | None = None  # tokens per text and where the number came from (data.max_length or the checkpoint)
     error: str | None = None  # failed: what went wrong
     traceback: str | None = None
     reason: str | None = None  # pruned: why

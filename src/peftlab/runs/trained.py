@@ -52,6 +52,8 @@ def completed_run(run_dir: str | Path, what: str = "run") -> tuple[RunDir, RunRe
         raise UserError(f"{what} {str(run.path)!r} did not complete (status {record.status}"
                         f"{': ' + record.error.splitlines()[0] if record.error else ''}): pick a completed run")
     cfg = run.config()
+    if cfg.data.max_length is None:  # unset in config.yaml: the number the run resolved and read (metrics.json)
+        cfg.data.max_length = (record.max_length or {}).get("tokens")
     weights = run.saved_weights()
     files = list(weights.glob("*.safetensors")) + list(weights.glob("*.bin")) if weights else []
     if not files:

@@ -31,8 +31,7 @@ from peftlab.data.tokenize import Encoded, encode
 from peftlab.errors import UserError, out_of_memory
 from peftlab.evaluation.predict import predict_logits
 from peftlab.models.build import build_model
-from peftlab.models.architectures import check_max_length
-from peftlab.models.loading import load_tokenizer, model_config
+from peftlab.models.loading import load_tokenizer, max_length_for, model_config
 from peftlab.models.methods.registry import get as method_named
 from peftlab.models.params import count_parameters
 from peftlab.models.speed import first_token_only
@@ -159,11 +158,17 @@ class Trainer:
         cfg = self.cfg
         # first: a wrong name fails fast
         self.tokenizer = load_tokenizer(cfg.model.name, cfg.model.tokenizer, cfg.model.trust_remote_code)
-        self.data = load_data(cfg.data, cfg.train.seed)  # data.seed, when set, picks the splits
+        # data.seed, when set, picks the splits; rows are spared from a validation split too small to use,
+        # unless the run fits something on held-out validation rows (a temperature, a tuned threshold)
+        held_out = cfg.eval.calibrate != "none" or cfg.eval.threshold == "tune"
+        self.data = load_data(cfg.data, cfg.train.seed, spare_rows=not held_out)
         self.task = self.data.task
         self._plan_selection()
-        check_max_length(model_config(cfg.model.name, self.data.label_names, trust_remote_code=cfg.model.trust_remote_code),
-                         cfg.data.max_length, cfg.model.name)
+        self.max_length = max_length_for(cfg.data.max_length, cfg.model.name, model_config(
+            cfg.model.name, self.data.label_names, trust_remote_code=cfg.model.trust_remote_code))
+        if cfg.data.max_length is None:  # the number this run reads, in every later use and in the record's config
+            self.cfg = cfg = cfg.model_copy(deep=True)
+            cfg.data.max_length = self.max_length["tokens"]
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.encoded: dict[str, Encoded] = {
             s: encode(self.tokenizer, getattr(self.data, s).texts, getattr(self.data, s).labels,
@@ -180,7 +185,7 @@ class Trainer:
         epoch where validation is too small to tell epochs apart (docs/few-shot.md)."""
         data, dc = self.data, self.cfg.data
         check_not_empty({s: getattr(data, s) for s in SPLITS}, data.split_sources)
-        self.selection = selection_plan(len(data.validation), dc.min_validation_rows)
+        self.selection = selection_plan(len(data.validation), dc.min_validation_rows, data.validation_is_train)
         if self.selection["rule"] == "last epoch":
             self._say(f"peftlab: warning: {self.selection['reason']}; the last epoch is kept (set "
                       f"data.min_validation_rows lower to select by validation anyway)")
@@ -567,7 +572,8 @@ class Trainer:
             distill=({"teacher": cfg.distill.teacher, "alpha": cfg.distill.alpha, "temperature": cfg.distill.temperature,
                       "unlabeled": cfg.distill.unlabeled, "unlabeled_rows": len(self.unlabeled)}
                      if cfg.distill.teacher else None),
-            precision_retry=st.precision_retry, selection=self.selection, head=self.built.head, **(decision or {}))
+            precision_retry=st.precision_retry, selection=self.selection, head=self.built.head,
+            max_length=self.max_length, **(decision or {}))
 
     def _finish_pruned(self) -> RunRecord:
         record = RunRecord(status="pruned", reason=self.state.stopped.removeprefix("pruned: "),
