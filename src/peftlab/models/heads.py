@@ -81,8 +81,9 @@ def _pooled_output(head: dict):
     def hook(module, args, kwargs, output):
         mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
         pooled = embed(output[0], mask, head)
-        # both places a classification head reads: pooler_output (BERT) and the first token (RoBERTa, MPNet)
-        output["last_hidden_state"] = pooled[:, None, :]
+        # every place a classification head reads: pooler_output (BERT), the first token (RoBERTa, MPNet), the
+        # last real one (decoders), the mean (ModernBERT): the embedding at every position (a view, no copy)
+        output["last_hidden_state"] = pooled[:, None, :].expand(-1, output[0].shape[1], -1)
         output["pooler_output"] = pooled
         return output
 
@@ -112,25 +113,30 @@ def install_saved(model: torch.nn.Module) -> torch.nn.Module:
     return install(model, getattr(model.config, CONFIG_KEY, None))
 
 
-def _pooled_classes() -> dict[str, type]:
-    """Pooled<Arch>ForSequenceClassification for the architectures sentence-transformers checkpoints use:
-    the classes a merged export's auto_map names."""
+# the architectures sentence-transformers checkpoints use, and the common decoders (a few-shot or
+# model.head=pooled run of one): Pooled<name> is the class a merged export's auto_map names
+POOLED_BASES = ("BertForSequenceClassification", "MPNetForSequenceClassification",
+                "RobertaForSequenceClassification", "XLMRobertaForSequenceClassification",
+                "DistilBertForSequenceClassification", "LlamaForSequenceClassification",
+                "MistralForSequenceClassification", "Qwen2ForSequenceClassification",
+                "Qwen3ForSequenceClassification", "GemmaForSequenceClassification", "Gemma2ForSequenceClassification",
+                "Gemma3TextForSequenceClassification", "Phi3ForSequenceClassification",
+                "Olmo2ForSequenceClassification")
+
+
+def __getattr__(name: str):
+    """Pooled<Arch>ForSequenceClassification, made on first use (importing every architecture's modeling
+    code up front would cost each peftlab process seconds)."""
     import transformers
 
-    out = {}
-    for name in ("BertForSequenceClassification", "MPNetForSequenceClassification",
-                 "RobertaForSequenceClassification", "XLMRobertaForSequenceClassification",
-                 "DistilBertForSequenceClassification"):
-        base = getattr(transformers, name, None)
-        if base is None:
-            continue
+    base = getattr(transformers, name[len("Pooled"):], None) if name.startswith("Pooled") else None
+    if name[len("Pooled"):] not in POOLED_BASES or base is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-        def __init__(self, config, *args, _base=base, **kwargs):
-            _base.__init__(self, config, *args, **kwargs)
-            install_saved(self)
+    def __init__(self, config, *args, **kwargs):
+        base.__init__(self, config, *args, **kwargs)
+        install_saved(self)
 
-        out["Pooled" + name] = type("Pooled" + name, (base,), {"__init__": __init__})
-    return out
-
-
-globals().update(_pooled_classes())
+    cls = type(name, (base,), {"__init__": __init__, "__module__": __name__})
+    globals()[name] = cls
+    return cls

@@ -65,6 +65,7 @@ def load_trained(run_dir: str | Path, device: torch.device, merge: bool = True, 
     run, record, cfg = completed_run(run_dir, what)
     weights = run.saved_weights()
     try:
+        tokenizer = AutoTokenizer.from_pretrained(weights)  # with the pad token the run used (a decoder's head needs it)
         if weights.name == "model":
             model = install_saved(AutoModelForSequenceClassification.from_pretrained(weights))
         else:
@@ -72,11 +73,10 @@ def load_trained(run_dir: str | Path, device: torch.device, merge: bool = True, 
                 raise UserError(f"{what} {str(run.path)!r} used random weights ({cfg.model.name}): it is for speed "
                                 f"measurements only and cannot be reloaded for predictions")
             model = PeftModel.from_pretrained(load_classifier(cfg.model.name, record.label_names, task=record.kind,
-                                                              head=record.head), weights,
-                                              adapter_name=adapter_name)
+                                                              head=record.head, pad_token_id=tokenizer.pad_token_id),
+                                              weights, adapter_name=adapter_name)
             if merge:
                 model = model.merge_and_unload()
-        tokenizer = AutoTokenizer.from_pretrained(weights)
     except UserError:
         raise
     except Exception as e:  # noqa: BLE001 - truncated safetensors, bad JSON, ... come in many types
