@@ -47,6 +47,42 @@ def write_bert(path: Path, hidden_size: int, intermediate_size: int) -> Path:
     return path
 
 
+def write_decoder(path: Path, model_type: str = "llama") -> Path:
+    """A randomly initialised 2-layer decoder (seed 0) of width 64 (widths bitsandbytes 4-bit takes), with
+    MiniLM's vocabulary in a decoder's kind of tokenizer: nothing added around a text, an end-of-text token
+    and no pad token (as most decoders' come)."""
+    import torch
+    from tokenizers import Tokenizer
+    from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedTokenizerFast
+
+    from peftlab.models.loading import load_tokenizer
+
+    backend = Tokenizer.from_str(load_tokenizer("minilm-l6").backend_tokenizer.to_str())
+    backend.post_processor = None  # no [CLS] ... [SEP] around the text
+    backend.no_padding()
+    backend.no_truncation()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="[SEP]", unk_token="[UNK]")
+    assert tokenizer.pad_token is None
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, head_dim=32,
+                                  max_position_embeddings=128, eos_token_id=tokenizer.eos_token_id,
+                                  pad_token_id=None, bos_token_id=None, tie_word_embeddings=False)
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    return write_decoder(tmp_path_factory.mktemp("tiny-llama"), "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_dir(tmp_path_factory) -> Path:
+    return write_decoder(tmp_path_factory.mktemp("tiny-qwen3"), "qwen3")
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return write_bert(tmp_path_factory.mktemp("tiny-bert"), hidden_size=32, intermediate_size=64)

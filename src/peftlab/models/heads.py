@@ -94,8 +94,9 @@ def _pooled_output(head: dict):
     def hook(module, args, kwargs, output):
         mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
         pooled = embed(output[0], mask, head)
-        # both places a classification head reads: pooler_output (BERT) and the first token (RoBERTa, MPNet)
-        output["last_hidden_state"] = pooled[:, None, :]
+        # every place a classification head reads: pooler_output (BERT), the first token (RoBERTa, MPNet), the
+        # last real one (decoders), the mean (ModernBERT): the embedding at every position (a view, no copy)
+        output["last_hidden_state"] = pooled[:, None, :].expand(-1, output[0].shape[1], -1)
         output["pooler_output"] = pooled
         return output
 

@@ -73,6 +73,7 @@ def load_trained(run_dir: str | Path, device: torch.device, merge: bool = True, 
     weights = run.saved_weights()
     quiet_transformers()  # its load reports (a pooled folder's model type, a new head) are not the user's business
     try:
+        tokenizer = AutoTokenizer.from_pretrained(weights, trust_remote_code=False)  # with the pad token the run used (a decoder's head needs it)
         if weights.name == "model":
             # a pooled head's folder names its own code (auto_map): peftlab reads it with its own classes
             model = install_saved(AutoModelForSequenceClassification.from_pretrained(
@@ -82,12 +83,11 @@ def load_trained(run_dir: str | Path, device: torch.device, merge: bool = True, 
                 raise UserError(f"{what} {str(run.path)!r} used random weights ({cfg.model.name}): it is for speed "
                                 f"measurements only and cannot be reloaded for predictions")
             model = PeftModel.from_pretrained(load_classifier(cfg.model.name, record.label_names, task=record.kind,
-                                                              head=record.head,
-                                                              trust_remote_code=cfg.model.trust_remote_code), weights,
-                                              adapter_name=adapter_name)
+                                                              head=record.head, pad_token_id=tokenizer.pad_token_id,
+                                                              trust_remote_code=cfg.model.trust_remote_code),
+                                              weights, adapter_name=adapter_name)
             if merge:
                 model = model.merge_and_unload()
-        tokenizer = AutoTokenizer.from_pretrained(weights, trust_remote_code=False)
     except UserError:
         raise
     except Exception as e:  # noqa: BLE001 - truncated safetensors, bad JSON, ... come in many types

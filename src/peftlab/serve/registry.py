@@ -179,6 +179,7 @@ class Registry:
             group = self.groups.get(key)
             if group is None:
                 base = load_classifier(cfg.model.name, labels, task=record.kind, head=record.head,
+                                       pad_token_id=tokenizer.pad_token_id,
                                        trust_remote_code=cfg.model.trust_remote_code)
                 model = PeftModel.from_pretrained(base, weights, adapter_name=adapter)
                 if peft_type == "LORA":
@@ -190,8 +191,9 @@ class Registry:
                 # a head of another width (other label count) comes from a model built for this run's labels:
                 # a temporary second copy of the base, at load time only, outside the lock
                 own = None if len(labels) == group.model.config.num_labels else PeftModel.from_pretrained(
-                    load_classifier(cfg.model.name, labels, head=record.head,
-                                    trust_remote_code=cfg.model.trust_remote_code), weights, adapter_name=adapter)
+                    load_classifier(cfg.model.name, labels, head=record.head, pad_token_id=tokenizer.pad_token_id,
+                                    trust_remote_code=cfg.model.trust_remote_code),
+                    weights, adapter_name=adapter)
                 with group.lock:
                     _load_adapter(group.model, adapter, weights, own)
                     group.model.to(self.device)

@@ -285,7 +285,8 @@ class ContrastiveTrainer(Trainer):
         """The head on the labelled rows' embeddings (body frozen); what was done, for metrics.json few_shot."""
         t0 = time.perf_counter()
         x, y = self.embeddings("train"), self.encoded["train"].labels
-        head = _trained_copy(_hf_model(self.model).classifier)
+        hf = _hf_model(self.model)
+        head = _trained_copy(hf.classifier if hasattr(hf, "classifier") else hf.score)  # decoders: score
         k = len(self.data.label_names)
         if self.cfg.method.head_fit == "logistic" and isinstance(head, torch.nn.Linear) and len(np.unique(y)) > 1:
             from sklearn.linear_model import LogisticRegression
@@ -293,7 +294,9 @@ class ContrastiveTrainer(Trainer):
             # C on the unit-length embedding, as SetFit fits it: the head's scale s (models/heads.py) divides
             # it by s^2, which gives exactly the same classifier
             scale = (self.built.head.get("scale") or 1.0) ** 2
-            lr = LogisticRegression(C=self.cfg.method.head_c / scale, max_iter=1000).fit(x, y)
+            # a decoder's score layer has no bias: fitted without an intercept
+            lr = LogisticRegression(C=self.cfg.method.head_c / scale, max_iter=1000,
+                                    fit_intercept=head.bias is not None).fit(x, y)
             weight, bias = np.zeros((k, x.shape[1]), np.float32), np.zeros(k, np.float32)
             if len(lr.classes_) == 2:  # one coefficient vector: logits -w/2, +w/2 give the same softmax
                 weight[lr.classes_] = np.stack([-lr.coef_[0] / 2, lr.coef_[0] / 2])
@@ -302,7 +305,8 @@ class ContrastiveTrainer(Trainer):
                 weight[lr.classes_], bias[lr.classes_] = lr.coef_, lr.intercept_
             with torch.no_grad():
                 head.weight.copy_(torch.from_numpy(weight))
-                head.bias.copy_(torch.from_numpy(bias))
+                if head.bias is not None:
+                    head.bias.copy_(torch.from_numpy(bias))
             fit = "logistic regression (scikit-learn)"
         else:
             self._train_head(head, x, y)

@@ -31,7 +31,8 @@ from peftlab.data.tokenize import Encoded, encode
 from peftlab.errors import UserError, out_of_memory
 from peftlab.evaluation.predict import predict_logits
 from peftlab.models.build import build_model
-from peftlab.models.loading import load_tokenizer, max_length_for, model_config
+from peftlab.models.architectures import check_max_length
+from peftlab.models.loading import load_tokenizer, max_length_for, model_config, model_source
 from peftlab.models.methods.registry import get as method_named
 from peftlab.models.params import count_parameters
 from peftlab.models.speed import first_token_only
@@ -243,7 +244,7 @@ class Trainer:
 
     def _setup_model(self) -> None:
         frozen = self._frozen_dtype()
-        self.built = build_model(self.cfg, self.data.label_names, self.runtime.device, self.task, frozen)
+        self.built = build_model(self.cfg, self.data.label_names, self.runtime.device, self.task, frozen, self.tokenizer)
         self.model = self.built.model
         # as built: the dtype of the frozen floating-point weights (None: nothing is frozen)
         held = next((p.dtype for p in self.model.parameters() if not p.requires_grad and p.dtype.is_floating_point), None)
@@ -573,7 +574,7 @@ class Trainer:
                       "unlabeled": cfg.distill.unlabeled, "unlabeled_rows": len(self.unlabeled)}
                      if cfg.distill.teacher else None),
             precision_retry=st.precision_retry, selection=self.selection, head=self.built.head,
-            max_length=self.max_length, **(decision or {}))
+            max_length=self.max_length, model_source=model_source(cfg.model.name), **(decision or {}))
 
     def _finish_pruned(self) -> RunRecord:
         record = RunRecord(status="pruned", reason=self.state.stopped.removeprefix("pruned: "),
