@@ -47,9 +47,66 @@ def write_bert(path: Path, hidden_size: int, intermediate_size: int) -> Path:
     return path
 
 
+def write_decoder(path: Path, model_type: str = "llama") -> Path:
+    """A randomly initialised 2-layer decoder (seed 0) of width 64 (widths bitsandbytes 4-bit takes), with
+    MiniLM's vocabulary in a decoder's kind of tokenizer: nothing added around a text, an end-of-text token
+    and no pad token (as most decoders' come)."""
+    import torch
+    from tokenizers import Tokenizer
+    from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedTokenizerFast
+
+    from peftlab.models.loading import load_tokenizer
+
+    backend = Tokenizer.from_str(load_tokenizer("minilm-l6").backend_tokenizer.to_str())
+    backend.post_processor = None  # no [CLS] ... [SEP] around the text
+    backend.no_padding()
+    backend.no_truncation()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="[SEP]", unk_token="[UNK]")
+    assert tokenizer.pad_token is None
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, head_dim=32,
+                                  max_position_embeddings=128, eos_token_id=tokenizer.eos_token_id,
+                                  pad_token_id=None, bos_token_id=None, tie_word_embeddings=False)
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    return write_decoder(tmp_path_factory.mktemp("tiny-llama"), "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_dir(tmp_path_factory) -> Path:
+    return write_decoder(tmp_path_factory.mktemp("tiny-qwen3"), "qwen3")
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return write_bert(tmp_path_factory.mktemp("tiny-bert"), hidden_size=32, intermediate_size=64)
+
+
+@pytest.fixture(scope="session")
+def tiny_st_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny model as a sentence-transformers checkpoint (mean pooling, then unit length), so that
+    `model.head: auto` gives it the pooled head, as it does all-MiniLM-L6-v2 and all-mpnet-base-v2."""
+    import shutil
+
+    from transformers import BertModel
+
+    path = tmp_path_factory.mktemp("tiny-st") / "model"
+    shutil.copytree(tiny_model_dir, path)
+    BertModel.from_pretrained(tiny_model_dir).save_pretrained(path)  # headless, as sentence-transformers saves it
+    (path / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]))
+    (path / "1_Pooling").mkdir()
+    (path / "1_Pooling" / "config.json").write_text(json.dumps(
+        {"word_embedding_dimension": 32, "pooling_mode_cls_token": False, "pooling_mode_mean_tokens": True}))
+    return path
 
 
 WORDS = {
@@ -60,13 +117,13 @@ WORDS = {
 FILLER = ["the", "a", "today", "new", "big", "small", "people", "said", "was", "very", "and", "then"]
 
 
-def make_rows(n: int, seed: int = 0) -> list[dict]:
+def make_rows(n: int, seed: int = 0, topics: dict[str, list[str]] = WORDS) -> list[dict]:
     """Texts of varied length whose class shows in topic words: learnable by a tiny model in a few steps."""
     rng = random.Random(seed)
     rows = []
     for i in range(n):
-        label = list(WORDS)[i % len(WORDS)]
-        words = [rng.choice(WORDS[label]) if rng.random() < 0.4 else rng.choice(FILLER)
+        label = list(topics)[i % len(topics)]
+        words = [rng.choice(topics[label]) if rng.random() < 0.4 else rng.choice(FILLER)
                  for _ in range(rng.randint(4, 40))]
         rows.append({"text": " ".join(words), "label": label})
     return rows

@@ -30,7 +30,8 @@ def test_repository_scenarios_load():
             # CPU scenarios at 1e-3: at 3e-4 their few steps left every contender at chance
             assert part.batch_size == 32 and part.max_length == 128
             assert part.learning_rate == (1e-3 if s.device == "cpu" else 3e-4)
-            assert part.lora == {"r": 16, "alpha": 32, "dropout": 0.1, "target_modules": ["query", "value"]}
+            targets = ["q_proj", "v_proj"] if part.name == "decoder" else ["query", "value"]
+            assert part.lora == {"r": 16, "alpha": 32, "dropout": 0.1, "target_modules": targets}
         assert s.path(s.parts[0].data) == (REPO.parent / "shared" / "data" / s.parts[0].data.split("/")[-1]).resolve()
     gpu = scenarios.load("gpu-imdb", source)
     assert [p.model for p in gpu.parts] == ["random:bert-base", "minilm-l6"] and gpu.parts[1].epochs == 2
@@ -130,6 +131,8 @@ def test_tuned_trainer_runs_in_bf16_on_a_cpu_with_bf16_units(tmp_path, tiny_mode
 def test_flops_and_mfu():
     bert_base = flops.non_embedding_params("random:bert-base")
     assert 85e6 < bert_base < 87e6  # 12 x (4 x 768^2 + 2 x 768 x 3072 + biases, norms) + pooler, head
+    # a decoder: its embed_tokens table left out too (Qwen2.5-0.5B: 0.36 B of its 0.49 B)
+    assert 3.55e8 < flops.non_embedding_params("random:qwen2.5-0.5b") < 3.6e8
     # LoRA on bert-base: about 350 MFLOP per real token (2 forward + 2 backward through activations)
     assert flops.flops_per_token(bert_base, "lora") == 4 * bert_base
     assert flops.flops_per_token(bert_base, "full") == 6 * bert_base
@@ -194,7 +197,7 @@ def test_tiny_benchmark_writes_consistent_results(tmp_path, tiny_model_dir):
 
 
 @pytest.mark.skipif(not BASELINE.is_file() or not SST2.is_dir(), reason="needs ../shared/bench and ../shared/data")
-def test_gpu_check_dry_run_on_cpu(tmp_path, tiny_model_dir):
+def test_gpu_check_dry_run_on_cpu(tmp_path, tiny_model_dir, tiny_llama_dir):
     """bench/gpu-check as it runs on a lent GPU, on CPU with tiny sizes, so that it cannot rot: the bundle
     built (without wheels), every step and contender run, rows appended, the table at the end."""
     import subprocess
@@ -207,7 +210,8 @@ def test_gpu_check_dry_run_on_cpu(tmp_path, tiny_model_dir):
     assert manifest["bytes"] <= 60_000_000 and manifest["rows"] == {"imdb_train": 80, "imdb_test": 40}
     assert (bundle / "baseline" / "hf_trainer_baseline.py").read_bytes() == BASELINE.read_bytes()
     done = subprocess.run([sys.executable, str(REPO / "bench" / "gpu-check"), "--bundle", str(bundle), "--out", str(out),
-                           "--dry-run", "--model", str(tiny_model_dir), "--budget", "400"],
+                           "--dry-run", "--model", str(tiny_model_dir), "--decoder-model", str(tiny_llama_dir),
+                           "--budget", "400"],
                           capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
     assert sorted(p.name for p in out.iterdir()) == ["gpu-check.json", "gpu-check.jsonl", "gpu-check.log"]
@@ -217,11 +221,16 @@ def test_gpu_check_dry_run_on_cpu(tmp_path, tiny_model_dir):
     assert set(tests) == {"not compile", "compile"}  # the compile tests last: they must not starve the rest
     assert all(t["exit"] == 0 and "collected" in t["summary"] for t in tests.values())  # they import and are found
     assert next(r for r in rows if r["kind"] == "matmul")["tflops"] > 0
-    contenders = [(r["scenario"], r["contender"]) for r in rows if "contender" in r]
-    assert sorted(contenders) == sorted([("gpu-sst2", c) for c in ("seed", "tuned", "peftlab", "peftlab-graphs",
-                                                                     "peftlab-qlora")] + [("gpu-imdb", "peftlab")])
+    contenders = [(r["scenario"], r["part"], r["contender"]) for r in rows if "contender" in r]
+    assert sorted(contenders) == sorted([("gpu-sst2", "speed", c) for c in ("seed", "tuned", "peftlab", "peftlab-graphs",
+                                                                            "peftlab-qlora")]
+                                        + [("gpu-sst2", "decoder", "peftlab"), ("gpu-sst2", "decoder", "peftlab-qlora"),
+                                           ("gpu-imdb", "speed", "peftlab")])
     assert all(r["ok"] for r in rows if "contender" in r)
-    by_name = {r["contender"]: r for r in rows if r.get("scenario") == "gpu-sst2"}
+    by_name = {r["contender"]: r for r in rows if r.get("scenario") == "gpu-sst2" and r["part"] == "speed"}
     assert "CUDA device" in by_name["peftlab-graphs"]["step_engine_reason"]  # on CPU it fell back, and says so
-    assert by_name["peftlab-qlora"]["quantization"]["used"] == "none"
+    assert by_name["peftlab-qlora"]["quantization"]["used"] == "none"  # the 32-wide tiny BERT: too narrow
+    decoder = {r["contender"]: r for r in rows if r.get("part") == "decoder"}
+    assert decoder["peftlab-qlora"]["quantization"]["used"] == "4bit"  # bitsandbytes NF4 on the CPU
+    assert decoder["peftlab-qlora"]["quantization"]["modules_4bit"] == 14 and "gpu-sst2/decoder" in done.stdout
     assert "gpu-sst2/speed" in done.stdout and "peftlab-graphs" in done.stdout and result["table"] in done.stdout

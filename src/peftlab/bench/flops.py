@@ -54,7 +54,9 @@ def non_embedding_params(model_name: str, num_labels: int = 2) -> int:
     config = model_config(model_name, [str(i) for i in range(num_labels)])
     with torch.device("meta"):
         model = AutoModelForSequenceClassification.from_config(config)
-    return sum(p.numel() for n, p in model.named_parameters() if "embeddings" not in n)
+    # the embedding tables (a decoder's embed_tokens too), and the rest of BERT's embeddings block
+    tables = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
+    return sum(p.numel() for n, p in model.named_parameters() if "embeddings" not in n and id(p) not in tables)
 
 
 def flops_per_token(params: int, method: str) -> float:

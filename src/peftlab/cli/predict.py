@@ -13,6 +13,10 @@ from peftlab.files import clean_stale, replacing, write_text
 from peftlab.runs.rundir import RunDir
 
 
+# out of memory: what to lower (cli/__init__.py prints it in one line)
+MEMORY_HINT = "lower --batch-size (texts per forward pass, default 64)"
+
+
 def add_parser(sub):
     p = sub.add_parser("predict", help="label texts with a trained run")
     p.add_argument("run_dir", help="a completed run directory (peftlab train --output-dir)")

@@ -12,6 +12,10 @@ from peftlab.cli._checks import PRECISIONS, non_negative_float
 from peftlab.errors import UserError
 
 
+# out of memory: what to lower (cli/__init__.py prints it in one line)
+MEMORY_HINT = "lower --max-batch (texts per forward pass) or --max-chars, or serve fewer runs in one process"
+
+
 def add_parser(sub):
     p = sub.add_parser("serve", help="serve trained runs over HTTP (many adapters over one frozen base)",
                        description="Serve completed runs over HTTP: POST /predict, GET /adapters, a web page at /, "
@@ -104,7 +108,7 @@ def run(args) -> int:
     import torch
     import uvicorn
 
-    from peftlab.serve.app import ServeSettings, create_app
+    from peftlab.serve.app import ServeSettings, check_api_key, create_app
     from peftlab.serve.batcher import BatchSettings
     from peftlab.serve.connections import ConnectionLimits, guarded_protocol
 
@@ -113,6 +117,7 @@ def run(args) -> int:
     if args.batch_window_ms < 0:
         raise UserError(f"--batch-window-ms {args.batch_window_ms}: must be 0 or more")
     key = args.api_key or os.environ.get("PEFTLAB_API_KEY") or None
+    check_api_key(key)  # before anything is bound or loaded
     sock = bind(args.host, args.port)
     try:
         try:

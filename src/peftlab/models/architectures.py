@@ -1,7 +1,11 @@
-"""What peftlab knows per encoder architecture: default adapter targets and where the layers are.
+"""What peftlab knows per architecture (encoders and decoder language models): default adapter targets,
+where the layers are, and what the classification head reads.
 
 PEFT's own defaults cover BERT/RoBERTa but not DistilBERT, MPNet or ModernBERT (and its
 `layers_to_transform` needs the right `layers_pattern`, peft #1024 / #2155), so they live here.
+A decoder (llama, qwen, gemma, ...) classifies from its last real token: transformers' *ForSequenceClassification
+takes the rightmost position whose id is not the pad id, so the model's pad id must be the tokenizer's
+(models/loading.py sees to it), and left or right padding then give the same logits.
 """
 from __future__ import annotations
 
@@ -25,6 +29,8 @@ class Architecture:
     plan_module_sets: tuple[tuple[str, ...], ...] = ()
     # position ids start after padding_idx (RoBERTa, MPNet): that many positions are never usable
     positions_after_padding: bool = False
+    # a decoder language model: the head reads the last real token, found by the pad id (see above)
+    decoder: bool = False
 
 
 # module sets for BERT-like encoders (output.dense also matches attention.output.dense)
@@ -38,6 +44,22 @@ _BERT_LIKE = Architecture(("query", "value"), ("key", "value", "output.dense"), 
 
 _ROBERTA_LIKE = replace(_BERT_LIKE, positions_after_padding=True)
 
+# decoders: attention q/k/v/o and a gated MLP (gate, up, down); the default LoRA targets are q and v (the
+# LoRA paper's, and what peft defaults to for llama), IA3 peft's (keys, values, the MLP's down projection)
+_DECODER_MODULE_SETS = (
+    ("q_proj",), ("v_proj",), ("q_proj", "v_proj"), ("q_proj", "k_proj", "v_proj"),
+    ("q_proj", "k_proj", "v_proj", "o_proj"),
+    ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+)
+_LLAMA_LIKE = Architecture(("q_proj", "v_proj"), ("k_proj", "v_proj", "down_proj"), ("down_proj",),
+                           plan_module_sets=_DECODER_MODULE_SETS, decoder=True)
+# fused projections: one qkv_proj (Phi-3) and one gate_up_proj (Phi-3, GLM)
+_PHI3_LIKE = Architecture(("qkv_proj",), ("qkv_proj", "down_proj"), ("down_proj",), decoder=True,
+                          plan_module_sets=(("qkv_proj",), ("qkv_proj", "o_proj"),
+                                            ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")))
+_GLM_LIKE = replace(_LLAMA_LIKE, plan_module_sets=_DECODER_MODULE_SETS[:-1] + (
+    ("q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"),))
+
 ARCHITECTURES: dict[str, Architecture] = {
     "bert": _BERT_LIKE,
     "roberta": _ROBERTA_LIKE,
@@ -48,13 +70,35 @@ ARCHITECTURES: dict[str, Architecture] = {
     "deberta-v2": Architecture(("query_proj", "value_proj"), ("key_proj", "value_proj", "output.dense"), ("output.dense",)),
     "mpnet": Architecture(("q", "v"), ("k", "v", "output.dense"), ("output.dense",), positions_after_padding=True),
     "modernbert": Architecture(("Wqkv", "Wo"), ("Wqkv", "mlp.Wo"), ("mlp.Wo",)),
+    **{name: _LLAMA_LIKE for name in (
+        "llama", "mistral", "ministral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gemma3_text", "olmo",
+        "olmo2", "olmo3", "smollm3", "stablelm", "helium", "exaone4", "seed_oss")},
+    "phi3": _PHI3_LIKE,
+    "glm": _GLM_LIKE,
+    "glm4": _GLM_LIKE,
+    "phi": Architecture(("q_proj", "v_proj"), ("k_proj", "v_proj", "fc2"), ("fc2",), decoder=True),
+    "starcoder2": Architecture(("q_proj", "v_proj"), ("k_proj", "v_proj", "c_proj"), ("c_proj",), decoder=True),
 }
+
+ALL_LINEAR = "all-linear"  # method.target_modules=all-linear: every linear layer of the blocks (peft's word)
 
 
 def architecture_facts(model: torch.nn.Module) -> Architecture | None:
     """What peftlab knows about this model's architecture, or None."""
     config = getattr(model, "config", None)
     return ARCHITECTURES.get(getattr(config, "model_type", None))
+
+
+def is_decoder(config) -> bool:
+    """A decoder language model, whose head reads the last real token: known ones by their facts; others
+    when transformers has a causal language model and no masked one for their type (BERT has both)."""
+    model_type = getattr(config, "model_type", None)
+    if model_type in ARCHITECTURES:
+        return ARCHITECTURES[model_type].decoder
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+
+    return model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 
 def position_limit(config) -> int | None:
@@ -93,7 +137,7 @@ def architecture_of(model: torch.nn.Module) -> Architecture:
     if model_type not in ARCHITECTURES:
         raise UserError(
             f"architecture {model_type!r} has no default adapter targets: set method.target_modules to some of "
-            f"its linear layers: {', '.join(linear_layer_names(model))}"
+            f"its linear layers ({', '.join(linear_layer_names(model))}) or to {ALL_LINEAR}"
         )
     return ARCHITECTURES[model_type]
 
@@ -122,6 +166,19 @@ def num_hidden_layers(model: torch.nn.Module) -> int:
     return getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layers")
 
 
+def resolve_targets(model: torch.nn.Module, requested: list[str] | None, default: str) -> list[str]:
+    """method.target_modules as module names: the architecture's `default` field (lora_targets, ia3_targets)
+    when not set, and `all-linear` spelled out as every linear layer of the blocks (so counts, plans and
+    saved adapters name them; on any architecture, known or not)."""
+    if not requested:
+        return list(getattr(architecture_of(model), default))
+    if ALL_LINEAR in requested:
+        if len(requested) > 1:
+            raise UserError(f"method.target_modules: {ALL_LINEAR} already names every linear layer; give it alone")
+        return linear_layer_names(model)
+    return list(requested)
+
+
 def check_targets(model: torch.nn.Module, targets: list[str], layers: list[int] | None) -> None:
     """Fail early, with the names that exist, when targets or layers match nothing."""
     names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
@@ -129,7 +186,7 @@ def check_targets(model: torch.nn.Module, targets: list[str], layers: list[int] 
     if missing:
         raise UserError(
             f"method.target_modules {missing} match no linear layer of {model.config.model_type!r}: "
-            f"choose from {', '.join(linear_layer_names(model))}"
+            f"choose from {', '.join(linear_layer_names(model))}, or {ALL_LINEAR}"
         )
     if layers:
         n = num_hidden_layers(model)

@@ -8,7 +8,8 @@ import torch
 
 from peftlab.config.schema import Config
 from peftlab.errors import UserError
-from peftlab.models.loading import head_for, load_classifier
+from peftlab.models.architectures import is_decoder
+from peftlab.models.loading import head_for, load_classifier, load_tokenizer, padding
 from peftlab.models.methods import registry
 from peftlab.models.quantized import QUANTIZED_PARAMETERS, quantization_record
 from peftlab.tasks import SINGLE_LABEL, Task
@@ -36,17 +37,33 @@ def frozen_to(model: torch.nn.Module, dtype: torch.dtype | None) -> int:
     return cast
 
 
+def decoder_reading(model: torch.nn.Module, tokenizer) -> dict:
+    """For a decoder's record (metrics.json head): the token its head reads, and the pad token that finds it
+    (set from the end-of-text token where the tokenizer had none). Nothing for an encoder."""
+    if not is_decoder(model.config):
+        return {}
+    return {"reads": "the last real token (the rightmost one that is not padding)", **padding(tokenizer)}
+
+
 def build_model(cfg: Config, label_names: list[str], device: torch.device, task: Task = SINGLE_LABEL,
-                frozen_dtype: torch.dtype | None = None) -> BuiltModel:
+                frozen_dtype: torch.dtype | None = None, tokenizer=None) -> BuiltModel:
+    """`tokenizer`: the run's (load_tokenizer); loaded here when not given. A decoder's pad id is its."""
     method = registry.get(cfg.method.name)
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.model.name, cfg.model.tokenizer)
     extra, request = method.load_kwargs(cfg.method, device, cfg.model.name, label_names)
-    if extra:
-        extra = {**extra, "device_map": {"": device.index or 0}}  # bitsandbytes places (and packs) on load
+    if extra:  # bitsandbytes places (and packs) on load
+        extra = {**extra, "device_map": {"": device.index or 0} if device.type == "cuda" else {"": device.type}}
     if method.pooled_head and cfg.model.head == "cls":
         raise UserError(f"method {method.name} classifies from the pooled sentence embedding: set model.head=auto "
                         f"(or pooled), not cls")
     head = head_for(cfg.model.name, "pooled" if method.pooled_head else cfg.model.head)
-    model = load_classifier(cfg.model.name, label_names, extra, task, head)
+    model = load_classifier(cfg.model.name, label_names, extra, task, head, tokenizer.pad_token_id,
+                            cfg.model.trust_remote_code)
+    if is_decoder(model.config) and tokenizer.pad_token_id is None:
+        raise UserError(f"model {cfg.model.name!r} is a decoder, whose head finds the last real token by the pad "
+                        f"token, and its tokenizer has neither a pad nor an end-of-text token: set model.tokenizer "
+                        f"to one that has")
+    head = {**head, **decoder_reading(model, tokenizer)}
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # without this, a frozen embedding gives "element 0 of tensors does not require grad" (peft #137)

@@ -32,7 +32,8 @@ def quantization_record(model: torch.nn.Module, request: dict | None = None) -> 
     plain = 0
     for m in model.modules():
         kind = type(m).__name__
-        if kind in FOUR_BIT or kind in EIGHT_BIT:
+        # bitsandbytes' own layers only: peft's LoRA wrapper of a 4-bit layer is also called Linear4bit
+        if (kind in FOUR_BIT or kind in EIGHT_BIT) and type(m).__module__.startswith("bitsandbytes"):
             entry = counts["4bit" if kind in FOUR_BIT else "8bit"]
             entry[0], entry[1] = entry[0] + 1, entry[1] + _bytes(m)
         elif type(m) is torch.nn.Linear and not m.weight.requires_grad:  # frozen backbone layers, not adapters or heads

@@ -194,7 +194,10 @@ class RunRecord(Record):
     # how the best epoch was chosen (rule, validation rows, why the last epoch; a lowered batch size)
     selection: dict | None = None
     head: dict | None = None  # what the classifier reads: the checkpoint's own head, or its pooled embedding
+    # where a built-in model's weights came from when peftlab converted them (e.g. dequantized from GGUF Q4_1)
+    model_source: dict | None = None
     few_shot: dict | None = None  # contrastive / probe methods: pairs, body epochs, head fit
+    max_length: dict | None = None  # tokens per text and where the number came from (data.max_length or the checkpoint)
     error: str | None = None  # failed: what went wrong
     traceback: str | None = None
     reason: str | None = None  # pruned: why

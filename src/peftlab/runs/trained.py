@@ -10,8 +10,8 @@ import torch
 from peftlab.config import Config
 from peftlab.errors import UserError
 from peftlab.evaluation.predict import Predictor
-from peftlab.models.heads import install_saved
-from peftlab.models.loading import is_random, load_classifier
+from peftlab.models.heads import install_saved, local_config
+from peftlab.models.loading import is_random, load_classifier, quiet_transformers
 from peftlab.models.speed import linear_weights_to
 from peftlab.runs.record import RunRecord
 from peftlab.runs.rundir import RunDir
@@ -52,6 +52,8 @@ def completed_run(run_dir: str | Path, what: str = "run") -> tuple[RunDir, RunRe
         raise UserError(f"{what} {str(run.path)!r} did not complete (status {record.status}"
                         f"{': ' + record.error.splitlines()[0] if record.error else ''}): pick a completed run")
     cfg = run.config()
+    if cfg.data.max_length is None:  # unset in config.yaml: the number the run resolved and read (metrics.json)
+        cfg.data.max_length = (record.max_length or {}).get("tokens")
     weights = run.saved_weights()
     files = list(weights.glob("*.safetensors")) + list(weights.glob("*.bin")) if weights else []
     if not files:
@@ -69,19 +71,23 @@ def load_trained(run_dir: str | Path, device: torch.device, merge: bool = True, 
 
     run, record, cfg = completed_run(run_dir, what)
     weights = run.saved_weights()
+    quiet_transformers()  # its load reports (a pooled folder's model type, a new head) are not the user's business
     try:
+        tokenizer = AutoTokenizer.from_pretrained(weights, trust_remote_code=False)  # with the pad token the run used (a decoder's head needs it)
         if weights.name == "model":
-            model = install_saved(AutoModelForSequenceClassification.from_pretrained(weights))
+            # a pooled head's folder names its own code (auto_map): peftlab reads it with its own classes
+            model = install_saved(AutoModelForSequenceClassification.from_pretrained(
+                weights, config=local_config(weights), trust_remote_code=cfg.model.trust_remote_code))
         else:
             if is_random(cfg.model.name):
                 raise UserError(f"{what} {str(run.path)!r} used random weights ({cfg.model.name}): it is for speed "
                                 f"measurements only and cannot be reloaded for predictions")
             model = PeftModel.from_pretrained(load_classifier(cfg.model.name, record.label_names, task=record.kind,
-                                                              head=record.head), weights,
-                                              adapter_name=adapter_name)
+                                                              head=record.head, pad_token_id=tokenizer.pad_token_id,
+                                                              trust_remote_code=cfg.model.trust_remote_code),
+                                              weights, adapter_name=adapter_name)
             if merge:
                 model = model.merge_and_unload()
-        tokenizer = AutoTokenizer.from_pretrained(weights)
     except UserError:
         raise
     except Exception as e:  # noqa: BLE001 - truncated safetensors, bad JSON, ... come in many types

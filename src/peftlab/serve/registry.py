@@ -20,7 +20,7 @@ import torch
 
 from peftlab.errors import UserError
 from peftlab.evaluation.predict import Predictor
-from peftlab.models.loading import is_random, load_classifier
+from peftlab.models.loading import is_random, load_classifier, quiet_transformers
 from peftlab.models.speed import linear_weights_to
 from peftlab.runs.trained import completed_run, load_trained
 from peftlab.runtime import Runtime
@@ -170,14 +170,17 @@ class Registry:
         # peft adapter names must be valid module attribute names; served names are free text
         adapter = f"adapter{next(self._ids)}"
         labels = record.label_names
+        quiet_transformers()
         try:
-            tokenizer = AutoTokenizer.from_pretrained(weights)
+            tokenizer = AutoTokenizer.from_pretrained(weights, trust_remote_code=False)
             peft_type = json.loads((weights / "adapter_config.json").read_text())["peft_type"]
             # runs whose heads read different things cannot share a base (the pooled head is the base's)
             key = (cfg.model.name, peft_type, json.dumps(record.head, sort_keys=True))
             group = self.groups.get(key)
             if group is None:
-                base = load_classifier(cfg.model.name, labels, task=record.kind, head=record.head)
+                base = load_classifier(cfg.model.name, labels, task=record.kind, head=record.head,
+                                       pad_token_id=tokenizer.pad_token_id,
+                                       trust_remote_code=cfg.model.trust_remote_code)
                 model = PeftModel.from_pretrained(base, weights, adapter_name=adapter)
                 if peft_type == "LORA":
                     route_heads_per_row(model)
@@ -188,7 +191,9 @@ class Registry:
                 # a head of another width (other label count) comes from a model built for this run's labels:
                 # a temporary second copy of the base, at load time only, outside the lock
                 own = None if len(labels) == group.model.config.num_labels else PeftModel.from_pretrained(
-                    load_classifier(cfg.model.name, labels, head=record.head), weights, adapter_name=adapter)
+                    load_classifier(cfg.model.name, labels, head=record.head, pad_token_id=tokenizer.pad_token_id,
+                                    trust_remote_code=cfg.model.trust_remote_code),
+                    weights, adapter_name=adapter)
                 with group.lock:
                     _load_adapter(group.model, adapter, weights, own)
                     group.model.to(self.device)

@@ -28,14 +28,15 @@ from peftlab.data.sources import read_texts
 from peftlab.data.batching import batch_order, pad_multiple
 from peftlab.data.splits import capped_batch_size, check_not_empty, selection_plan
 from peftlab.data.tokenize import Encoded, encode
-from peftlab.errors import UserError
+from peftlab.errors import UserError, out_of_memory
 from peftlab.evaluation.predict import predict_logits
 from peftlab.models.build import build_model
 from peftlab.models.architectures import check_max_length
-from peftlab.models.loading import load_tokenizer, model_config
+from peftlab.models.loading import load_tokenizer, max_length_for, model_config, model_source
 from peftlab.models.methods.registry import get as method_named
 from peftlab.models.params import count_parameters
 from peftlab.models.speed import first_token_only
+from peftlab.runs.model_card import model_card
 from peftlab.runs.record import RunRecord
 from peftlab.runs.rundir import RunDir, RunView
 from peftlab.runs.select import RULE, better
@@ -156,11 +157,19 @@ class Trainer:
 
     def _setup_data(self) -> None:
         cfg = self.cfg
-        self.tokenizer = load_tokenizer(cfg.model.name, cfg.model.tokenizer)  # first: a wrong name fails fast
-        self.data = load_data(cfg.data, cfg.train.seed)  # data.seed, when set, picks the splits
+        # first: a wrong name fails fast
+        self.tokenizer = load_tokenizer(cfg.model.name, cfg.model.tokenizer, cfg.model.trust_remote_code)
+        # data.seed, when set, picks the splits; rows are spared from a validation split too small to use,
+        # unless the run fits something on held-out validation rows (a temperature, a tuned threshold)
+        held_out = cfg.eval.calibrate != "none" or cfg.eval.threshold == "tune"
+        self.data = load_data(cfg.data, cfg.train.seed, spare_rows=not held_out)
         self.task = self.data.task
         self._plan_selection()
-        check_max_length(model_config(cfg.model.name, self.data.label_names), cfg.data.max_length, cfg.model.name)
+        self.max_length = max_length_for(cfg.data.max_length, cfg.model.name, model_config(
+            cfg.model.name, self.data.label_names, trust_remote_code=cfg.model.trust_remote_code))
+        if cfg.data.max_length is None:  # the number this run reads, in every later use and in the record's config
+            self.cfg = cfg = cfg.model_copy(deep=True)
+            cfg.data.max_length = self.max_length["tokens"]
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.encoded: dict[str, Encoded] = {
             s: encode(self.tokenizer, getattr(self.data, s).texts, getattr(self.data, s).labels,
@@ -177,7 +186,7 @@ class Trainer:
         epoch where validation is too small to tell epochs apart (docs/few-shot.md)."""
         data, dc = self.data, self.cfg.data
         check_not_empty({s: getattr(data, s) for s in SPLITS}, data.split_sources)
-        self.selection = selection_plan(len(data.validation), dc.min_validation_rows)
+        self.selection = selection_plan(len(data.validation), dc.min_validation_rows, data.validation_is_train)
         if self.selection["rule"] == "last epoch":
             self._say(f"peftlab: warning: {self.selection['reason']}; the last epoch is kept (set "
                       f"data.min_validation_rows lower to select by validation anyway)")
@@ -235,7 +244,7 @@ class Trainer:
 
     def _setup_model(self) -> None:
         frozen = self._frozen_dtype()
-        self.built = build_model(self.cfg, self.data.label_names, self.runtime.device, self.task, frozen)
+        self.built = build_model(self.cfg, self.data.label_names, self.runtime.device, self.task, frozen, self.tokenizer)
         self.model = self.built.model
         # as built: the dtype of the frozen floating-point weights (None: nothing is frozen)
         held = next((p.dtype for p in self.model.parameters() if not p.requires_grad and p.dtype.is_floating_point), None)
@@ -430,8 +439,9 @@ class Trainer:
             raise ValueError(f"unknown checkpoint kind {kind!r}")
         self.dist.barrier()  # written before any rank may read it
 
-    def end_epoch(self, epoch: int, train_loss: float) -> bool:
-        """Validate, keep the best weights, record the epoch; False when training should stop."""
+    def end_epoch(self, epoch: int, train_loss: float | None) -> bool:
+        """Validate, keep the best weights, record the epoch; False when training should stop. `train_loss`
+        is None where nothing was trained by a loss (the probe fits its head alone)."""
         st, metric = self.state, self.cfg.eval.metric
         scores = self.evaluate("validation")
         # the last epoch, where validation is too small to choose; else runs.select's rule (ties: lower loss)
@@ -445,7 +455,8 @@ class Trainer:
         self.run.append_history({"kind": "epoch", "epoch": epoch + 1, "step": st.step, "train_loss": train_loss,
                                  "validation": {k: scores[k] for k in SCORE_KEYS + self.task.metrics_names if k in scores},
                                  "seconds": self.epoch_seconds})
-        self._say(f"epoch {epoch + 1}/{self.schedule.epochs}  train loss {train_loss:.4f}  val loss {scores['loss']:.4f}  "
+        trained = f"train loss {train_loss:.4f}  " if train_loss is not None else ""
+        self._say(f"epoch {epoch + 1}/{self.schedule.epochs}  {trained}val loss {scores['loss']:.4f}  "
               f"val acc {scores['accuracy']:.4f}  val macro-F1 {scores['macro_f1']:.4f}  "
               f"{self.epoch_seconds:.1f}s{'  *best' if improved else ''}")
         if self.cfg.train.checkpoint_every_epoch:
@@ -464,7 +475,7 @@ class Trainer:
 
     # --- the end -------------------------------------------------------------------------------
     def finish(self) -> RunRecord:
-        """Test the best epoch's weights once; write predictions, weights, plots and metrics.json (last)."""
+        """Test the best epoch's weights once; write predictions, weights, card and metrics.json, then the plots."""
         if self.state.stopped and self.state.stopped.startswith("pruned"):
             return self._finished(self._finish_pruned())
         best = self.run.load_checkpoint("best")
@@ -482,13 +493,23 @@ class Trainer:
         weights = self.run.save_weights(self.built.method, self.model, self.tokenizer)
         adapter_bytes = sum(f.stat().st_size for f in weights.iterdir() if f.suffix in (".safetensors", ".bin"))
         record = self._record(test, best["validation"], adapter_bytes, decision)
-        if self.cfg.output.plots:
-            from peftlab.runs.plots import write_plots
-
-            write_plots(self.run.path, record)
-        self.run.write_record(record)
+        self.run.write_card(model_card(record, self.cfg, weights, self.run.path))
+        self.run.write_record(record)  # the run is complete here: nothing optional comes before
         self.run.remove_checkpoints()
+        if self.cfg.output.plots:
+            self._plots(record)
         return self._finished(record)
+
+    def _plots(self, record: RunRecord) -> None:
+        """plots/, after the record: a plot that cannot be drawn is a warning, never a lost run."""
+        from peftlab.runs.plots import write_plots
+
+        try:
+            write_plots(self.run.path, record)
+        except Exception as e:  # noqa: BLE001 - matplotlib, memory, disk: the run itself is complete
+            self._say(f"peftlab: warning: the plots of {self.run.path} could not be drawn "
+                      f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); the run is complete "
+                      f"(metrics.json); peftlab.runs.plots.write_plots({str(self.run.path)!r}) draws them again")
 
     def _finished(self, record: RunRecord) -> RunRecord:
         for cb in self.callbacks:
@@ -552,7 +573,8 @@ class Trainer:
             distill=({"teacher": cfg.distill.teacher, "alpha": cfg.distill.alpha, "temperature": cfg.distill.temperature,
                       "unlabeled": cfg.distill.unlabeled, "unlabeled_rows": len(self.unlabeled)}
                      if cfg.distill.teacher else None),
-            precision_retry=st.precision_retry, selection=self.selection, head=self.built.head, **(decision or {}))
+            precision_retry=st.precision_retry, selection=self.selection, head=self.built.head,
+            max_length=self.max_length, model_source=model_source(cfg.model.name), **(decision or {}))
 
     def _finish_pruned(self) -> RunRecord:
         record = RunRecord(status="pruned", reason=self.state.stopped.removeprefix("pruned: "),
@@ -575,10 +597,23 @@ class Trainer:
                 self._epochs()
             return self.finish()
         except BaseException as e:
-            self.run.record_failure(e, self.cfg)
-            raise
+            memory = out_of_memory(e)
+            if memory is None:
+                self.run.record_failure(e, self.cfg)
+                raise
+            error = self._out_of_memory(memory)
+            self.run.record_failure(error, self.cfg)
+            raise error from None
         finally:
             self.run.unlock()
+
+    def _out_of_memory(self, what: str) -> UserError:
+        c = self.cfg
+        return UserError(f"out of {what} on {self.runtime.device if hasattr(self, 'runtime') else 'this machine'}: "
+                         f"lower train.batch_size (now {c.train.batch_size}; train.gradient_accumulation_steps keeps "
+                         f"the batch the optimizer sees) or data.max_length (now {c.data.max_length}), and "
+                         f"eval.batch_size (now {c.eval.batch_size}) for evaluation; the model with its method "
+                         f"(model.name, method.r) must fit as well")
 
     def _epochs(self) -> None:
         for epoch in range(self.state.epoch, self.schedule.epochs):

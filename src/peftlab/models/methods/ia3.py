@@ -3,7 +3,8 @@ import re
 
 from peft import IA3Config, TaskType, get_peft_model
 
-from peftlab.models.architectures import ARCHITECTURES, architecture_of, check_targets, head_module_names, layers_pattern
+from peftlab.models.architectures import ARCHITECTURES, check_targets, head_module_names, layers_pattern, \
+    resolve_targets
 from peftlab.models.methods.registry import Method, register
 
 
@@ -14,11 +15,12 @@ def _only_layers(names: list[str], pattern: str, layers: list[int]) -> str:
 
 
 def apply(model, cfg, device):
-    targets = list(cfg.target_modules or architecture_of(model).ia3_targets)
+    targets = resolve_targets(model, cfg.target_modules, "ia3_targets")
     check_targets(model, targets, cfg.layers)
     # IA3 scales a feed-forward layer's input rather than its output, so peft must know which those are
+    # (by name or as the last part of one: mlp.down_proj, from all-linear, is a down_proj)
     known = ARCHITECTURES.get(model.config.model_type)
-    feedforward = [t for t in targets if known and t in known.ia3_feedforward]
+    feedforward = [t for t in targets if known and any(t == f or t.endswith("." + f) for f in known.ia3_feedforward)]
     if cfg.layers:
         pattern = layers_pattern(model)
         targets, feedforward = _only_layers(targets, pattern, cfg.layers), _only_layers(feedforward, pattern, cfg.layers)

@@ -1,14 +1,14 @@
 """LoRA (Hu et al. 2021) through peft: low-rank updates on chosen linear layers; the head trains in full."""
 from peft import LoraConfig, TaskType, get_peft_model
 
-from peftlab.models.architectures import architecture_of, check_targets, head_module_names, layers_pattern
+from peftlab.models.architectures import check_targets, head_module_names, layers_pattern, resolve_targets
 from peftlab.models.methods.registry import Method, register
 
 HYPERPARAMETERS = ("r", "alpha", "dropout", "target_modules", "layers", "rank_pattern")
 
 
 def lora_config(model, cfg) -> LoraConfig:
-    targets = list(cfg.target_modules or architecture_of(model).lora_targets)
+    targets = resolve_targets(model, cfg.target_modules, "lora_targets")
     check_targets(model, targets + list(cfg.rank_pattern), cfg.layers)
     return LoraConfig(
         task_type=TaskType.SEQ_CLS, r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
