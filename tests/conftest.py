@@ -13,9 +13,9 @@ import pytest
 # Tiny models gain nothing from intra-op threads, and when several processes share 2 cores, OpenMP
 # threads that spin-wait for each other slow each step down by orders of magnitude.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-# The suite's figures must not depend on whether the CPU has bf16 units (precision=auto would pick bf16
-# there): it runs as on a CPU without them; tests of the bf16 path set PEFTLAB_CPU_BF16=1 themselves, and
-# PEFTLAB_CPU_BF16=1 pytest runs the whole suite as on a bf16 CPU.
+# The suite's figures must not depend on whether the CPU has bf16 units (precision=auto picks bf16 there):
+# it runs as on a CPU without them, so its fp32 comparisons (pinned losses, predict against predictions.csv
+# to 1e-4) hold on every CPU; tests of the bf16 path set PEFTLAB_CPU_BF16=1 themselves (test_cpu_bf16.py).
 os.environ.setdefault("PEFTLAB_CPU_BF16", "0")
 import torch  # noqa: E402
 

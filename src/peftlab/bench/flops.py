@@ -75,11 +75,12 @@ def mfu(tokens_per_second: float | None, flops_token: float, peak: float | None)
 PEAK_SHAPE = (4096, 384, 1536)
 
 
-def cpu_matmul_peak(dtype: torch.dtype, threads: int | None = None, budget_s: float = 0.5) -> tuple[float, int]:
+def cpu_matmul_peak(dtype: torch.dtype, threads: int | None = None, budget_s: float = 1.0) -> tuple[float, int]:
     """(FLOP/s, rows) of a PEAK_SHAPE matmul in `dtype` on this CPU with `threads` threads (default: torch's),
-    the best of as many repeats as fit in about `budget_s` (at least two): the ceiling a contender's share
-    is read against. Where one call would take longer than budget_s / 2 (bf16 emulated on a CPU without
-    bf16 units: seconds), fewer rows are timed."""
+    the best of as many repeats as fit in about `budget_s` (at least two; on a shared CPU the best catches
+    the time slices it had to itself): the ceiling a contender's share is read against. Where one call
+    would take longer than budget_s / 8 (bf16 emulated on a CPU without bf16 units: seconds), fewer rows
+    are timed."""
     m, k, n = PEAK_SHAPE
     before = torch.get_num_threads()
     torch.set_num_threads(threads or before)
@@ -89,7 +90,7 @@ def cpu_matmul_peak(dtype: torch.dtype, threads: int | None = None, budget_s: fl
         t0 = time.perf_counter()
         torch.nn.functional.linear(x[:256], w)  # warm up (allocations, kernel choice) on a slice
         first = time.perf_counter() - t0
-        rows = max(256, min(m, int(m * budget_s / 2 / (first * m / 256)) // 256 * 256))
+        rows = max(256, min(m, int(256 * budget_s / 8 / first) // 256 * 256))
         best, spent, runs = float("inf"), 0.0, 0
         while runs < 2 or spent < budget_s:
             t0 = time.perf_counter()
