@@ -91,7 +91,7 @@ def _not_found(what: str, name: str, err: Exception) -> UserError:
 
 
 def load_tokenizer(model_name: str, tokenizer_name: str | None = None):
-    """The tokenizer, with a pad token: one that has none (most decoders' ) pads with its end-of-text token,
+    """The tokenizer, with a pad token: one that has none (most decoders') pads with its end-of-text token,
     and `padding(tokenizer)` says so."""
     _quiet_transformers()
     if is_random(model_name) and not tokenizer_name:
