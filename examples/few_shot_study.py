@@ -1,10 +1,21 @@
 """The few-shot study of docs/few-shot.md: peftlab's few-shot methods and SetFit side by side on the same
-rows. SST-2 (test: the 872 GLUE dev rows) and AG News (test: 1,000 fixed rows of its test split, the
-labelled rows drawn from the other 6,600), 8 / 16 / 64 labelled rows per class, seeds 0 / 1 / 2, all on
-all-MiniLM-L6-v2 (the embedded minilm-l6). Data is read from ../shared/data, never copied into the repo.
+rows. SST-2 (test: the 872 GLUE dev rows), AG News (test: 1,000 fixed rows of its test split, the
+labelled rows drawn from the other 6,600) and IMDb (long reviews, held out from tuning: test 500 fixed
+rows of its test split, the labelled rows drawn from its train split), 8 / 16 / 64 labelled rows per
+class, seeds 0 / 1 / 2, all on all-MiniLM-L6-v2 (the embedded minilm-l6). Data is read from
+../shared/data, never copied into the repo.
 
     python examples/few_shot_study.py                 # everything, resumable: finished cells are skipped
+    python examples/few_shot_study.py --datasets sst2 --sizes 8 --seeds 0,1,2 --systems setfit,contrastive-lora
+                                                      # one comparison: accuracy mean +- std, train seconds, ratio
     python examples/few_shot_study.py --table         # the tables of docs/few-shot.md from the results
+
+Both sides run with their own defaults: SetFit 1.2's (20 pair iterations, the checkpoint's 256 tokens,
+body learning rate 2e-5, logistic head) and peftlab's few-shot configs (data.max_length unset: the same
+256; no validation file, so no labelled row is spent on validation). peftlab runs pin train.precision=fp32
+(SetFit trains in fp32 on a CPU), so that the two sides compute alike on any machine. Within a cell the
+systems run one after the other, one thread each, so their times are comparable (the machine's load
+average is recorded beside each row).
 
 SetFit runs in a virtualenv of its own that this script makes (pip install setfit with torch==2.13.0 pinned,
 the CPU build where the index offers it), never in peftlab's environment; it reads the same MiniLM folder.
@@ -29,23 +40,18 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
 SIZES = (8, 16, 64)
 SEEDS = (0, 1, 2)
-DATASETS = ("sst2", "ag_news")
-# peftlab systems: config file and overrides; pair iterations as SetFit's num_iterations below (same pairs)
+DATASETS = ("sst2", "ag_news", "imdb")
+# peftlab systems: config file and overrides (more with --variant NAME KEY=VALUE ...)
 PEFTLAB = {
     "contrastive-lora": ("configs/few-shot-contrastive-lora.yaml", []),
+    "contrastive-full": ("configs/few-shot-contrastive-full.yaml", []),
     "probe": ("configs/few-shot-probe.yaml", []),
     "lora": ("configs/few-shot-lora.yaml", []),
 }
-FIRST = ("contrastive-lora", "setfit", "probe")  # every seed of these before plain LoRA
+ORDER = ("setfit", "contrastive-lora", "contrastive-full", "probe", "lora")  # table columns, then variants
+PINNED = ["train.precision=fp32"]  # comparable on any CPU (a bf16 default would change peftlab's side only)
 THREADS = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}  # the same for both sides
 SETFIT_PACKAGES = ["torch==2.13.0", "setfit==1.2.0"]
-
-
-def pair_iterations(per_class: int) -> int:
-    """Pair iterations (SetFit's num_iterations) for both sides alike: 2 x this many pairs per labelled row.
-    A budget for 2 shared CPU cores: 10 at 8 rows per class (about SetFit's default pair count there), 5 above
-    (the issue's SetFit runs at 64 per class)."""
-    return 10 if per_class <= 8 else 5
 
 
 # --- data ----------------------------------------------------------------------------------------------
@@ -59,6 +65,12 @@ def dataset(name: str) -> tuple[list[dict], list[dict], list[str]]:
     names = json.loads((SHARED / name / "labels.json").read_text())
     if name == "sst2":
         return read(SHARED / "sst2" / "train.jsonl.gz"), read(SHARED / "sst2" / "validation.jsonl.gz"), names
+    if name == "imdb":  # 500 fixed test rows (250 per class) of the test split; labelled rows from train
+        test = read(SHARED / "imdb" / "test.jsonl.gz")
+        labels = np.array([r["label"] for r in test])
+        rng = np.random.default_rng(0)
+        picks = np.concatenate([rng.choice(np.flatnonzero(labels == c), 250, replace=False) for c in range(2)])
+        return read(SHARED / "imdb" / "train.jsonl.gz"), [test[i] for i in sorted(picks.tolist())], names
     rows = read(SHARED / "ag_news" / "test.jsonl.gz")
     rng = np.random.default_rng(0)  # the 1,000 fixed test rows: 250 per class
     labels = np.array([r["label"] for r in rows])
@@ -82,8 +94,8 @@ def write(path: Path, rows: list[dict], names: list[str]) -> None:
 
 
 def cell_data(out: Path, name: str, per_class: int, seed: int, cache: dict) -> Path:
-    """OUT/data/NAME-K-sSEED/{train,validation,test}.jsonl: validation is the labelled rows again (a few
-    rows cannot spare a validation split; the issue's comparison did the same)."""
+    """OUT/data/NAME-K-sSEED/{train,test}.jsonl: no validation file; peftlab then spares the labelled rows
+    (a carved validation split this small could not choose anything) and SetFit trains on all of them."""
     folder = out / "data" / f"{name}-{per_class}-s{seed}"
     if not (folder / "test.jsonl").exists():
         if name not in cache:
@@ -92,18 +104,16 @@ def cell_data(out: Path, name: str, per_class: int, seed: int, cache: dict) -> P
         folder.mkdir(parents=True, exist_ok=True)
         rows = draw(pool, per_class, seed)
         write(folder / "train.jsonl", rows, names)
-        write(folder / "validation.jsonl", rows, names)
         write(folder / "test.jsonl", test, names)
     return folder
 
 
 # --- systems -------------------------------------------------------------------------------------------
-def run_peftlab(system: str, folder: Path, per_class: int, seed: int, out: Path) -> dict:
+def run_peftlab(system: str, folder: Path, seed: int, out: Path) -> dict:
     config, extra = PEFTLAB[system]
     run_dir = out / "runs" / f"{folder.name}-{system}"
-    overrides = [f"data.path={folder}", f"train.seed={seed}", "output.plots=false", "eval.baseline=false", *extra]
-    if system.startswith("contrastive"):
-        overrides.append(f"method.pair_iterations={pair_iterations(per_class)}")
+    overrides = [f"data.path={folder}", f"train.seed={seed}", "output.plots=false", "eval.baseline=false",
+                 *PINNED, *extra]
     cmd = [sys.executable, "-m", "peftlab", "train", str(REPO / config), "--no-progress", "--output-dir", str(run_dir)]
     for o in overrides:
         cmd += ["--set", o]
@@ -116,7 +126,8 @@ def run_peftlab(system: str, folder: Path, per_class: int, seed: int, out: Path)
     m = json.loads((run_dir / "metrics.json").read_text())
     return {"accuracy": m["test"]["accuracy"], "macro_f1": m["test"]["macro_f1"],
             "train_seconds": m["efficiency"]["train_seconds"], "run_dir": str(run_dir.relative_to(out)),
-            "few_shot": m.get("few_shot"), "head": (m.get("head") or {}).get("kind")}
+            "few_shot": m.get("few_shot"), "head": (m.get("head") or {}).get("kind"), "overrides": extra,
+            "max_length": m.get("max_length"), "precision": m["efficiency"]["precision"]}
 
 
 def setfit_python(venv: Path) -> Path:
@@ -128,13 +139,13 @@ def setfit_python(venv: Path) -> Path:
     return python
 
 
-def run_setfit(python: Path, folder: Path, per_class: int, seed: int, out: Path) -> dict:
+def run_setfit(python: Path, folder: Path, seed: int, out: Path) -> dict:
+    """SetFit 1.2 with its own defaults (few_shot_setfit.py), on the same rows and seed."""
     from peftlab.models.loading import resolve
 
     result = out / "runs" / f"{folder.name}-setfit.json"
     cmd = [str(python), str(REPO / "examples" / "few_shot_setfit.py"), "--model", resolve("minilm-l6"),
-           "--data", str(folder), "--seed", str(seed), "--iterations", str(pair_iterations(per_class)),
-           "--max-length", "128", "--output", str(result)]
+           "--data", str(folder), "--seed", str(seed), "--output", str(result)]
     result.parent.mkdir(parents=True, exist_ok=True)
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1",
                                                                   "TRANSFORMERS_OFFLINE": "1", **THREADS})
@@ -142,15 +153,10 @@ def run_setfit(python: Path, folder: Path, per_class: int, seed: int, out: Path)
 
 
 # --- the study -----------------------------------------------------------------------------------------
-def cells(systems: list[str]) -> list[tuple[str, int, str, int]]:
-    """(dataset, per class, system, seed), most signal first."""
-    first = [s for s in systems if s in FIRST]
-    later = [s for s in systems if s not in FIRST]
-    order = []
-    for group in (first, later):
-        for seed in SEEDS:
-            order += [(d, k, s, seed) for k in SIZES for d in DATASETS for s in group]
-    return order
+def cells(systems: list[str], datasets, sizes, seeds) -> list[tuple[str, int, str, int]]:
+    """(dataset, per class, system, seed): seed by seed (most signal first), every system of a cell one
+    after the other (SetFit and peftlab interleaved, so that their times share the machine's load)."""
+    return [(d, k, s, seed) for seed in seeds for k in sizes for d in datasets for s in systems]
 
 
 def done(results: Path) -> set[tuple]:
@@ -160,48 +166,57 @@ def done(results: Path) -> set[tuple]:
     return {(r["dataset"], r["per_class"], r["system"], r["seed"]) for r in rows}
 
 
-def study(out: Path, venv: Path, systems: list[str]) -> None:
+def study(out: Path, venv: Path, systems: list[str], datasets, sizes, seeds) -> None:
     out.mkdir(parents=True, exist_ok=True)
     results, cache = out / "results.jsonl", {}
     python = setfit_python(venv) if "setfit" in systems else None
     finished = done(results)
-    for name, k, system, seed in cells(systems):
+    for name, k, system, seed in cells(systems, datasets, sizes, seeds):
         if (name, k, system, seed) in finished:
             continue
         folder = cell_data(out, name, k, seed, cache)
-        start = time.time()
+        start, load = time.time(), os.getloadavg()[0]
         try:
-            figures = (run_setfit(python, folder, k, seed, out) if system == "setfit"
-                       else run_peftlab(system, folder, k, seed, out))
+            figures = (run_setfit(python, folder, seed, out) if system == "setfit"
+                       else run_peftlab(system, folder, seed, out))
         except subprocess.CalledProcessError as e:
             print(f"{name} {k}/class {system} seed {seed}: failed ({e})", flush=True)
             continue
         row = {"dataset": name, "per_class": k, "system": system, "seed": seed, **figures,
-               "wall_seconds": round(time.time() - start, 1), "finished": time.strftime("%H:%M:%S")}
+               "wall_seconds": round(time.time() - start, 1), "finished": time.strftime("%H:%M:%S"),
+               "load": [round(load, 1), round(os.getloadavg()[0], 1)]}
         with open(results, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
         print(f"{name} {k}/class {system} seed {seed}: acc {row['accuracy']:.4f} macro-F1 {row['macro_f1']:.4f} "
-              f"train {row['train_seconds']:.1f}s", flush=True)
+              f"train {row['train_seconds']:.1f}s (load {row['load'][0]}-{row['load'][1]})", flush=True)
 
 
-def table(out: Path) -> str:
+def table(out: Path, systems: list[str] | None = None) -> str:
+    """Per dataset and size: each system's accuracy mean +- std over its seeds (n), train seconds, and the
+    ratio of its train time to SetFit's on the same seeds (mean of per-seed ratios)."""
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines() if line.strip()]
-    systems = [s for s in ("setfit", "contrastive-lora", "probe", "lora") if any(r["system"] == s for r in rows)]
+    present = list(dict.fromkeys(r["system"] for r in rows))
+    systems = [s for s in (systems or [*ORDER, *present]) if s in present]
+    systems = list(dict.fromkeys(systems))
     lines = ["| dataset, rows per class | " + " | ".join(systems) + " |", "| --- |" + " --- |" * len(systems)]
-    for name in DATASETS:
-        for k in SIZES:
+    for name in dict.fromkeys(r["dataset"] for r in rows):
+        for k in sorted({r["per_class"] for r in rows if r["dataset"] == name}):
+            here = {(r["system"], r["seed"]): r for r in rows if (r["dataset"], r["per_class"]) == (name, k)}
             cell = []
             for s in systems:
-                got = sorted((r for r in rows if (r["dataset"], r["per_class"], r["system"]) == (name, k, s)),
-                             key=lambda r: r["seed"])
+                got = [here[key] for key in sorted(here) if key[0] == s]
                 if not got:
                     cell.append("")
                     continue
                 acc = [r["accuracy"] for r in got]
-                f1 = statistics.fmean(r["macro_f1"] for r in got)
+                std = statistics.stdev(acc) if len(acc) > 1 else 0.0
                 secs = statistics.fmean(r["train_seconds"] for r in got)
-                cell.append(f"{' / '.join(f'{a:.3f}' for a in acc)} (mean **{statistics.fmean(acc):.3f}**, "
-                            f"F1 {f1:.3f}, {secs:.0f}s)")
+                ratios = [r["train_seconds"] / here[("setfit", r["seed"])]["train_seconds"]
+                          for r in got if ("setfit", r["seed"]) in here and s != "setfit"]
+                ratio = f", x{statistics.fmean(ratios):.2f} of SetFit's time" if ratios else ""
+                pairs = [r.get("pairs") or (r.get("few_shot") or {}).get("pairs") or 0 for r in got]
+                cell.append(f"**{statistics.fmean(acc):.3f}** ± {std:.3f} (n={len(acc)}; {secs:.0f}s{ratio}; "
+                            f"{statistics.fmean(pairs):,.0f} pairs)")
             lines.append(f"| {name}, {k} | " + " | ".join(cell) + " |")
     return "\n".join(lines)
 
@@ -210,14 +225,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=str(REPO / "runs" / "few-shot-study"), help="results and runs (default runs/few-shot-study)")
     parser.add_argument("--setfit-venv", default=str(Path.home() / ".cache" / "peftlab" / "setfit-venv"))
-    parser.add_argument("--systems", default="contrastive-lora,setfit,probe,lora",
-                        help="comma-separated: setfit and peftlab's " + ", ".join(PEFTLAB))
+    parser.add_argument("--systems", default="setfit,contrastive-lora,contrastive-full",
+                        help="comma-separated: setfit, peftlab's " + ", ".join(PEFTLAB) + ", and --variant names")
+    parser.add_argument("--variant", nargs="+", action="append", default=[], metavar=("NAME", "KEY=VALUE"),
+                        help="a peftlab system: contrastive-lora's config with these --set overrides "
+                             "(e.g. --variant inbatch method.pair_objective=in_batch); name it in --systems")
+    parser.add_argument("--datasets", default=",".join(DATASETS), help="comma-separated: " + ", ".join(DATASETS))
+    parser.add_argument("--sizes", default=",".join(map(str, SIZES)), help="labelled rows per class, comma-separated")
+    parser.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="comma-separated")
     parser.add_argument("--table", action="store_true", help="print the results table and stop")
     args = parser.parse_args()
-    if args.table:
-        print(table(Path(args.out)))
-        return
-    study(Path(args.out), Path(args.setfit_venv), [s.strip() for s in args.systems.split(",") if s.strip()])
+    for name, *overrides in args.variant:
+        PEFTLAB[name] = (PEFTLAB["contrastive-lora"][0], overrides)
+    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    if not args.table:
+        unknown = [s for s in systems if s != "setfit" and s not in PEFTLAB]
+        if unknown:
+            parser.error(f"unknown system {unknown[0]!r}: setfit, " + ", ".join(PEFTLAB))
+        study(Path(args.out), Path(args.setfit_venv), systems, args.datasets.split(","),
+              [int(k) for k in args.sizes.split(",")], [int(x) for x in args.seeds.split(",")])
+    print(table(Path(args.out), systems if not args.table or "--systems" in sys.argv else None))
 
 
 if __name__ == "__main__":

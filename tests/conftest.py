@@ -13,6 +13,10 @@ import pytest
 # Tiny models gain nothing from intra-op threads, and when several processes share 2 cores, OpenMP
 # threads that spin-wait for each other slow each step down by orders of magnitude.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# The suite's figures must not depend on whether the CPU has bf16 units (precision=auto would pick bf16
+# there): it runs as on a CPU without them; tests of the bf16 path set PEFTLAB_CPU_BF16=1 themselves, and
+# PEFTLAB_CPU_BF16=1 pytest runs the whole suite as on a bf16 CPU.
+os.environ.setdefault("PEFTLAB_CPU_BF16", "0")
 import torch  # noqa: E402
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
@@ -84,6 +88,27 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return write_bert(tmp_path_factory.mktemp("tiny-bert"), hidden_size=32, intermediate_size=64)
 
 
+@pytest.fixture(scope="session")
+def tiny_st_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny model as a sentence-transformers checkpoint (mean pooling, then unit length), so that
+    `model.head: auto` gives it the pooled head, as it does all-MiniLM-L6-v2 and all-mpnet-base-v2."""
+    import shutil
+
+    from transformers import BertModel
+
+    path = tmp_path_factory.mktemp("tiny-st") / "model"
+    shutil.copytree(tiny_model_dir, path)
+    BertModel.from_pretrained(tiny_model_dir).save_pretrained(path)  # headless, as sentence-transformers saves it
+    (path / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]))
+    (path / "1_Pooling").mkdir()
+    (path / "1_Pooling" / "config.json").write_text(json.dumps(
+        {"word_embedding_dimension": 32, "pooling_mode_cls_token": False, "pooling_mode_mean_tokens": True}))
+    return path
+
+
 WORDS = {
     "sport": ["match", "goal", "team", "coach", "league", "score", "player", "season"],
     "tech": ["software", "chip", "computer", "network", "phone", "data", "internet", "robot"],
@@ -92,13 +117,13 @@ WORDS = {
 FILLER = ["the", "a", "today", "new", "big", "small", "people", "said", "was", "very", "and", "then"]
 
 
-def make_rows(n: int, seed: int = 0) -> list[dict]:
+def make_rows(n: int, seed: int = 0, topics: dict[str, list[str]] = WORDS) -> list[dict]:
     """Texts of varied length whose class shows in topic words: learnable by a tiny model in a few steps."""
     rng = random.Random(seed)
     rows = []
     for i in range(n):
-        label = list(WORDS)[i % len(WORDS)]
-        words = [rng.choice(WORDS[label]) if rng.random() < 0.4 else rng.choice(FILLER)
+        label = list(topics)[i % len(topics)]
+        words = [rng.choice(topics[label]) if rng.random() < 0.4 else rng.choice(FILLER)
                  for _ in range(rng.randint(4, 40))]
         rows.append({"text": " ".join(words), "label": label})
     return rows

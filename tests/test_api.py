@@ -1,54 +1,15 @@
-"""The Python API as documented (docs/python.md), and the example notebook executed headless."""
+"""The Python API beyond docs/python.md's own snippets (tests/test_docs.py runs those and checks what they
+return: the typed record, history, predictions, load_run, sweep and report), and the example notebook
+executed headless."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-import pandas as pd
 import pytest
 
 import peftlab
-from tests.conftest import REPO
-
-
-@pytest.fixture(scope="module")
-def api_run(tmp_path_factory, tiny_model_dir, topic_data_dir) -> peftlab.Run:
-    cfg = peftlab.load_config(None, overrides=[f"model.name={tiny_model_dir}", f"data.path={topic_data_dir}",
-                                               "data.max_length=48", "train.batch_size=16", "output.plots=false"])
-    return peftlab.train(cfg, output_dir=tmp_path_factory.mktemp("api") / "x", progress=False,
-                         overrides=["method.r=8", "train.epochs=2", "train.learning_rate=0.05"])
-
-
-def test_train_returns_a_run_with_the_typed_record(api_run):
-    m = api_run.metrics
-    assert isinstance(m, peftlab.RunRecord) and m.status == "completed"
-    assert m.config["method"]["r"] == 8 and m.config["train"]["epochs"] == 2  # overrides applied
-    on_disk = json.loads((api_run.path / "metrics.json").read_text())
-    assert m.test.macro_f1 == on_disk["test"]["macro_f1"] and m.params.trainable == on_disk["params"]["trainable"]
-    assert m.validation.accuracy > 0.5  # three topics: it learned
-
-
-def test_history_is_a_dataframe_of_history_jsonl(api_run):
-    h = api_run.history()
-    assert isinstance(h, pd.DataFrame)
-    epochs = h[h["kind"] == "epoch"]
-    assert list(epochs["epoch"]) == [1, 2] and "validation_macro_f1" in h.columns
-    assert h[h["kind"] == "step"]["loss"].notna().all()
-
-
-def test_predict_matches_predictions_csv(api_run):
-    frame = pd.read_csv(api_run.path / "predictions.csv")
-    rows = api_run.predict(frame["text"].tolist())
-    assert [r["label"] for r in rows] == frame["predicted"].tolist()
-    assert [r["confidence"] for r in rows] == pytest.approx(frame["confidence"].tolist(), abs=1e-4)
-    one = api_run.predict("team goal match")  # a single string is one text
-    assert len(one) == 1 and set(one[0]["probabilities"]) == set(api_run.metrics.label_names)
-
-
-def test_load_run_is_the_same_run(api_run):
-    again = peftlab.load_run(api_run.path)
-    assert again.metrics == api_run.metrics
-    assert again.predict(["coach league"]) == api_run.predict(["coach league"])
+from conftest import REPO
 
 
 def test_train_accepts_a_dict_and_a_path(tmp_path, tiny_model_dir, topic_data_dir):
@@ -70,22 +31,6 @@ def test_errors_raise_user_error(tmp_path):
         peftlab.load_run(tmp_path)
     with pytest.raises(peftlab.UserError, match="no completed runs"):
         peftlab.report([tmp_path], output=tmp_path / "r.html")
-
-
-def test_sweep_and_report(tmp_path, tiny_model_dir, topic_data_dir):
-    cfg = tmp_path / "s.yaml"
-    cfg.write_text(f"""
-model: {{name: {tiny_model_dir}}}
-data: {{path: {topic_data_dir}, max_length: 32}}
-train: {{max_steps: 3, batch_size: 16}}
-eval: {{baseline: false}}
-output: {{plots: false}}
-sweep: {{grid: {{method.name: [lora, ia3]}}}}
-""")
-    summary = peftlab.sweep(cfg, output_dir=tmp_path / "m", progress=False)
-    assert summary["counts"] == {"completed": 2}
-    html = peftlab.report([tmp_path / "m"], output=tmp_path / "report.html")
-    assert html.exists() and html.with_suffix(".md").exists()
 
 
 def test_quickstart_notebook_runs_headless(tmp_path, monkeypatch):

@@ -79,6 +79,55 @@ def test_ratios_between_runs_at_chance_are_not_results():
     assert "(1.50)" not in summary(result) and " 1.50" in summary(result)
 
 
+def test_cpu_scenarios_weigh_auto_against_fp32_and_a_bf16_tuned_trainer(monkeypatch):
+    from peftlab.bench.runner import baseline_precision
+    from peftlab.cli.bench import summary
+
+    source = REPO / "bench" / "scenarios.yaml"
+    for name in ("cpu-sst2", "cpu-imdb"):
+        cpu = scenarios.load(name, source)
+        assert cpu.parts[0].variants["fp32"] == {"train.precision": "fp32"}
+        monkeypatch.setenv("PEFTLAB_CPU_BF16", "1")  # a CPU with bf16 units: the tuned Trainer sets bf16=True
+        assert baseline_precision("tuned", cpu) == "bf16" and baseline_precision("seed", cpu) is None
+        monkeypatch.setenv("PEFTLAB_CPU_BF16", "0")
+        assert baseline_precision("tuned", cpu) is None  # its own choice: fp32 on CPU
+    assert baseline_precision("tuned", scenarios.load("gpu-sst2", source)) is None  # bf16 there already
+    peaks = {"fp32": 50e9, "bf16": 200e9, "threads": 1, "shape": {"fp32": [4096, 384, 1536], "bf16": [4096, 384, 1536]},
+             "bf16_units": True, "bf16_reason": "the CPU has AVX512-BF16"}
+    c = {"ok": True, "kind": "peftlab", "real_tokens_per_second": 3000.0, "samples_per_second": 200.0,
+         "peak_memory_bytes": 2**20, "test_accuracy": 0.78, "test_macro_f1": 0.78, "mfu": None, "precision": "bfloat16",
+         "share_of_fp32_peak": 0.5, "share_of_bf16_peak": 0.125, "step_engine": "eager"}
+    result = {"scenario": "s", "device": "cpu", "host": {"load_average_before": None, "load_average_after": None,
+                                                         "matmul_peak_flops": peaks},
+              "parts": [{"name": "main", "model": "m", "data": {"train_rows": 96, "test_rows": 40, "chance_accuracy": 0.5},
+                         "settings": {"epochs": 1}, "contenders": {"peftlab": c}, "all_at_chance": False,
+                         "ratios": {"peftlab": {"ratio_vs_seed": 15.0, "ratio_vs_tuned": 3.0, "ratio_vs_fp32": 1.52}}}]}
+    text = summary(result)
+    assert "fp32 50.0 GFLOP/s, bf16 200.0 GFLOP/s (bf16 units: the CPU has AVX512-BF16)" in text
+    assert "50.0%    12.5%" in text and " 1.52" in text and "bfloat16, eager" in text
+
+
+@pytest.mark.skipif(not BASELINE.is_file(), reason="needs ../shared/bench")
+def test_tuned_trainer_runs_in_bf16_on_a_cpu_with_bf16_units(tmp_path, tiny_model_dir, monkeypatch):
+    """transformers 5 refuses bf16=True without a GPU unless use_cpu=True: the reference script, unchanged,
+    runs with that one default added, and reports bf16."""
+    from peftlab.bench.runner import _env, run_baseline
+
+    monkeypatch.setenv("PEFTLAB_CPU_BF16", "1")
+    for split in ("train", "test"):
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps({"text": f"{w} film {i}", "label": i % 2}) + "\n"
+                                                         for i, w in enumerate(["dull", "great"] * 8)))
+    scenario_file = tmp_path / "scenarios.yaml"
+    scenario_file.write_text(yaml.safe_dump({"scenarios": {"tiny": {
+        "device": "cpu", "baseline": str(BASELINE), "data": str(tmp_path), "batch_size": 8,
+        "parts": [{"name": "main", "model": str(tiny_model_dir)}]}}}))
+    scenario = scenarios.load("tiny", scenario_file)
+    res = run_baseline("tuned", scenario.parts[0], scenario, {"dir": tmp_path}, BASELINE, tmp_path / "tuned",
+                       _env(scenario, 1), 300)
+    assert res["ok"], res.get("error")
+    assert res["precision"] == "bf16" and res["use_cpu"] and res["optimizer_steps"] == 2 and res["device"] == "cpu"
+
+
 def test_flops_and_mfu():
     bert_base = flops.non_embedding_params("random:bert-base")
     assert 85e6 < bert_base < 87e6  # 12 x (4 x 768^2 + 2 x 768 x 3072 + biases, norms) + pooler, head
@@ -119,6 +168,8 @@ def test_tiny_benchmark_writes_consistent_results(tmp_path, tiny_model_dir):
     assert result["scenario"] == "tiny" and result["device"] == "cpu"
     assert set(result["versions"]) >= {"torch", "transformers", "peft", "python"}
     assert result["host"]["omp_num_threads"] == "1" and len(result["host"]["load_average_before"]) == 3
+    peaks = result["host"]["matmul_peak_flops"]  # measured with the contenders' one thread
+    assert peaks["threads"] == 1 and peaks["fp32"] > 1e8 and peaks["bf16"] > 1e7 and peaks["bf16_units"] is False
     part = result["parts"][0]
     assert part["data"]["train_rows"] == 96 and part["data"]["test_rows"] == 40
     assert part["orders"] == [["peftlab", "seed", "tuned"]]
@@ -129,10 +180,14 @@ def test_tiny_benchmark_writes_consistent_results(tmp_path, tiny_model_dir):
         assert c["optimizer_steps"] == 3  # 96 rows / batch 32, one epoch: the same for everyone
         assert c["real_tokens_per_second"] > 0 and c["samples_per_second"] > 0 and c["peak_memory_bytes"] > 0
         assert 0 <= c["test_accuracy"] <= 1 and 0 <= c["test_macro_f1"] <= 1
-        assert c["mfu"] is None  # no bf16 peak for a CPU
+        assert c["mfu"] is None  # no data-sheet peak for a CPU: its shares of the measured ones instead
+        assert c["share_of_fp32_peak"] == pytest.approx(c["real_tokens_per_second"] * c["model_flops_per_token"]
+                                                        / peaks["fp32"], abs=1e-4)
+        assert c["share_of_bf16_peak"] is not None
         # samples/s and tokens/s describe the same seconds: 96 samples in train_seconds
         assert c["samples_per_second"] * c["train_seconds"] == pytest.approx(96, rel=0.02)
     assert contenders["seed"]["padding"] == "max_length" and contenders["tuned"]["padding"] == "dynamic"
+    assert contenders["tuned"]["precision"] == "fp32" and contenders["peftlab"]["precision"] == "float32"  # no bf16 units
     assert part["same_optimizer_steps"] and part["real_tokens_agree"]
     tps = {n: c["real_tokens_per_second"] for n, c in contenders.items()}
     assert result["ratio_vs_seed"] == pytest.approx(tps["peftlab"] / tps["seed"], abs=0.006)

@@ -197,12 +197,15 @@ def test_non_finite_loss_stops_the_run_in_one_line(tmp_path, tiny_overrides, mon
 
 def test_auto_precision_retries_once_in_fp32(tmp_path, tiny_overrides, monkeypatch):
     from peftlab import runtime as rt
+    from peftlab.training.trainer import RETRY_REASON
 
-    monkeypatch.setattr(rt, "pick_precision", lambda choice, device: torch.bfloat16 if choice == "auto" else rt.DTYPES[choice])
+    monkeypatch.setenv(rt.CPU_BF16_ENV, "1")  # a CPU with bf16 units: auto trains in bf16
     _poison_loss(monkeypatch, from_step=4, only_dtype=torch.bfloat16)  # a 16-bit overflow, gone in fp32
     out = train_cli(tmp_path, tiny_overrides + ["train.log_every=5", "eval.baseline=false"])
     m = json.loads((out / "metrics.json").read_text())
     assert m["status"] == "completed" and m["efficiency"]["precision"] == "float32"
+    # the fp32 run rebuilt the model: its frozen weights back in fp32 (bf16 in the first try)
+    assert m["efficiency"]["frozen_dtype"] == "float32" and m["efficiency"]["precision_reason"] == RETRY_REASON
     retry = m["precision_retry"]
     assert retry["from_precision"] == "bfloat16" and retry["to_precision"] == "float32" and retry["step"] == 4
     assert "bfloat16 overflow" in retry["reason"]

@@ -85,17 +85,32 @@ def test_batch_size_is_capped_for_steps_per_epoch():
 
 
 def test_few_rows_keep_the_last_epoch_and_take_several_steps(tmp_path, capsys, tiny_model_dir, few_rows_dir):
-    """The issue's folder: 3 validation rows are carved from 24; they cannot choose an epoch."""
+    """The issue's folder: a validation split carved from 24 rows (3) could not choose an epoch, so none is
+    carved: all 24 train, validation is scored on them, and the last epoch is kept."""
     out = tmp_path / "run"
     assert train(out, f"model.name={tiny_model_dir}", f"data.path={few_rows_dir}", "train.epochs=3",
                  "train.learning_rate=0.005") == 0
     printed = capsys.readouterr().out
     m = record(out)
-    assert m["split_sizes"]["train"] == 21 and m["split_sizes"]["validation"] == 3
-    assert m["selection"]["rule"] == "last epoch" and m["best_epoch"] == 3
-    assert m["selection"]["batch_size"] == {"asked": 16, "used": 5, "reason": m["selection"]["batch_size"]["reason"]}
-    assert m["efficiency"]["optimizer_steps"] == 15  # 5 per epoch, not 2
-    assert "the last epoch is kept" in printed and "batch size 16 -> 5" in printed
+    assert m["split_sizes"]["train"] == 24 and m["split_sizes"]["validation"] == 24
+    assert m["split_sources"]["validation"].startswith("the training rows (no validation split; a 10% carve of 24")
+    assert m["selection"]["rule"] == "last epoch" and m["best_epoch"] == 3 and m["selection"]["validation_rows"] == 0
+    assert m["selection"]["batch_size"] == {"asked": 16, "used": 6, "reason": m["selection"]["batch_size"]["reason"]}
+    assert m["efficiency"]["optimizer_steps"] == 12  # 4 per epoch, not 2
+    assert "the last epoch is kept" in printed and "batch size 16 -> 6" in printed
+
+
+def test_rows_are_spared_only_where_nothing_needs_held_out_validation(few_rows_dir):
+    from peftlab.config.schema import DataConfig
+    from peftlab.data import load_data
+
+    cfg = DataConfig(path=str(few_rows_dir))
+    spared = load_data(cfg, 0, spare_rows=True)
+    assert spared.validation_is_train and len(spared.train) == 24 and spared.validation.texts == spared.train.texts
+    carved = load_data(cfg, 0)  # a run fitting a temperature or a threshold on validation: carved as before
+    assert not carved.validation_is_train and (len(carved.train), len(carved.validation)) == (21, 3)
+    low = load_data(cfg.model_copy(update={"min_validation_rows": 3}), 0, spare_rows=True)
+    assert not low.validation_is_train and len(low.validation) == 3  # 3 rows may choose: carved
 
 
 def test_a_tiny_given_validation_is_warned_about(tmp_path, capsys, tiny_model_dir, topic_data_dir):
@@ -121,20 +136,34 @@ def test_an_emptied_split_is_one_line_exit_2(tmp_path, capsys, tiny_model_dir, t
 
 # --- the pooled head ----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def tiny_st_dir(tiny_model_dir, tmp_path_factory) -> Path:
-    """The tiny model as a sentence-transformers checkpoint: mean pooling, then unit length."""
+def tiny_st_own_length_dir(tiny_st_dir, tmp_path_factory) -> Path:
+    """The tiny sentence-transformers checkpoint with a max_seq_length of its own (40 tokens)."""
     import shutil
 
-    path = tmp_path_factory.mktemp("tiny-st") / "model"
-    shutil.copytree(tiny_model_dir, path)
-    (path / "modules.json").write_text(json.dumps([
-        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]))
-    (path / "1_Pooling").mkdir()
-    (path / "1_Pooling" / "config.json").write_text(json.dumps(
-        {"word_embedding_dimension": 32, "pooling_mode_cls_token": False, "pooling_mode_mean_tokens": True}))
+    path = tmp_path_factory.mktemp("tiny-st-40") / "model"
+    shutil.copytree(tiny_st_dir, path)
+    (path / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 40, "do_lower_case": False}))
     return path
+
+
+def test_max_length_follows_the_checkpoint(tiny_model_dir, tiny_st_own_length_dir, tmp_path):
+    import shutil
+
+    from peftlab.models.loading import max_length_for, model_config
+
+    def tokens(model, asked=None):
+        return max_length_for(asked, str(model), model_config(str(model), ["a", "b"]))
+
+    tiny_st_dir = tiny_st_own_length_dir
+    assert tokens(tiny_st_dir) == {"tokens": 40, "source": "the checkpoint's sentence_bert_config.json max_seq_length"}
+    assert tokens(tiny_st_dir, 24) == {"tokens": 24, "source": "data.max_length"}
+    assert tokens(tiny_model_dir)["tokens"] == 128 and tokens(tiny_model_dir)["source"].startswith("default")
+    assert tokens("minilm-l6")["tokens"] == 256  # all-MiniLM-L6-v2's own, not the old 128
+    wide = tmp_path / "wide"
+    shutil.copytree(tiny_st_dir, wide)
+    (wide / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 512}))
+    assert tokens(wide) == {"tokens": 128, "source": "the checkpoint's sentence_bert_config.json max_seq_length "
+                                                     "(512), capped at its 128 positions"}
 
 
 def test_head_follows_the_checkpoint(tiny_model_dir, tiny_st_dir):
@@ -211,7 +240,7 @@ def test_pairs_join_a_row_with_its_class_and_another():
 
 
 def few_shot_run(out: Path, model: Path, data: Path, method: str, *extra: str) -> dict:
-    assert train(out, f"model.name={model}", f"data.path={data}", f"method.name={method}",
+    assert train(out, f"model.name={model}", f"data.path={data}", f"method.name={method}", "method.pair_objective=pairs",
                  "method.pair_iterations=2", "train.batch_size=8", "train.learning_rate=0.01", *extra) == 0
     return record(out)
 
@@ -262,6 +291,43 @@ def test_probe_fits_the_head_alone(tmp_path, tiny_st_dir, few_rows_dir):
     weights = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
     assert all(v.abs().sum() == 0 for k, v in weights.items() if "lora_B" in k)  # the body never moved
     predictions_match(tmp_path / "run")
+
+
+def test_in_batch_pairs_and_the_end_to_end_phase(tmp_path, tiny_st_own_length_dir, few_rows_dir):
+    """FastFit-style batches (every pair of a class-balanced batch at once), then body and head trained
+    together; data.max_length unset: the checkpoint's own 40 tokens, recorded and used again by predict."""
+    out = tmp_path / "run"
+    args = ["train", "--no-progress", "--output-dir", str(out)]
+    for o in (f"model.name={tiny_st_own_length_dir}", f"data.path={few_rows_dir}", "method.name=contrastive-lora",
+              "method.pair_objective=in_batch", "method.pair_iterations=4", "method.end_to_end_epochs=2",
+              "train.batch_size=12", "train.learning_rate=0.01", "output.plots=false", "eval.baseline=false"):
+        args += ["--set", o]
+    assert main(args) == 0
+    m = record(out)
+    fs = m["few_shot"]
+    assert m["max_length"] == {"tokens": 40, "source": "the checkpoint's sentence_bert_config.json max_seq_length"}
+    assert m["config"]["data"]["max_length"] == 40
+    # 2 x 4 x 24 = 192 pairs at 66 (12 rows) per step: 3 steps of 4 rows per class
+    assert fs["objective"] == "in_batch" and fs["body_steps"] == 3 and fs["pairs"] == 3 * 66
+    assert fs["end_to_end"]["steps"] == 4 and fs["end_to_end"]["last_loss"] < 1.0  # 24 rows, batches of 12, 2 passes
+    assert m["test"]["accuracy"] > 0.6
+    predictions_match(out)
+
+
+def test_supervised_contrastive_pulls_classes_apart():
+    import numpy as np
+    import torch
+
+    from peftlab.training.contrastive import in_batch_rows, supervised_contrastive
+
+    labels = torch.tensor([0, 0, 1, 1])
+    apart = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
+    mixed = apart[[0, 2, 1, 3]]
+    assert supervised_contrastive(apart, labels, 0.1) < supervised_contrastive(mixed, labels, 0.1)
+    rows = in_batch_rows(np.array([0] * 10 + [1] * 3 + [2] * 7), batch=9, steps=5, seed=0)
+    for r in rows:
+        counts = np.bincount(np.array([0] * 10 + [1] * 3 + [2] * 7)[r], minlength=3)
+        assert len(set(r.tolist())) == len(r) and list(counts) == [3, 3, 3]
 
 
 def test_contrastive_full_and_ia3_are_ordinary_runs(tmp_path, tiny_st_dir, few_rows_dir):

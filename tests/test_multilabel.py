@@ -16,7 +16,7 @@ from peftlab.config import load_config
 from peftlab.data import load_data
 from peftlab.data.splits import carve, strata
 from peftlab.errors import UserError
-from peftlab.tasks.multilabel import (decide, decision_scores, fit_temperature, multilabel_metrics, sigmoid,
+from peftlab.tasks.multi_label_metrics import (decide, decision_scores, fit_temperature, multilabel_metrics, sigmoid,
                                            tune_thresholds)
 from peftlab.tasks import MULTI_LABEL
 from peftlab.tasks.losses import label_set_loss

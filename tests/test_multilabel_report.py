@@ -28,7 +28,7 @@ from peftlab.runs.plots import label_decisions, write_plots
 from peftlab.runs.record import RunRecord
 from peftlab.sweeps.runner import _brief
 from peftlab.sweeps.summary import METRICS, summarize
-from peftlab.tasks.multilabel import probability_metrics
+from peftlab.tasks.multi_label_metrics import probability_metrics
 from peftlab.training.tracking import TrackingWarning
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -312,7 +312,7 @@ def test_every_status_is_documented():
     from peftlab.serve.app import create_app
 
     paths = create_app([]).openapi()["paths"]
-    assert set(paths["/predict"]["post"]["responses"]) == {"200", "400", "401", "404", "408", "409", "413", "422", "503"}
+    assert set(paths["/predict"]["post"]["responses"]) == {"200", "400", "401", "404", "408", "409", "413", "415", "422", "503"}
     assert set(paths["/admin/runs"]["post"]["responses"]) >= {"201", "401", "403", "404", "409", "422"}
     assert set(paths["/admin/runs/{name}"]["delete"]["responses"]) >= {"200", "401", "403", "404"}
     assert "bearer" in json.dumps(create_app([]).openapi()["components"]["securitySchemes"]).lower()

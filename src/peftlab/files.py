@@ -30,6 +30,16 @@ _REASONS = {
     errno.EPERM: "operation not permitted",
 }
 WRITE_ERRORS = frozenset(_REASONS)
+# what to do, by cause: "free space" is advice for a full disk only
+_ADVICE = {
+    errno.ENOSPC: "free space, or choose another output location",
+    errno.EDQUOT: "free space within your quota, or choose another output location",
+    errno.EFBIG: "raise the limit, or choose another output location",
+    errno.ENOENT: "its folder is gone (removed or moved while writing, or a symbolic link to nowhere): create "
+                  "it again, or choose another output location",
+    errno.ENOTDIR: "a part of its path is a file, not a folder: choose another output location",
+    errno.ELOOP: "its path loops through symbolic links: choose another output location",
+}
 # .NAME.PID.tmp, .NAME.PID-HEX.tmp (optionally with a suffix kept for libraries that want one: .tmp.npz)
 _TEMP = re.compile(r"^\.(.+)\.(\d+)(?:-[0-9a-f]+)?\.tmp(?:\.\w+)?$")
 _OS_ERROR = re.compile(r"os error (\d+)")
@@ -63,8 +73,8 @@ def write_error(error: OSError, path: str | Path) -> UserError:
     """One line: which file could not be written, why, and what to do."""
     reason = _REASONS.get(error.errno, error.strerror or str(error))
     where = path if isinstance(path, str) and path == "a file" else repr(str(path))
-    return UserError(f"cannot write {where}: {reason}; nothing half-written was kept: free space, raise the "
-                     f"limit, or choose another output location")
+    advice = _ADVICE.get(error.errno, "choose a writable output location")
+    return UserError(f"cannot write {where}: {reason}; nothing half-written was kept: {advice}")
 
 
 def _remove(path: Path) -> None:

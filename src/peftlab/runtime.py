@@ -3,6 +3,7 @@ state for resuming, and peak memory. One place, so training, evaluation and pred
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import resource
 from dataclasses import dataclass
@@ -23,15 +24,63 @@ def pick_device(choice: str) -> torch.device:
     return torch.device(choice)
 
 
+CPU_BF16_ENV = "PEFTLAB_CPU_BF16"  # 0: act as if this CPU had no bf16 units; 1: as if it had; unset: ask torch
+
+
+def cpu_bf16() -> tuple[bool, str]:
+    """(whether this CPU multiplies bf16 matrices in hardware, why): AVX512-BF16 or AMX, as torch reports
+    them. Without such units bf16 is emulated, and far slower than fp32. $PEFTLAB_CPU_BF16 overrides it."""
+    forced = os.environ.get(CPU_BF16_ENV, "").strip()
+    if forced:
+        if forced not in ("0", "1"):
+            raise UserError(f"${CPU_BF16_ENV}={forced!r}: use 1 (this CPU has bf16 units), 0 (it has none) or "
+                            f"leave it unset (ask torch)")
+        return forced == "1", f"${CPU_BF16_ENV}={forced}"
+    cpu = torch.cpu
+    units = [name for name, check in (("AMX", "_is_amx_tile_supported"), ("AVX512-BF16", "_is_avx512_bf16_supported"))
+             if getattr(cpu, check, lambda: False)()]
+    if units:
+        return True, f"the CPU has {' and '.join(units)}"
+    return False, f"the CPU has no bf16 units (no AVX512-BF16 or AMX; torch: {torch.backends.cpu.get_cpu_capability()})"
+
+
+def auto_precision(device: torch.device) -> tuple[torch.dtype, str]:
+    """What precision=auto picks on `device`, and why: bf16 where the device multiplies bf16 in hardware
+    (a bf16 GPU; a CPU with AVX512-BF16 or AMX), else fp32."""
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16, "auto: bf16, the GPU supports it"
+        return torch.float32, "auto: fp32, the GPU has no bf16 support"
+    if device.type == "cpu":
+        native, why = cpu_bf16()
+        return (torch.bfloat16, f"auto: bf16, {why}") if native else (torch.float32, f"auto: fp32, {why}")
+    return torch.float32, f"auto: fp32 on {device.type}"
+
+
 def pick_precision(choice: str, device: torch.device) -> torch.dtype:
-    """auto: bf16 on a GPU that has it, else fp32. bf16/fp16 run on CPU too (autocast), but slowly on CPUs
-    without 16-bit matrix units."""
+    """auto: auto_precision's choice. bf16/fp16 run on any CPU (autocast), but slowly without 16-bit units."""
     if choice == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+        return auto_precision(device)[0]
     if choice == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise UserError("train.precision=bf16: this GPU has no bf16 support; use train.precision=fp16 (with "
                         "gradient scaling) or auto")
     return DTYPES[choice]
+
+
+def precision_reason(choice: str, device: torch.device, dtype: torch.dtype) -> str:
+    """Why a run computes in `dtype` (metrics.json efficiency.precision_reason)."""
+    if choice == "auto":
+        return auto_precision(device)[1]
+    slow = emulated_bf16(device, dtype)
+    return f"precision={choice} as set" + (f" (slow here: {slow})" if slow else "")
+
+
+def emulated_bf16(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why bf16 is emulated here (a CPU without bf16 units: far slower than fp32), or None."""
+    if device.type != "cpu" or dtype != torch.bfloat16:
+        return None
+    native, why = cpu_bf16()
+    return None if native else why
 
 
 def autocast(device: torch.device, dtype: torch.dtype):
@@ -110,14 +159,16 @@ def reset_peak_rss() -> None:
 
 @dataclass(frozen=True)
 class Runtime:
-    """The device and precision one run uses."""
+    """The device and precision one run (or one predictor) uses, and why that precision."""
     device: torch.device
     dtype: torch.dtype
+    reason: str = ""
 
     @classmethod
-    def pick(cls, device: str = "auto", precision: str = "auto") -> "Runtime":
-        d = pick_device(device)
-        return cls(d, pick_precision(precision, d))
+    def pick(cls, device: str | torch.device = "auto", precision: str = "auto") -> "Runtime":
+        d = device if isinstance(device, torch.device) else pick_device(device)
+        dtype = pick_precision(precision, d)
+        return cls(d, dtype, precision_reason(precision, d, dtype))
 
     def autocast(self):
         return autocast(self.device, self.dtype)
@@ -125,3 +176,8 @@ class Runtime:
     @property
     def precision(self) -> str:
         return str(self.dtype).replace("torch.", "")
+
+    @property
+    def setting(self) -> str:
+        """The precision as a setting names it: fp32, bf16, fp16."""
+        return next(k for k, v in DTYPES.items() if v == self.dtype)

@@ -10,9 +10,12 @@ per real (non-padding) token, with N = the model's non-embedding parameters:
 Attention's own score/value products (4 * layers * width * sequence length per token) are left out,
 as in the usual "6N" convention, so MFU is slightly understated, never inflated. Only real tokens
 count: padding is work, but not useful work. MFU = tokens/s * FLOPs per token / the device's dense
-bf16 peak.
+bf16 peak. On a CPU the peaks are measured (one matmul of MiniLM's feed-forward shape, in fp32 and in
+bf16) and each contender's share of both is reported.
 """
 from __future__ import annotations
+
+import time
 
 import torch
 
@@ -66,3 +69,50 @@ def mfu(tokens_per_second: float | None, flops_token: float, peak: float | None)
     if not tokens_per_second or not peak:
         return None
     return tokens_per_second * flops_token / peak
+
+
+# the matmul of the CPU peaks: 4,096 tokens through a 384 -> 1536 linear layer (MiniLM's feed-forward)
+PEAK_SHAPE = (4096, 384, 1536)
+
+
+def cpu_matmul_peak(dtype: torch.dtype, threads: int | None = None, budget_s: float = 0.5) -> tuple[float, int]:
+    """(FLOP/s, rows) of a PEAK_SHAPE matmul in `dtype` on this CPU with `threads` threads (default: torch's),
+    the best of as many repeats as fit in about `budget_s` (at least two): the ceiling a contender's share
+    is read against. Where one call would take longer than budget_s / 2 (bf16 emulated on a CPU without
+    bf16 units: seconds), fewer rows are timed."""
+    m, k, n = PEAK_SHAPE
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or before)
+    try:
+        # as a layer computes it: x @ W.T with W stored [out, in] (an emulated bf16 mm of another layout is slower)
+        x, w = torch.randn(m, k).to(dtype), torch.randn(n, k).to(dtype)
+        t0 = time.perf_counter()
+        torch.nn.functional.linear(x[:256], w)  # warm up (allocations, kernel choice) on a slice
+        first = time.perf_counter() - t0
+        rows = max(256, min(m, int(m * budget_s / 2 / (first * m / 256)) // 256 * 256))
+        best, spent, runs = float("inf"), 0.0, 0
+        while runs < 2 or spent < budget_s:
+            t0 = time.perf_counter()
+            torch.nn.functional.linear(x[:rows], w)
+            seconds = time.perf_counter() - t0
+            best, spent, runs = min(best, seconds), spent + seconds, runs + 1
+    finally:
+        torch.set_num_threads(before)
+    return 2 * rows * k * n / best, rows
+
+
+def cpu_peaks(threads: int | None = None) -> dict:
+    """The CPU's fp32 and bf16 matmul peaks (FLOP/s, and the rows timed), whether it has bf16 units, and
+    the threads used."""
+    from peftlab.runtime import cpu_bf16
+
+    native, why = cpu_bf16()
+    (fp32, fp32_rows), (bf16, bf16_rows) = (cpu_matmul_peak(d, threads) for d in (torch.float32, torch.bfloat16))
+    return {"fp32": fp32, "bf16": bf16, "threads": threads or torch.get_num_threads(),
+            "shape": {"fp32": [fp32_rows, *PEAK_SHAPE[1:]], "bf16": [bf16_rows, *PEAK_SHAPE[1:]]},
+            "bf16_units": native, "bf16_reason": why}
+
+
+def share(tokens_per_second: float | None, flops_token: float | None, peak: float | None) -> float | None:
+    """The share of a peak a contender's useful work (real tokens x model FLOPs per token) reaches."""
+    return mfu(tokens_per_second, flops_token, peak) if flops_token else None

@@ -40,6 +40,7 @@ from peftlab.runs.rundir import RunDir
 
 BASELINE_STYLES = ("seed", "tuned")
 PEFTLAB_MAIN = "peftlab"
+PEFTLAB_FP32 = "peftlab-fp32"  # the CPU scenarios' fp32 contender: what precision=auto gains over it
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -203,7 +204,7 @@ def run_peftlab(name: str, part: Part, scenario: Scenario, data: dict, overrides
     return {
         "contender": name, "ok": True, "kind": "peftlab", "method": cfg["method"]["name"],
         "overrides": {**part.peftlab, **overrides},
-        "precision": eff.precision, "padding": "dynamic (length-grouped)", "sampler": cfg["train"].get("sampler", "length_grouped"),
+        "precision": eff.precision, "precision_reason": eff.precision_reason, "padding": "dynamic (length-grouped)", "sampler": cfg["train"].get("sampler", "length_grouped"),
         "optimizer_steps": eff.optimizer_steps, "train_seconds": eff.train_seconds,
         "real_tokens_per_second": eff.train_tokens_per_second,
         "samples_per_second": eff.train_samples_per_second,
@@ -216,6 +217,30 @@ def run_peftlab(name: str, part: Part, scenario: Scenario, data: dict, overrides
         "graph_capture_seconds": eff.graph_capture_seconds,
         "quantization": record.quantization.model_dump() if record.quantization else None,
     }
+
+
+# transformers 5 refuses TrainingArguments(bf16=True) on a machine without a GPU unless use_cpu=True is set too
+# (its own error says so): what a user tuning the Trainer for bf16 on a CPU sets. The baseline script is run
+# unchanged, with that default added to TrainingArguments.
+CPU_BF16_LAUNCHER = """import functools, runpy, sys
+import transformers
+init = transformers.TrainingArguments.__init__
+@functools.wraps(init)
+def with_use_cpu(self, *args, **kwargs):
+    kwargs.setdefault("use_cpu", True)
+    init(self, *args, **kwargs)
+transformers.TrainingArguments.__init__ = with_use_cpu
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def baseline_precision(style: str, scenario: Scenario) -> str | None:
+    """The tuned Trainer trains in bf16 on a CPU with bf16 units (bf16=True, as a user tuning it would set);
+    otherwise each style keeps its own choice (None)."""
+    from peftlab.runtime import cpu_bf16
+
+    return "bf16" if style == "tuned" and scenario.device == "cpu" and cpu_bf16()[0] else None
 
 
 def run_baseline(style: str, part: Part, scenario: Scenario, data: dict, baseline: Path, work: Path,
@@ -231,6 +256,11 @@ def run_baseline(style: str, part: Part, scenario: Scenario, data: dict, baselin
            "--alpha", str(int(lora["alpha"])), "--dropout", str(lora["dropout"]),
            "--targets", ",".join(lora["target_modules"]), "--seed", str(part.seed),
            "--output-dir", str(work / "trainer")]
+    precision = baseline_precision(style, scenario)
+    if precision:
+        cmd += ["--precision", precision]
+        if scenario.device == "cpu":
+            cmd[1:1] = ["-c", CPU_BF16_LAUNCHER]
     code, stdout, rss, seconds = _spawn(cmd, env, work / "log", timeout)
     line = next((ln for ln in reversed(stdout.strip().splitlines()) if ln.startswith("{")), None)
     if code != 0 or line is None:
@@ -248,6 +278,7 @@ def run_baseline(style: str, part: Part, scenario: Scenario, data: dict, baselin
         "test_accuracy": res["test_accuracy"], "test_macro_f1": res["test_macro_f1"],
         "device": res["device"], "process_seconds": round(seconds, 1),
         "step_engine": "transformers Trainer", "quantization": None,
+        "use_cpu": bool(precision) and scenario.device == "cpu",  # CPU_BF16_LAUNCHER's one addition
     }
 
 
@@ -262,8 +293,9 @@ def _round(value: float | None, digits: int) -> float | None:
     return None if value is None else round(value, digits)
 
 
-def summarise(runs: list[dict], flops_token: float | None, peak: float | None) -> dict:
-    """One contender's figures over its repeats: medians of speed, max of memory, mean of accuracy."""
+def summarise(runs: list[dict], flops_token: float | None, peak: float | None, cpu: dict | None = None) -> dict:
+    """One contender's figures over its repeats: medians of speed, max of memory, mean of accuracy; on a
+    CPU (`cpu`: flops.cpu_peaks) its share of the fp32 and of the bf16 matmul peak."""
     good = [r for r in runs if r.get("ok")]
     if not good:
         return {"ok": False, "error": runs[-1].get("error") if runs else "not run", "runs": runs}
@@ -283,9 +315,11 @@ def summarise(runs: list[dict], flops_token: float | None, peak: float | None) -
         "test_macro_f1": round(statistics.mean(r["test_macro_f1"] for r in good), 4),
         "model_flops_per_token": flops_token,
         "mfu": _round(flops.mfu(tps, flops_token, peak) if flops_token else None, 4),
+        "share_of_fp32_peak": _round(flops.share(tps, flops_token, cpu["fp32"]), 4) if cpu else None,
+        "share_of_bf16_peak": _round(flops.share(tps, flops_token, cpu["bf16"]), 4) if cpu else None,
         "runs": runs,
     }
-    for key in ("overrides", "step_engine", "step_engine_reason", "frozen_dtype", "quantization"):
+    for key in ("overrides", "precision_reason", "step_engine", "step_engine_reason", "frozen_dtype", "quantization"):
         if key in first:
             out[key] = first[key]
     return out
@@ -332,6 +366,12 @@ def _load() -> list[float] | None:
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:
         return None
+
+
+def peaks_line(cpu: dict) -> str:
+    return (f"CPU matmul peak ({cpu['threads']} thread(s), x @ W.T, W {cpu['shape']['fp32'][2]}x{cpu['shape']['fp32'][1]}): "
+            f"fp32 {cpu['fp32'] / 1e9:,.1f} GFLOP/s, bf16 {cpu['bf16'] / 1e9:,.1f} GFLOP/s "
+            f"({'bf16 units' if cpu['bf16_units'] else 'bf16 emulated'}: {cpu['bf16_reason']})")
 
 
 # ------------------------------------------------------------------------------------------- main
@@ -386,6 +426,10 @@ def run_scenario(scenario: Scenario, output_dir: str | Path, *, repeats: int | N
     versions = _versions()
     peak = peak_tflops * 1e12 if peak_tflops else (flops.peak_bf16_flops(device_name) if scenario.device == "cuda" else None)
     env = _env(scenario, threads)
+    # the CPU's own ceilings, with the contenders' thread count: every share is read against them
+    cpu = flops.cpu_peaks(threads) if scenario.device == "cpu" else None
+    if cpu:
+        log(peaks_line(cpu))
     work_root = Path(tempfile.mkdtemp(prefix=f"peftlab-bench-{scenario.name}-"))
     started, load_before = time.time(), _load()
     if load_before and load_before[0] > 0.5 * (os.cpu_count() or 1):
@@ -432,12 +476,14 @@ def run_scenario(scenario: Scenario, output_dir: str | Path, *, repeats: int | N
             summaries = {}
             for name in contenders:
                 method = runs[name][0].get("method", "lora") if runs[name] else "lora"
-                summaries[name] = summarise(runs[name], flops.flops_per_token(params, method), peak)
+                summaries[name] = summarise(runs[name], flops.flops_per_token(params, method), peak, cpu)
             ok = [s for s in summaries.values() if s.get("ok")]
             tokens = [s["real_tokens"] for s in ok if s["real_tokens"]]
             steps = {s["optimizer_steps"] for s in ok}
             ratios = {name: {"ratio_vs_seed": _ratio(s, summaries.get("seed")),
-                             "ratio_vs_tuned": _ratio(s, summaries.get("tuned"))}
+                             "ratio_vs_tuned": _ratio(s, summaries.get("tuned")),
+                             **({"ratio_vs_fp32": _ratio(s, summaries[PEFTLAB_FP32])}
+                                if PEFTLAB_FP32 in summaries and name != PEFTLAB_FP32 else {})}
                       for name, s in summaries.items() if name.startswith(PEFTLAB_MAIN)}
             chance = at_chance(summaries, data["chance_accuracy"])
             parts_out.append({
@@ -455,6 +501,7 @@ def run_scenario(scenario: Scenario, output_dir: str | Path, *, repeats: int | N
                 "all_at_chance": chance,
                 "ratio_vs_seed": ratios.get(PEFTLAB_MAIN, {}).get("ratio_vs_seed"),
                 "ratio_vs_tuned": ratios.get(PEFTLAB_MAIN, {}).get("ratio_vs_tuned"),
+                "ratio_vs_fp32": ratios.get(PEFTLAB_MAIN, {}).get("ratio_vs_fp32"),
             })
     finally:
         if keep_work:
@@ -469,7 +516,8 @@ def run_scenario(scenario: Scenario, output_dir: str | Path, *, repeats: int | N
         "device": device_name, "device_kind": scenario.device,
         "host": {"cpu": _cpu_name(), "cpu_count": os.cpu_count(),
                  "omp_num_threads": env.get("OMP_NUM_THREADS"),
-                 "load_average_before": load_before, "load_average_after": _load()},
+                 "load_average_before": load_before, "load_average_after": _load(),
+                 "matmul_peak_flops": cpu},
         "peak_bf16_flops": peak,
         "mfu_formula": "real tokens/s x FLOPs per real token / device dense bf16 peak; FLOPs per real token = "
                        "4 x non-embedding params (frozen backbone: LoRA, QLoRA, IA3) or 6 x (full fine-tuning)",
@@ -480,6 +528,7 @@ def run_scenario(scenario: Scenario, output_dir: str | Path, *, repeats: int | N
         "contenders": head["contenders"],
         "ratio_vs_seed": head["ratio_vs_seed"],
         "ratio_vs_tuned": head["ratio_vs_tuned"],
+        "ratio_vs_fp32": head["ratio_vs_fp32"],
         "all_at_chance": head["all_at_chance"],
         "parts": parts_out,
     }

@@ -2,16 +2,18 @@
 a new command is a new module here (found automatically).
 
 Bad input (UserError) and operating-system errors (a file that cannot be written: too large, no
-space, read-only) print one line and exit 2; --debug shows the traceback instead."""
+space, read-only) print one line and exit 2; --debug shows the traceback instead. SIGTERM is handled
+as Ctrl-C is (errors.Terminated): "interrupted", exit 143 (Ctrl-C: 130)."""
 from __future__ import annotations
 
 import argparse
 import importlib
 import os
+import signal
 import sys
 import warnings
 
-from peftlab.errors import UserError
+from peftlab.errors import Terminated, UserError, out_of_memory
 from peftlab.files import WRITE_ERRORS, os_error_of, write_error
 
 
@@ -49,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         print(e, file=sys.stderr)
         return 2
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    terminate_as_interrupt()
     # library deprecation chatter (e.g. transformers 5 renames) is not the user's business
     warnings.filterwarnings("ignore", category=FutureWarning)
     try:
@@ -58,10 +61,15 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"peftlab {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"peftlab {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        print(f"peftlab {args.command}: {interrupted(e)}", file=sys.stderr)
+        return exit_code(e)
     except Exception as e:  # noqa: BLE001 - only operating-system errors are answered here
+        memory = None if args.debug else out_of_memory(e)
+        if memory is not None:
+            hint = getattr(args.command_module, "MEMORY_HINT", "give it less to hold at once")
+            print(f"peftlab {args.command}: error: out of {memory}: {hint}", file=sys.stderr)
+            return 2
         # a write (or read) the command did not translate itself: still one line naming the file, exit 2
         found = os_error_of(e)
         if args.debug or found is None or found.errno not in WRITE_ERRORS:
@@ -69,6 +77,27 @@ def main(argv: list[str] | None = None) -> int:
         where = getattr(e, "filename", None) or getattr(found, "filename", None) or "a file"
         print(f"peftlab {args.command}: error: {write_error(found, where)}", file=sys.stderr)
         return 2
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+def terminate_as_interrupt() -> None:
+    """SIGTERM raises Terminated (a KeyboardInterrupt) wherever the main thread is, so that every command
+    stops as it does on Ctrl-C (its record, its claim, its temporaries), not in silence."""
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_terminated)
+
+
+def interrupted(error: KeyboardInterrupt) -> str:
+    return f"interrupted ({error.signal_name})" if isinstance(error, Terminated) else "interrupted"
+
+
+def exit_code(error: KeyboardInterrupt) -> int:
+    return error.exit_code if isinstance(error, Terminated) else 130
 
 
 def add_config_arguments(p: argparse.ArgumentParser) -> None:

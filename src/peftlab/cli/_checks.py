@@ -9,6 +9,8 @@ from pathlib import Path
 from peftlab.errors import UserError
 
 _SYSTEM = (Path("/proc"), Path("/sys"), Path("/dev"))
+# --precision of predict and serve (runtime.DTYPES' names, without importing torch to parse a command line)
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def _number(kind, low, inclusive: bool, what: str):

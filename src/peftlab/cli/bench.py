@@ -66,14 +66,22 @@ def _fmt(value, spec: str) -> str:
 
 
 def summary(result: dict) -> str:
+    from peftlab.bench.runner import peaks_line
+
     lines = [f"scenario {result['scenario']} on {result['device']} "
              f"(load before/after {result['host']['load_average_before']} / {result['host']['load_average_after']})"]
+    cpu = result["host"].get("matmul_peak_flops")
+    if cpu:
+        lines.append(f"  {peaks_line(cpu)}")
     for part in result["parts"]:
         lines.append(f"  part {part['name']}: {part['model']}, {part['data']['train_rows']:,} train rows x "
                      f"{part['settings']['epochs']} epoch(s), {part['data']['test_rows']:,} test rows")
         chance = part.get("all_at_chance")
+        # on a CPU, instead of MFU: the share of the measured fp32 and bf16 matmul peaks
+        shares = cpu is not None
         lines.append(f"    {'contender':<16}{'real tok/s':>12}{'samples/s':>11}{'peak MiB':>10}{'test acc':>10}"
-                     f"{'macro-F1':>10}{'MFU':>8}{'vs seed':>9}{'vs tuned':>9}  engine")
+                     f"{'macro-F1':>10}" + (f"{'%fp32pk':>9}{'%bf16pk':>9}" if shares else f"{'MFU':>8}")
+                     + f"{'vs seed':>9}{'vs tuned':>9}{'vs fp32':>9}  precision, engine")
         for name, c in part["contenders"].items():
             if not c.get("ok"):
                 lines.append(f"    {name:<16}FAILED")
@@ -82,8 +90,10 @@ def summary(result: dict) -> str:
             mem = c["peak_memory_bytes"] / 2**20 if c["peak_memory_bytes"] else None
             lines.append(f"    {name:<16}{_fmt(c['real_tokens_per_second'], ',.0f'):>12}{_fmt(c['samples_per_second'], ',.1f'):>11}"
                          f"{_fmt(mem, ',.0f'):>10}{_fmt(c['test_accuracy'], '.4f'):>10}{_fmt(c['test_macro_f1'], '.4f'):>10}"
-                         f"{_fmt(c['mfu'], '.1%'):>8}{_ratio_text(r.get('ratio_vs_seed'), chance):>9}"
-                         f"{_ratio_text(r.get('ratio_vs_tuned'), chance):>9}  {_engine(c)}")
+                         + (f"{_fmt(c.get('share_of_fp32_peak'), '.1%'):>9}{_fmt(c.get('share_of_bf16_peak'), '.1%'):>9}"
+                            if shares else f"{_fmt(c['mfu'], '.1%'):>8}")
+                         + f"{_ratio_text(r.get('ratio_vs_seed'), chance):>9}{_ratio_text(r.get('ratio_vs_tuned'), chance):>9}"
+                         f"{_ratio_text(r.get('ratio_vs_fp32'), chance):>9}  {c.get('precision') or '?'}, {_engine(c)}")
         if chance:
             lines.append(f"    every contender sits at chance (test accuracy <= {part['data']['chance_accuracy']:.4f} + 0.02): "
                          f"nothing was learnt, so the speed ratios are not a result")
@@ -98,7 +108,7 @@ def _ratio_text(value, at_chance: bool) -> str:
 
 def _engine(c: dict) -> str:
     if c.get("kind") != "peftlab":
-        return ""
+        return "transformers Trainer"
     q = c.get("quantization") or {}
     quant = f", {q.get('used')} ({q.get('modules_4bit') or q.get('modules_8bit') or 0} layers)" if q.get("requested") else ""
     fell = " (fell back)" if c.get("step_engine_reason") else ""

@@ -6,6 +6,10 @@ import sys
 from peftlab.errors import UserError
 
 
+# out of memory: what to lower (cli/__init__.py prints it in one line)
+MEMORY_HINT = "export on a machine with more free memory (the fp32 model is held while the export is checked)"
+
+
 def add_parser(sub):
     p = sub.add_parser("export", help="a trained run as a plain Hugging Face folder (merged) or ONNX, no peft needed")
     p.add_argument("run_dir")
@@ -36,6 +40,9 @@ def run(args) -> int:
     if info["run_test_accuracy"] is not None:
         print(f"  run      test accuracy {info['run_test_accuracy']:.4f}")
     print(_check_line("float" if args.format == "onnx" else "merged", info["check"]))
+    if info.get("trust_remote_code"):
+        print(f"  load it with trust_remote_code=True: its head reads the pooled sentence embedding, whose code "
+              f"(peftlab_head.py) is in the folder (docs/export.md)")
     if "int8" in info:
         q = info["int8"]
         print(_check_line("int8", q["check"]) + f"; {q['bytes'] / 2**20:.1f} MiB vs {q['float_bytes'] / 2**20:.1f} MiB")

@@ -6,11 +6,15 @@ import json
 import sys
 from pathlib import Path
 
-from peftlab.cli._checks import output_file, positive_int
+from peftlab.cli._checks import PRECISIONS, output_file, positive_int
 from peftlab.data.tokenize import valid_text
 from peftlab.errors import UserError
 from peftlab.files import clean_stale, replacing, write_text
 from peftlab.runs.rundir import RunDir
+
+
+# out of memory: what to lower (cli/__init__.py prints it in one line)
+MEMORY_HINT = "lower --batch-size (texts per forward pass, default 64)"
 
 
 def add_parser(sub):
@@ -20,6 +24,9 @@ def add_parser(sub):
     p.add_argument("--input", help="CSV, TSV, JSON Lines or Parquet file with a text column (or the run's text columns)")
     p.add_argument("--output", help="write here (CSV when it ends in .csv, else JSON Lines); default stdout")
     p.add_argument("--batch-size", type=positive_int, default=64, help="texts per forward pass (default 64)")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="auto: bf16 where the device multiplies bf16 in hardware (a bf16 GPU; a CPU with AVX512-BF16 or "
+                        "AMX), else fp32 (default: %(default)s)")
     p.add_argument("--csv-safe", action=argparse.BooleanOptionalAction, default=True,
                    help="CSV output: a text or label cell that starts with = + - @ (or a tab or carriage return) gets "
                         "a leading ' so spreadsheets show it instead of running it as a formula (CSV injection); "
@@ -75,7 +82,7 @@ def run(args) -> int:
         raise UserError("nothing to predict: pass --text \"...\" (repeatable) or --input FILE")
     if args.output:
         output_file(args.output, "--output")
-    predictor = load_predictor(args.run_dir, batch_size=args.batch_size)
+    predictor = load_predictor(args.run_dir, batch_size=args.batch_size, precision=args.precision)
     data = RunDir(args.run_dir).config().data
     # undecodable command-line bytes become U+FFFD, here and in every output format
     texts = [valid_text(t) for t in args.text] + (read_texts(args.input, data.text_columns, "--input") if args.input else [])

@@ -8,8 +8,12 @@ import os
 import socket
 import sys
 
-from peftlab.cli._checks import non_negative_float
+from peftlab.cli._checks import PRECISIONS, non_negative_float
 from peftlab.errors import UserError
+
+
+# out of memory: what to lower (cli/__init__.py prints it in one line)
+MEMORY_HINT = "lower --max-batch (texts per forward pass) or --max-chars, or serve fewer runs in one process"
 
 
 def add_parser(sub):
@@ -50,6 +54,9 @@ def add_parser(sub):
                    help="a request's whole body must arrive within this of its headers, else 408 and the connection "
                         "is closed (default: %(default)s)")
     p.add_argument("--device", default=None, help="torch device (default: cuda when there is one, else cpu)")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="auto: bf16 where the device multiplies bf16 in hardware (a bf16 GPU; a CPU with AVX512-BF16 or "
+                        "AMX), else fp32 (default: %(default)s)")
     return p
 
 
@@ -101,7 +108,7 @@ def run(args) -> int:
     import torch
     import uvicorn
 
-    from peftlab.serve.app import ServeSettings, create_app
+    from peftlab.serve.app import ServeSettings, check_api_key, create_app
     from peftlab.serve.batcher import BatchSettings
     from peftlab.serve.connections import ConnectionLimits, guarded_protocol
 
@@ -110,6 +117,7 @@ def run(args) -> int:
     if args.batch_window_ms < 0:
         raise UserError(f"--batch-window-ms {args.batch_window_ms}: must be 0 or more")
     key = args.api_key or os.environ.get("PEFTLAB_API_KEY") or None
+    check_api_key(key)  # before anything is bound or loaded
     sock = bind(args.host, args.port)
     try:
         try:
@@ -120,7 +128,7 @@ def run(args) -> int:
             print(f"peftlab serve: warning: listening on {args.host} without --api-key: anyone who can reach it "
                   f"can use it", file=sys.stderr)
         settings = ServeSettings(api_key=key, max_texts=args.max_texts, max_chars=args.max_chars,
-                                 max_body_bytes=args.max_body_bytes,
+                                 max_body_bytes=args.max_body_bytes, precision=args.precision,
                                  batch=BatchSettings(args.batch_window_ms / 1000, args.max_batch, args.mixed_batching,
                                                      args.max_queue_texts),
                                  connections=ConnectionLimits(connection_cap(args.max_connections),

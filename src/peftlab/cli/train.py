@@ -3,12 +3,16 @@ from __future__ import annotations
 
 import sys
 
-from peftlab.cli import add_config_arguments
+from peftlab.cli import add_config_arguments, exit_code, interrupted
 from peftlab.cli._checks import positive_int
 from peftlab.config import load_config
 from peftlab.errors import UserError
 from peftlab.runs.record import RunRecord
 from peftlab.runs.rundir import RunDir, default_run_dir
+
+
+# out of memory: what to lower (cli/__init__.py prints it in one line)
+MEMORY_HINT = "lower train.batch_size or data.max_length (--set), or eval.batch_size"
 
 
 def add_parser(sub):
@@ -61,7 +65,13 @@ def _launch(args, out: str | None) -> int:
 
     argv = ["train"] + ([args.config] if args.config else []) + sum((["--set", o] for o in args.overrides), [])
     argv += (["--resume", args.resume] if args.resume else ["--output-dir", out]) + (["--no-progress"] if args.no_progress else [])
-    return subprocess.call(launch_command(args.nproc, argv))
+    with subprocess.Popen(launch_command(args.nproc, argv)) as launcher:
+        try:
+            return launcher.wait()
+        except KeyboardInterrupt:  # the ranks record the interruption; torchrun passes SIGTERM on to them
+            launcher.terminate()
+            launcher.wait()
+            raise
 
 
 def run(args) -> int:
@@ -78,11 +88,11 @@ def run(args) -> int:
     cfg, resume = start_run(run_dir, cfg, bool(args.resume))
     try:
         record = train(cfg, run_dir, resume=resume, progress=not args.no_progress)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (errors.Terminated)
         done = "its epoch checkpoints are" if (run_dir.checkpoints / "last.pt").exists() else "no epoch has finished, so nothing is"
-        print(f"peftlab train: interrupted; {done} in {run_dir.path}: continue with "
+        print(f"peftlab train: {interrupted(e)}; {done} in {run_dir.path}: continue with "
               f"peftlab train --resume {run_dir.path}", file=sys.stderr)
-        return 130
+        return exit_code(e)
     if not setup().main:
         return 0  # rank 0 reports
     print(summary_table(record))

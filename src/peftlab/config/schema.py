@@ -8,7 +8,9 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from peftlab.errors import UserError
 
 
 def _finite(value: Any) -> Any:
@@ -34,6 +36,25 @@ class Section(BaseModel):
     def _finite_numbers(cls, v: Any) -> Any:
         return v if isinstance(v, BaseModel) else _finite(v)
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        """`cfg.train.batch_size = "x"` in Python: one UserError line, as a bad --set is."""
+        try:
+            super().__setattr__(name, value)
+        except ValidationError as e:
+            error = e.errors()[0]
+            key = f"{_section_name(type(self))}{name}"
+            if error["type"] == "no_such_attribute":
+                raise UserError(f"config: unknown key '{key}' (allowed keys: {', '.join(type(self).model_fields)})") from None
+            raise UserError(f"config: bad value {value!r} for '{key}': {error['msg']}") from None
+
+
+def _section_name(cls: type) -> str:
+    """'train.' for TrainConfig (the Config field that holds it), '' for Config itself."""
+    return next((f"{name}." for name, field in Config.model_fields.items() if field.annotation is cls), "")
+
+
+FALLBACK_MAX_LENGTH = 128  # data.max_length unset, and the checkpoint names no max_seq_length of its own
+
 
 class DataConfig(Section):
     name: str | None = Field("bbc_news", description="built-in dataset (bbc_news) or a hub dataset (ag_news, imdb, owner/name)")
@@ -46,7 +67,10 @@ class DataConfig(Section):
                                                  "binary cross-entropy on every label")
     label_separator: str = Field("|", min_length=1, description="multi-label: separates the labels in one text field "
                                                                 "(CSV/TSV/Parquet strings), e.g. 'sports|politics'")
-    max_length: int = Field(128, ge=8, le=8192, description="tokens per text, truncated")
+    max_length: int | None = Field(None, ge=8, le=8192, description="tokens per text, truncated. Unset: a sentence-"
+                                   "transformers checkpoint's own max_seq_length (its sentence_bert_config.json, "
+                                   "e.g. 256 for all-MiniLM-L6-v2), else FALLBACK_MAX_LENGTH (128); capped at what "
+                                   "the model can read. metrics.json max_length records the number and its source")
     validation_fraction: float = Field(0.1, gt=0, lt=1, description="stratified share of train used for validation when there is no validation split")
     test_fraction: float = Field(0.2, gt=0, lt=1, description="stratified share carved out for test when there is no test split")
     seed: int | None = Field(None, description="seed of the carved splits and subsets; default: train.seed. Set it for seed studies, so that every training seed is scored on the same rows")
@@ -74,6 +98,11 @@ class ModelConfig(Section):
                             "pooling, then unit length for MiniLM and MPNet), else the checkpoint's own head. pooled: "
                             "that embedding (mean pooling where the checkpoint does not say). cls: the checkpoint's own "
                             "head ([CLS] pooler / first token). Recorded in metrics.json head")
+    trust_remote_code: bool = Field(
+        False, description="let transformers run the code a model folder names (config.json auto_map with a model "
+                           "type it does not know). Off: such a folder is refused in one line, and nothing is "
+                           "asked on stdin. Only for a folder whose code you have read and trust; kept in the run's "
+                           "config, so its predict, serve and export load it the same way")
 
 
 class MethodConfig(Section):
@@ -86,10 +115,23 @@ class MethodConfig(Section):
     layers: list[int] | None = Field(None, description="adapt only these layer indices (LoRA, IA3)")
     rank_pattern: dict[str, int] = Field({}, description="per-module-type rank, e.g. {attention.output.dense: 4}")
     bits: Literal[4, 8] = Field(4, description="QLoRA backbone precision; falls back to 8-bit, then none, where it cannot run")
-    pair_iterations: int = Field(5, ge=1, description="contrastive-* methods: sentence pairs per labelled row = 2 x this "
-                                 "(each row with one row of its class and one of another, per iteration; SetFit's "
-                                 "num_iterations). 5 keeps 64 rows per class of 4 classes at 2,560 pairs")
+    pair_iterations: int = Field(100, ge=1, description="contrastive-* methods: the pair budget, 2 x this pairs per "
+                                 "labelled row (SetFit's num_iterations). pair_objective=in_batch reaches it in few "
+                                 "steps (a batch of 16 rows holds 120 pairs); pairs draws them one by one (each row "
+                                 "with one row of its class and one of another, per iteration), 2 texts per pair: "
+                                 "set 5 to 20 there")
     body_epochs: float = Field(1, gt=0, description="contrastive-* methods: passes over the sentence pairs")
+    pair_objective: Literal["pairs", "in_batch"] = Field(
+        "in_batch", description="contrastive-* methods: how the body learns from pairs. pairs: SetFit's, sampled pairs "
+                             "(pair_iterations), cosine similarity towards 1 (same class) or 0 (mean squared error). "
+                             "in_batch: FastFit-style, class-balanced batches of train.batch_size labelled rows and "
+                             "every pair in the batch at once (supervised contrastive loss at pair_temperature), as "
+                             "many steps as give the same number of pairs as pairs would")
+    pair_temperature: float = Field(0.07, gt=0, le=10, description="pair_objective=in_batch: temperature of the "
+                                    "softmax over cosine similarities")
+    end_to_end_epochs: float = Field(0, ge=0, le=1000, description="contrastive-* methods: after the head is fitted, "
+                                     "passes over the labelled rows training body and head together on the "
+                                     "classification loss (SetFit's end-to-end phase); 0: none")
     head_fit: Literal["logistic", "linear"] = Field(
         "logistic", description="contrastive-* and probe: how the head is fitted on the labelled rows' embeddings. "
                                 "logistic: scikit-learn's logistic regression (SetFit's default head), written into the "
@@ -128,7 +170,11 @@ class TrainConfig(Section):
     max_grad_norm: float | None = Field(1.0, gt=0, le=1e6, description="clip the gradient norm (at most 1e6); null: no clipping")
     seed: int = 42
     early_stopping_patience: int | None = Field(None, ge=1, description="stop after this many epochs without a better validation metric")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16 on a GPU that has it, else fp32")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 where the device multiplies bf16 in hardware (a bf16 GPU; a CPU with AVX512-BF16 "
+                            "or AMX), else fp32; metrics.json efficiency.precision_reason says why. $PEFTLAB_CPU_BF16=0 "
+                            "(or 1) tells peftlab the CPU has no (or has) bf16 units. Trainable weights and optimizer "
+                            "state stay fp32; an auto run whose 16-bit loss turns non-finite starts again in fp32")
     sampler: Literal["length_grouped", "random"] = Field("length_grouped", description="length_grouped: similar lengths share a batch (less padding)")
     compile: bool = Field(False, description="torch.compile the model (GPU)")
     step_engine: Literal["auto", "eager", "cuda_graphs"] = Field(
@@ -137,8 +183,8 @@ class TrainConfig(Section):
                              "where it can run, else eager. Where cuda_graphs cannot run (CPU, several processes, fp16, "
                              "gradient accumulation, distillation, ...) eager runs and metrics.json says why")
     frozen_dtype: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="the dtype frozen (non-trained) weights are stored in. auto: bf16 on a bf16 GPU run of a "
-                            "method that freezes the backbone (half the memory, no re-cast each step), else as loaded; "
+        "auto", description="the dtype frozen (non-trained) weights are stored in. auto: bf16 on a bf16 run (GPU or CPU) "
+                            "of a method that freezes the backbone (half the memory, no re-cast each step), else as loaded; "
                             "fp32: upcast them (what peft's prepare_model_for_kbit_training does for QLoRA)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     log_every: int = Field(10, ge=1, description="optimizer steps between loss readings (the only host syncs; a non-finite loss is caught there)")

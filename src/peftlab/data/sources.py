@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from peftlab.data.splits import carve, percent, subsample
 from peftlab.errors import UserError
 from peftlab.hub import hub_unreachable
 from peftlab.tasks import SINGLE_LABEL, Task
+from peftlab.tasks.label_encoding import check_names
 
 SPLIT_ALIASES = {"train": ("train",), "validation": ("validation", "valid", "dev"), "test": ("test",)}
 BUILTIN = "bbc_news"
@@ -47,6 +49,9 @@ class LoadedData:
     split_sources: dict     # split -> where its rows came from, e.g. "stratified 10% of train (seed 42)"
     overlap: dict = field(default_factory=dict)  # validation/test -> rows whose text also occurs in train
     task: Task = SINGLE_LABEL  # its kind: how labels are encoded (a set of labels per text: 0/1 rows)
+    # no validation split, and a carved one would be too small to choose an epoch: not carved, every
+    # labelled row trains, and validation is scored on the training rows (load_data's spare_rows)
+    validation_is_train: bool = False
 
     @property
     def num_labels(self) -> int:
@@ -70,9 +75,13 @@ def split_seed(cfg: DataConfig, train_seed: int) -> int:
     return train_seed if cfg.seed is None else cfg.seed
 
 
-def load_data(cfg: DataConfig, seed: int) -> LoadedData:
+def load_data(cfg: DataConfig, seed: int, spare_rows: bool = False) -> LoadedData:
     """Read the configured data and return checked train/validation/test splits, deterministic given the
-    seed of the carved splits and subsets: data.seed when set, else `seed` (the training seed)."""
+    seed of the carved splits and subsets: data.seed when set, else `seed` (the training seed).
+
+    `spare_rows` (a run that needs no held-out validation rows): where there is no validation split and
+    the carve would hold fewer than data.min_validation_rows rows (too few to choose an epoch), nothing is
+    carved: every labelled row trains and validation is the training rows (validation_is_train)."""
     seed = split_seed(cfg, seed)
     task = tasks.for_data(cfg)
     if cfg.path:
@@ -100,7 +109,16 @@ def load_data(cfg: DataConfig, seed: int) -> LoadedData:
                              where=raw.where["train"], label_names=names)
         splits["train"], splits["test"] = _take(splits["train"], kept), _take(splits["train"], carved)
         sources["test"] = f"stratified {percent(cfg.test_fraction)} of {whole} (seed {seed})"
+    spared = False
     if "validation" not in splits:
+        n, wanted = len(splits["train"]), math.ceil(cfg.validation_fraction * len(splits["train"]))
+        spared = spare_rows and wanted < cfg.min_validation_rows
+    if spared:
+        splits["validation"] = splits["train"]
+        sources["validation"] = (f"the training rows (no validation split; a {percent(cfg.validation_fraction)} "
+                                 f"carve of {n} rows would hold {wanted}, fewer than data.min_validation_rows="
+                                 f"{cfg.min_validation_rows}: too few to choose an epoch, so every row trains)")
+    elif "validation" not in splits:
         kept, carved = carve(splits["train"].labels, cfg.validation_fraction, seed, purpose="validation",
                              where=raw.where["train"], label_names=names)
         splits["train"], splits["validation"] = _take(splits["train"], kept), _take(splits["train"], carved)
@@ -111,16 +129,19 @@ def load_data(cfg: DataConfig, seed: int) -> LoadedData:
     # evaluation subsets are drawn (so that they keep their size), then the overlap counted on what is scored.
     limits = {"train": cfg.max_train_samples, "validation": cfg.max_eval_samples, "test": cfg.max_eval_samples}
     _subset(splits, sources, "train", limits["train"], seed)
+    held_out = ("test",) if spared else ("validation", "test")
+    if spared:
+        splits["validation"] = splits["train"]
     if cfg.drop_duplicates_across_splits:
-        _drop_shared_with_train(splits, sources)
-    for split in ("validation", "test"):
+        _drop_shared_with_train(splits, sources, held_out)
+    for split in held_out:
         _subset(splits, sources, split, limits[split], seed)
-    overlap = _overlap_with_train(splits)
+    overlap = _overlap_with_train(splits, held_out)
 
     return LoadedData(name=raw.name, label_names=names, train=splits["train"], validation=splits["validation"],
                       test=splits["test"], text_columns=list(raw.text_columns),
                       split_sources={s: sources[s] for s in ("train", "validation", "test")}, overlap=overlap,
-                      task=task)
+                      task=task, validation_is_train=spared)
 
 
 def _subset(splits: dict[str, "TextSplit"], sources: dict, split: str, limit: int | None, seed: int) -> None:
@@ -134,25 +155,25 @@ def _shared_with_train(splits: dict[str, "TextSplit"], split: str) -> np.ndarray
     return np.array([t in seen for t in splits[split].texts], dtype=bool)
 
 
-def _drop_shared_with_train(splits: dict[str, "TextSplit"], sources: dict) -> None:
-    """data.drop_duplicates_across_splits: validation and test rows whose text is in the train rows used go."""
-    for split in ("validation", "test"):
+def _drop_shared_with_train(splits: dict[str, "TextSplit"], sources: dict, held_out: tuple[str, ...]) -> None:
+    """data.drop_duplicates_across_splits: held-out rows whose text is in the train rows used go."""
+    for split in held_out:
         shared = _shared_with_train(splits, split)
         if shared.any():
             splits[split] = _take(splits[split], np.flatnonzero(~shared))
             sources[split] += f"; {int(shared.sum()):,} rows also in train dropped"
 
 
-def _overlap_with_train(splits: dict[str, "TextSplit"]) -> dict[str, int]:
+def _overlap_with_train(splits: dict[str, "TextSplit"], held_out: tuple[str, ...]) -> dict[str, int]:
     """How many of the validation and test rows used also occur in the train rows used (leakage that
-    flatters the scores), warned about."""
+    flatters the scores), warned about where the split is meant to be held out."""
     overlap = {split: int(_shared_with_train(splits, split).sum()) for split in ("validation", "test")}
-    if any(overlap.values()):
+    if any(overlap[s] for s in held_out):
         import sys
 
-        print(f"peftlab: warning: {overlap['validation']:,} validation and {overlap['test']:,} test texts also occur "
-              f"in train (their scores are flattered); set data.drop_duplicates_across_splits=true to drop them",
-              file=sys.stderr)
+        counts = " and ".join(f"{overlap[s]:,} {s}" for s in held_out)
+        print(f"peftlab: warning: {counts} texts also occur in train (their scores are flattered); set "
+              f"data.drop_duplicates_across_splits=true to drop them", file=sys.stderr)
     return overlap
 
 
@@ -252,6 +273,20 @@ def read_table(path: Path, keep_blank_rows: bool = False) -> pd.DataFrame:
     return frame
 
 
+def cell_texts(column: pd.Series, where: str, name: str) -> list[str]:
+    """A text column's cells as strings (a missing one as ""; numbers as written). A cell holding a list
+    or a mapping (a Parquet list column, a JSON array) is not a text: one line naming the row."""
+    out = []
+    for i, v in enumerate(column.tolist()):
+        if isinstance(v, (list, tuple, dict, np.ndarray)):
+            shown = repr(v.tolist() if isinstance(v, np.ndarray) else v)
+            raise UserError(f"{where}: row {i + 1} of column {name!r} holds a {'mapping' if isinstance(v, dict) else 'list'} "
+                            f"({shown[:60]}{'...' if len(shown) > 60 else ''}), not a text; write one string per "
+                            f"cell (join the parts), or list several text columns in data.text_columns")
+        out.append(v if isinstance(v, str) else ("" if pd.isna(v) else str(v)))
+    return out
+
+
 def read_texts(path: str, text_columns: list[str], what: str) -> list[str]:
     """The texts of a file without labels (`peftlab predict --input`, distill.unlabeled): its 'text' column,
     else data.text_columns joined with a space; one text per row, blank rows included."""
@@ -261,7 +296,8 @@ def read_texts(path: str, text_columns: list[str], what: str) -> list[str]:
     if missing:
         raise UserError(f"{what} {path!r}: no column {missing[0]!r} (columns: {', '.join(map(str, frame.columns))}); "
                         f"name the text column 'text' or {' + '.join(text_columns)}")
-    return frame[columns].fillna("").astype(str).agg(" ".join, axis=1).tolist()
+    parts = [cell_texts(frame[c], f"{what} {path!r}", c) for c in columns]
+    return [" ".join(row) for row in zip(*parts)]
 
 
 def _read_label_names(path: Path) -> list[str]:
@@ -271,6 +307,8 @@ def _read_label_names(path: Path) -> list[str]:
         raise UserError(f"{path}: cannot be read ({_first_line(e)}); it must be a JSON list of class names") from None
     if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
         raise UserError(f"{path}: must be a JSON list of class names, like [\"negative\", \"positive\"]; fix it")
+    names = [n.strip() for n in names]  # as in the data: surrounding whitespace is not part of a name
+    check_names(names, str(path), "name")
     return names
 
 
@@ -333,7 +371,7 @@ def _texts_and_labels(frame: pd.DataFrame, text_columns: list[str], label_column
     empty label is the empty label set when `empty_label_ok`: multi-label)."""
     frame = frame.rename(columns=str).reset_index(drop=True)
     _check_columns(frame.columns, text_columns, label_column, where)
-    parts = [[v if isinstance(v, str) else ("" if pd.isna(v) else str(v)) for v in frame[c]] for c in text_columns]
+    parts = [cell_texts(frame[c], where, c) for c in text_columns]
     texts = parts[0] if len(parts) == 1 else [" ".join(p for p in row if p) for row in zip(*parts)]
     blank = [i for i, t in enumerate(texts) if not t.strip()]
     if blank:

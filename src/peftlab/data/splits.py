@@ -101,9 +101,14 @@ def _allocate(counts: np.ndarray, n: int) -> np.ndarray:
 
 
 # --- few labelled rows (docs/few-shot.md) ------------------------------------------------------------
-def selection_plan(n_validation: int, min_rows: int) -> dict:
+def selection_plan(n_validation: int, min_rows: int, validation_is_train: bool = False) -> dict:
     """How the run picks its best epoch: by validation (RULE of peftlab.runs.select is the trainer's), or,
-    when validation is too small to tell epochs apart, the last epoch (a fixed budget of train.epochs)."""
+    when validation is too small to tell epochs apart or is the training rows themselves, the last epoch
+    (a fixed budget of train.epochs)."""
+    if validation_is_train:
+        return {"rule": "last epoch", "validation_rows": 0,
+                "reason": "no validation split, and one carved from train would be too small to choose an epoch: "
+                          "not carved, every labelled row trains (validation figures are of the training rows)"}
     if n_validation < min_rows:
         return {"rule": "last epoch", "validation_rows": n_validation,
                 "reason": f"validation has {n_validation} rows, fewer than data.min_validation_rows={min_rows}: "

@@ -92,17 +92,10 @@ def staged(out: Path):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _quiet_transformers() -> None:
-    # progress bars for loading and writing a few files are noise in a command's output
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-
-
 def load_source(run_dir: str | Path) -> Source:
     """The run's model with its adapter merged in, as a plain transformers model. The one call into
     peftlab.runs is load_trained; the rest reads the run directory's documented files."""
+    from peftlab.models.loading import quiet_transformers
     from peftlab.runs.trained import load_trained
 
     from peftlab.runs.trained import completed_run
@@ -113,7 +106,7 @@ def load_source(run_dir: str | Path) -> Source:
         raise UserError(f"run {str(run_dir)!r} trained an adapter on random weights ({metrics.model}) that were "
                         f"never saved, so there is no base to merge it into: export a run of a real model "
                         f"(a local folder, hub id or minilm-l6), or a full fine-tuning run")
-    _quiet_transformers()
+    quiet_transformers()
     trained = load_trained(run_dir, torch.device("cpu"), merge=True)
     model = trained.model
     if hasattr(model, "peft_config") or any(hasattr(m, "base_layer") for m in model.modules()):

@@ -57,7 +57,8 @@ def build_model(cfg: Config, label_names: list[str], device: torch.device, task:
         raise UserError(f"method {method.name} classifies from the pooled sentence embedding: set model.head=auto "
                         f"(or pooled), not cls")
     head = head_for(cfg.model.name, "pooled" if method.pooled_head else cfg.model.head)
-    model = load_classifier(cfg.model.name, label_names, extra, task, head, tokenizer.pad_token_id)
+    model = load_classifier(cfg.model.name, label_names, extra, task, head, tokenizer.pad_token_id,
+                            cfg.model.trust_remote_code)
     if is_decoder(model.config) and tokenizer.pad_token_id is None:
         raise UserError(f"model {cfg.model.name!r} is a decoder, whose head finds the last real token by the pad "
                         f"token, and its tokenizer has neither a pad nor an end-of-text token: set model.tokenizer "

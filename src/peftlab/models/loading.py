@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -12,9 +13,10 @@ import torch
 
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
+from peftlab.config.schema import FALLBACK_MAX_LENGTH
 from peftlab.errors import UserError
 from peftlab.hub import hub_unreachable
-from peftlab.models.architectures import is_decoder
+from peftlab.models.architectures import check_max_length, is_decoder, position_limit
 from peftlab.models.heads import checkpoint_pooling, install
 from peftlab.tasks import SINGLE_LABEL, Task
 
@@ -55,6 +57,8 @@ def _smollm2_dir() -> str:
 
 
 ALIASES = {"minilm-l6": _minilm_dir, "mpnet-base": _mpnet_dir, "smollm2-135m": _smollm2_dir}
+HUB_NAMES = {"minilm-l6": "sentence-transformers/all-MiniLM-L6-v2", "mpnet-base": "sentence-transformers/all-mpnet-base-v2",
+             "smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 
 
 def resolve(name: str) -> str:
@@ -71,7 +75,7 @@ def is_random(name: str) -> bool:
     return name.startswith("random:")
 
 
-def _quiet_transformers() -> None:
+def quiet_transformers() -> None:
     # transformers 5 prints a load report per model (e.g. "classifier MISSING", which is expected for a new head)
     from transformers.utils import logging as hf_logging
 
@@ -81,6 +85,10 @@ def _quiet_transformers() -> None:
 
 
 def _not_found(what: str, name: str, err: Exception) -> UserError:
+    if "trust_remote_code" in str(err):  # transformers: the folder's auto_map names code to run
+        return UserError(f"{what} {name!r} names code of its own to run (config.json auto_map, a model type "
+                         f"transformers does not know); peftlab runs no code from a model folder unless you set "
+                         f"model.trust_remote_code=true, for a folder whose code you have read and trust")
     if Path(name).exists():
         return UserError(f"{what} {name!r} could not be loaded from that folder ({str(err).splitlines()[0]}): "
                          f"point model.name at a folder written by save_pretrained")
@@ -90,15 +98,15 @@ def _not_found(what: str, name: str, err: Exception) -> UserError:
                      f"Use a local model folder, or a built-in model: {', '.join(ALIASES)}")
 
 
-def load_tokenizer(model_name: str, tokenizer_name: str | None = None):
+def load_tokenizer(model_name: str, tokenizer_name: str | None = None, trust_remote_code: bool = False):
     """The tokenizer, with a pad token: one that has none (most decoders') pads with its end-of-text token,
     and `padding(tokenizer)` says so."""
-    _quiet_transformers()
+    quiet_transformers()
     if is_random(model_name) and not tokenizer_name:
         tokenizer_name = "minilm-l6"  # any BERT WordPiece vocabulary will do for random weights
     name = resolve(tokenizer_name or model_name)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name, **_hub_kwargs(name))
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code, **_hub_kwargs(name))
     except Exception as e:  # noqa: BLE001 - hub/IO errors come in many types
         raise _not_found("tokenizer", name, e) from None
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
@@ -126,9 +134,12 @@ def _with_pad(config, pad_token_id: int | None):
     return config
 
 
-def model_config(model_name: str, label_names: list[str], task: Task = SINGLE_LABEL, pad_token_id: int | None = None):
+def model_config(model_name: str, label_names: list[str], task: Task = SINGLE_LABEL, pad_token_id: int | None = None,
+                 trust_remote_code: bool = False):
     """The transformers config with our labels, without loading weights (problem_type: the task's, so that
-    pipeline() applies its softmax, or a sigmoid per label); a decoder's pad id set to `pad_token_id`."""
+    pipeline() applies its softmax, or a sigmoid per label); a decoder's pad id set to `pad_token_id`.
+    trust_remote_code is always passed, False unless model.trust_remote_code says otherwise: transformers
+    would otherwise ask on stdin."""
     labels = dict(num_labels=len(label_names), id2label=dict(enumerate(label_names)),
                   label2id={n: i for i, n in enumerate(label_names)},
                   problem_type=task.problem_type)
@@ -140,7 +151,8 @@ def model_config(model_name: str, label_names: list[str], task: Task = SINGLE_LA
         return _with_pad(AutoConfig.for_model(kwargs.pop("model_type", "bert"), **kwargs, **labels), pad_token_id)
     name = resolve(model_name)
     try:
-        return _with_pad(AutoConfig.from_pretrained(name, **labels, **_hub_kwargs(name)), pad_token_id)
+        return _with_pad(AutoConfig.from_pretrained(name, **labels, trust_remote_code=trust_remote_code,
+                                                    **_hub_kwargs(name)), pad_token_id)
     except Exception as e:  # noqa: BLE001
         raise _not_found("model", name, e) from None
 
@@ -167,6 +179,27 @@ def head_for(model_name: str, choice: str = "auto") -> dict:
         return {"kind": "pooled", "pooling": "mean", "normalize": False,
                 "source": "model.head=pooled (the checkpoint names no pooling: mean)"}
     return {"kind": "own", "reason": "not a sentence-transformers checkpoint (no modules.json with a Pooling module)"}
+
+
+def max_length_for(asked: int | None, model_name: str, config) -> dict:
+    """Tokens per text (data.max_length) and where the number came from, for metrics.json max_length:
+    as asked; else a sentence-transformers checkpoint's own max_seq_length (sentence_bert_config.json: what
+    it was trained to read, 256 for all-MiniLM-L6-v2), capped at the model's positions; else the fallback."""
+    if asked is not None:
+        check_max_length(config, asked, model_name)
+        return {"tokens": asked, "source": "data.max_length"}
+    folder = None if is_random(model_name) else Path(resolve(model_name))
+    try:
+        own = json.loads((folder / "sentence_bert_config.json").read_text(encoding="utf-8"))["max_seq_length"]
+    except (TypeError, OSError, ValueError, KeyError):
+        own = None
+    limit = position_limit(config)
+    if isinstance(own, int) and not isinstance(own, bool) and own >= 8:
+        tokens = min(own, limit) if limit else own
+        return {"tokens": tokens, "source": "the checkpoint's sentence_bert_config.json max_seq_length"
+                                            + (f" ({own}), capped at its {limit} positions" if tokens < own else "")}
+    tokens = min(FALLBACK_MAX_LENGTH, limit) if limit else FALLBACK_MAX_LENGTH
+    return {"tokens": tokens, "source": "default (data.max_length unset; the checkpoint names no max_seq_length)"}
 
 
 def _cache_root() -> Path:
@@ -216,13 +249,14 @@ def _read_tensor_by_tensor(folder: str) -> dict | None:
 
 
 def load_classifier(model_name: str, label_names: list[str], extra_kwargs: dict | None = None,
-                    task: Task = SINGLE_LABEL, head: dict | None = None, pad_token_id: int | None = None):
+                    task: Task = SINGLE_LABEL, head: dict | None = None, pad_token_id: int | None = None,
+                    trust_remote_code: bool = False):
     """AutoModelForSequenceClassification with a fresh head sized to our labels, reading the pooled
     embedding where `head` says so (head_for); a decoder finds its last real token by `pad_token_id` (the
     tokenizer's). Pretrained models and random:SHAPE take the same path (random weights come from a cached
     folder)."""
-    _quiet_transformers()
-    config = model_config(model_name, label_names, task, pad_token_id)
+    quiet_transformers()
+    config = model_config(model_name, label_names, task, pad_token_id, trust_remote_code)
     source = random_model_dir(model_name) if is_random(model_name) else resolve(model_name)
     extra = dict(extra_kwargs or {})
     try:
@@ -236,11 +270,11 @@ def load_classifier(model_name: str, label_names: list[str], extra_kwargs: dict 
             del tensors
             return install(model, head)
         return install(AutoModelForSequenceClassification.from_pretrained(
-            source, config=config, ignore_mismatched_sizes=True, **extra), head)
+            source, config=config, ignore_mismatched_sizes=True, trust_remote_code=trust_remote_code, **extra), head)
     except UserError:
         raise
     except (OSError, ValueError) as e:
-        if "does not appear to have" in str(e) or "not a valid model" in str(e):
+        if any(words in str(e) for words in ("does not appear to have", "not a valid model", "trust_remote_code")):
             raise _not_found("model", model_name, e) from None
         raise
 

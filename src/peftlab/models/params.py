@@ -106,9 +106,9 @@ def meta_model(cfg: Config, label_names: list[str] | None = None) -> tuple[torch
     from transformers import AutoModelForSequenceClassification
 
     from peftlab.models.architectures import head_module_names
-    from peftlab.models.loading import _quiet_transformers
+    from peftlab.models.loading import quiet_transformers
 
-    _quiet_transformers()
+    quiet_transformers()
     labels = tuple(label_names if label_names is not None else label_names_for(cfg))
     config, offline = _model_config(cfg.model.name, labels)
     with torch.device("meta"):

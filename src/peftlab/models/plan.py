@@ -26,6 +26,7 @@ class Candidate:
     trainable: int | None = None  # exact, from the built model
     adapter: int | None = None
     head: int | None = None
+    rank_pattern: dict[str, int] | None = None  # the config's own ranks of the module types this placement adapts
 
     @property
     def overrides(self) -> list[str]:
@@ -107,17 +108,19 @@ def candidates(cfg: Config, budget: int, label_names: list[str] | None = None) -
             if not chosen or (layers is not None and any(s[1] is None for s in chosen)):
                 continue
             fixed = per_rank = 0
+            used = {}  # rank_pattern keys that match an adapted module (peft warns about the others)
             for name, _, i, o in chosen:
-                own = next((rank for key, rank in pattern.items() if re.match(rf"(.*\.)?({key})$", name)), None)
-                if own is None:
+                key = next((key for key in pattern if re.match(rf"(.*\.)?({key})$", name)), None)
+                if key is None:
                     per_rank += i + o
                 else:
-                    fixed += own * (i + o)
+                    used[key] = pattern[key]
+                    fixed += pattern[key] * (i + o)
             # the highest rank that fits, for each placement (targets x layers)
             fitting = [r for r in RANKS if head_count + fixed + r * per_rank <= budget]
             if fitting:
                 r = max(fitting)
-                out.append(Candidate(r, targets, layers, head_count + fixed + r * per_rank))
+                out.append(Candidate(r, targets, layers, head_count + fixed + r * per_rank, rank_pattern=used))
     # most capacity first; then wider coverage (more layers, more modules); then lower rank
     out.sort(key=lambda c: (-c.estimate, -(len(c.layers) if c.layers else n_layers), -len(c.target_modules), c.r))
     return out, head_count
@@ -136,7 +139,7 @@ def plan(cfg: Config, budget: int, top: int = 10, label_names: list[str] | None 
         trial.method.r = c.r
         trial.method.target_modules = list(c.target_modules)
         trial.method.layers = list(c.layers) if c.layers is not None else None
-        trial.method.rank_pattern = dict(cfg.method.rank_pattern)
+        trial.method.rank_pattern = dict(c.rank_pattern or {})
         counted = count_config(trial, label_names)
         c.trainable, c.adapter, c.head = counted.trainable, counted.adapter, counted.head
         if c.trainable <= budget:

@@ -101,3 +101,20 @@ def merged_lora(model: torch.nn.Module):
         with torch.no_grad():
             for weight, original in saved:
                 weight.copy_(original)
+
+
+def linear_weights_to(model: torch.nn.Module, dtype: torch.dtype) -> int:
+    """Store every nn.Linear's weight and bias in `dtype` (bf16/fp16 inference): autocast casts them to
+    that dtype at every call anyway, so the outputs under autocast are the same, bit for bit, without
+    the re-cast each batch. Only for a model that is then run under autocast in `dtype` alone. Returns
+    how many tensors were cast."""
+    cast = 0
+    if dtype == torch.float32:
+        return cast
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            for p in (module.weight, module.bias):
+                if p is not None and p.dtype == torch.float32:
+                    p.data = p.data.to(dtype)
+                    cast += 1
+    return cast

@@ -9,7 +9,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from peftlab.reports.collect import Group, Section
-from peftlab.runs.plots import draw_confusion, draw_label_scores, most_frequent, plain_text
+from peftlab.runs.plots import confusion_figure, draw_label_scores, most_frequent, plain_text
 from peftlab.tasks import SINGLE_LABEL, Task
 
 MIB = 2**20
@@ -174,9 +174,7 @@ def confusion_chart(report: Section) -> Chart | None:
     matrix, names = run.value("test", "confusion_matrix"), run.metrics.get("label_names")
     if not matrix or not names:
         return None
-    size = max(4.5, 0.45 * len(names) + 2.5)
-    fig = Figure(figsize=(size, size), layout="constrained")
-    draw_confusion(fig.subplots(), matrix, names)
+    fig = confusion_figure(matrix, names)
     return Chart(f"Test confusion matrix of the best run by validation ({run.name})", _png(fig))
 
 

@@ -28,6 +28,10 @@ from peftlab.tasks import MULTI_LABEL, SINGLE_LABEL, Task
 from peftlab.tasks.metrics import ECE_BINS, reliability_bins, softmax
 
 MAX_LABELS_SHOWN = 48  # per-label figures: beyond that, the most frequent labels only
+# confusion matrices: counts in the cells up to ANNOTATED classes; beyond MAX_CLASSES_SHOWN, the classes
+# with the most errors only; the figure never grows past MAX_FIGURE_INCHES a side (1,400 px at 100 dpi),
+# so that its memory is bounded at any class count (600 classes made a 27,500 px image before)
+ANNOTATED_CLASSES, MAX_CLASSES_SHOWN, MAX_FIGURE_INCHES = 30, 50, 14.0
 
 
 def read_history(run_dir: Path) -> list[dict]:
@@ -54,18 +58,40 @@ def read_json(path: Path) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
+def most_confused(matrix, names: list[str], limit: int = MAX_CLASSES_SHOWN) -> tuple[np.ndarray, list[str], str]:
+    """The confusion matrix to draw: all of it, or the `limit` classes with the most errors (as true
+    class or as prediction, in `names` order); and the words saying so ("" when all are shown)."""
+    m = np.asarray(matrix, dtype=np.int64)
+    if len(names) <= limit:
+        return m, list(names), ""
+    errors = m.sum(axis=0) + m.sum(axis=1) - 2 * np.diag(m)
+    keep = np.sort(np.argsort(-errors, kind="stable")[:limit])
+    return m[np.ix_(keep, keep)], [names[i] for i in keep], f"the {limit} classes with the most errors, of {len(names)}"
+
+
+def confusion_figure(matrix, names: list[str], title: str = "") -> Figure:
+    """A confusion matrix as a figure of bounded size at any class count (most_confused)."""
+    shown, shown_names, note = most_confused(matrix, names)
+    size = min(MAX_FIGURE_INCHES, max(4.5, 0.45 * len(shown_names) + 2.5))
+    fig = _new_figure(size, size)
+    draw_confusion(fig.subplots(), shown, shown_names, "\n".join(t for t in (title, note) if t))
+    return fig
+
+
 def draw_confusion(ax, matrix, names: list[str], title: str = "") -> None:
-    """Counts as a heat map, rows = true class, columns = predicted, each cell annotated."""
+    """Counts as a heat map, rows = true class, columns = predicted, each cell annotated up to
+    ANNOTATED_CLASSES classes."""
     m = np.asarray(matrix, dtype=int)
     ax.imshow(m, cmap="Blues")
     ticks = range(len(names))
-    ax.set_xticks(ticks, names, rotation=45, ha="right")
-    ax.set_yticks(ticks, names)
+    small = {"fontsize": 6} if len(names) > ANNOTATED_CLASSES else {}
+    ax.set_xticks(ticks, names, rotation=45 if not small else 90, ha="right" if not small else "center", **small)
+    ax.set_yticks(ticks, names, **small)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     if title:
         ax.set_title(title)
-    if len(names) <= 30:  # beyond that the numbers would not be legible
+    if len(names) <= ANNOTATED_CLASSES:  # beyond that the numbers would not be legible
         threshold = m.max() / 2 if m.size else 0
         for i in range(m.shape[0]):
             for j in range(m.shape[1]):
@@ -150,10 +176,7 @@ def _confusion_plot(record: RunRecord | None, predictions: pd.DataFrame | None, 
         matrix = m
     if matrix is None or not names:
         return None
-    size = max(4.0, 0.45 * len(names) + 2.5)
-    fig = _new_figure(size, size)
-    draw_confusion(fig.subplots(), matrix, names, "Test confusion matrix")
-    _save(fig, out)
+    _save(confusion_figure(matrix, names, "Test confusion matrix"), out)
     return out
 
 

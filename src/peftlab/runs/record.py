@@ -92,6 +92,7 @@ class Efficiency(Record):
     peak_memory_kind: str  # gpu_max_allocated | cpu_peak_rss
     device: str
     precision: str | None = None
+    precision_reason: str | None = None  # why: what precision=auto found on the device, or the setting
     optimizer_steps: int | None = None
     wall_seconds: float | None = None
     world_size: int = 1  # processes that trained (peftlab train --nproc, torchrun, accelerate launch)
@@ -196,6 +197,7 @@ class RunRecord(Record):
     # where a built-in model's weights came from when peftlab converted them (e.g. dequantized from GGUF Q4_1)
     model_source: dict | None = None
     few_shot: dict | None = None  # contrastive / probe methods: pairs, body epochs, head fit
+    max_length: dict | None = None  # tokens per text and where the number came from (data.max_length or the checkpoint)
     error: str | None = None  # failed: what went wrong
     traceback: str | None = None
     reason: str | None = None  # pruned: why

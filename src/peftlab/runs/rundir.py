@@ -3,17 +3,20 @@
     config.yaml       resolved config
     history.jsonl     step rows (loss, lr) and epoch rows (validation metrics)
     checkpoints/      last.pt (resume) and best.pt (best validation epoch), removed when the run completes
-    adapter/ | model/ the trained adapter (PEFT format) or full model, with tokenizer
+    adapter/ | model/ the trained adapter (PEFT format) or full model, with tokenizer and a model card
+                      (README.md); a pooled head's folder also holds peftlab_head.py and its config.json
     predictions.csv   test rows with predicted label, confidence and class probabilities
-    plots/            PNG charts
-    metrics.json      the contract; written last and atomically, so its presence with
-                      status "completed" means the run is complete
+    metrics.json      the contract; written atomically once everything the run needs is on
+                      disk, so its presence with status "completed" means the run is complete
+    plots/            PNG charts, drawn after metrics.json (optional: a failure is a warning)
 """
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
+import pickle
 import shutil
 import time
 import traceback
@@ -27,16 +30,45 @@ from peftlab.config import Config, save_config
 from peftlab.config.load import build_config
 from peftlab.errors import UserError
 from peftlab.files import append_text, clean_stale, replacing, torch_save, write_text
+from peftlab.models.heads import save_remote_code
 from peftlab.runs.record import RunRecord
 from peftlab.tasks import SINGLE_LABEL, Task
+
+
+INTERRUPTED = "interrupted"  # a failed record's error after Ctrl-C or SIGTERM: resumable
 
 
 def atomic_write_text(path: Path, text: str) -> None:
     write_text(path, text)  # peftlab.files: temp + rename, write errors as one line
 
 
+def plain_values(value):
+    """`value` with numpy arrays as lists and numpy numbers as Python's (tensors, containers and plain
+    values as they are): what torch.load(weights_only=True) reads back."""
+    if isinstance(value, dict):
+        return {k: plain_values(v) for k, v in value.items()}
+    if type(value) in (list, tuple):
+        return type(value)(plain_values(v) for v in value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
 def default_run_dir(method: str) -> Path:
-    return Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{method}"
+    """runs/<date>-<time>-<method>, made here (mkdir is atomic): runs started in the same second, in one
+    process or several, get -2, -3, ... rather than the same directory."""
+    first = Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{method}"
+    for n in itertools.count(1):
+        path = first if n == 1 else first.with_name(f"{first.name}-{n}")
+        try:
+            path.mkdir(parents=True)
+        except FileExistsError:
+            continue
+        except OSError:
+            pass  # not writable: RunDir.create says so in one line
+        return path
 
 
 class RunDir:
@@ -44,7 +76,7 @@ class RunDir:
     writes a run through these accessors (tests/test_structure.py holds it)."""
     CONFIG, HISTORY, METRICS, PREDICTIONS = "config.yaml", "history.jsonl", "metrics.json", "predictions.csv"
     CHECKPOINTS, PLOTS, ADAPTER, MODEL = "checkpoints", "plots", "adapter", "model"
-    TEACHER_LOGITS, TENSORBOARD = "teacher_logits.npy", "tensorboard"
+    TEACHER_LOGITS, TENSORBOARD, CARD = "teacher_logits.npy", "tensorboard", "README.md"
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -80,6 +112,9 @@ class RunDir:
         """Make the directory for a new run and take its lock; refuse one that already holds a run."""
         if self.path.exists() and not self.path.is_dir():
             raise UserError(f"output directory {str(self.path)!r} is a file: choose another --output-dir")
+        if self.path.is_symlink() and not self.path.exists():
+            raise UserError(f"output directory {str(self.path)!r} is a symbolic link to {os.readlink(self.path)!r}, "
+                            f"which does not exist: create that folder, or choose another --output-dir")
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             probe = self.path / f".write-test.{os.getpid()}.tmp"
@@ -144,11 +179,28 @@ class RunDir:
         except (OSError, ValueError, AttributeError):
             return None
 
+    def resumable(self) -> bool:
+        """Stopped before completing with its checkpoint kept: killed (no record, or "finishing"), or
+        interrupted (Ctrl-C or SIGTERM: status failed, error "interrupted"). A run that failed with an
+        error starts over."""
+        if not (self.config_file.exists() and (self.checkpoints / "last.pt").exists()):
+            return False
+        status = self.status()
+        if status in (None, "finishing"):
+            return True
+        try:
+            return status == "failed" and json.loads(self.metrics_file.read_text()).get("error") == INTERRUPTED
+        except (OSError, ValueError, AttributeError):
+            return False
+
     def config(self) -> Config:
         if not self.config_file.exists():
             raise UserError(f"{self.config_file}: missing, so {str(self.path)!r} is not a complete peftlab run "
                             f"directory; retrain it")
-        return build_config(self.config_tree(), str(self.config_file))
+        try:
+            return build_config(self.config_tree(), str(self.config_file))
+        except UserError as e:
+            raise UserError(f"{e}: this run's saved config is damaged; restore config.yaml, or retrain the run") from None
 
     def start(self, cfg: Config | None = None, resume: bool = False) -> tuple[Config, bool]:
         """Open the directory for training: a new run (created, config saved) or the continuation of
@@ -166,7 +218,7 @@ class RunDir:
     def start_or_continue(self, cfg: Config) -> bool:
         """For a worker that may have been killed (sweeps): continue from the last checkpoint where there
         is one, else start over in a clean directory. Returns whether it resumes."""
-        if self.config_file.exists() and (self.checkpoints / "last.pt").exists() and self.status() in (None, "finishing"):
+        if self.resumable():
             self.lock()
             return True
         if self.path.exists():
@@ -205,7 +257,7 @@ class RunDir:
         """A run that stopped must never look complete: say why, with status "failed"."""
         if self.status() == "completed":
             return
-        what = "interrupted" if isinstance(error, KeyboardInterrupt) else f"{type(error).__name__}: {error}"
+        what = INTERRUPTED if isinstance(error, KeyboardInterrupt) else f"{type(error).__name__}: {error}"
         with contextlib.suppress(UserError, OSError):  # the disk that failed the run may refuse this too:
             self._write_failure(what, cfg)               # then no metrics.json at all, still not "completed"
 
@@ -244,22 +296,45 @@ class RunDir:
         with replacing(weights, directory=True) as tmp:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
+            # a pooled head: config.json that transformers loads right with trust_remote_code=True, or refuses
+            save_remote_code(model, tmp)
         return weights
 
+    def write_card(self, text: str) -> None:
+        """The weights folder's README.md (peft writes an empty template there): the run's model card."""
+        folder = self.saved_weights()
+        if folder is not None:
+            write_text(folder / RunDir.CARD, text)
+
     def config_tree(self) -> dict:
-        return yaml.safe_load(self.config_file.read_text(encoding="utf-8-sig"))  # hand-edited: maybe a BOM
+        """config.yaml as a mapping (hand-edited: maybe a BOM); damaged: one line."""
+        try:
+            tree = yaml.safe_load(self.config_file.read_text(encoding="utf-8-sig"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+            mark = getattr(e, "problem_mark", None)
+            why = f"not valid YAML at line {mark.line + 1}" if mark else type(e).__name__
+            raise UserError(f"{self.config_file}: cannot be read ({why})") from None
+        if not isinstance(tree, dict):
+            raise UserError(f"{self.config_file}: not a mapping of sections (data:, model:, ...)")
+        return tree
 
     # --- checkpoints -------------------------------------------------------------------------
     def save_checkpoint(self, name: str, state: dict) -> None:
+        """Tensors and plain values only (numpy's become lists and numbers), so that it loads back with
+        torch.load(weights_only=True), which runs no code from the file."""
         self.checkpoints.mkdir(exist_ok=True)
-        torch_save(state, self.checkpoints / f"{name}.pt")
+        torch_save(plain_values(state), self.checkpoints / f"{name}.pt")
 
     def load_checkpoint(self, name: str) -> dict | None:
         path = self.checkpoints / f"{name}.pt"
         if not path.exists():
             return None
         try:
-            return torch.load(path, map_location="cpu", weights_only=False)
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:  # weights_only refused a Python object: never built, never run
+            raise UserError(f"{path}: not a checkpoint peftlab wrote (it holds Python objects, which peftlab does "
+                            f"not load: loading them could run code); delete it to restart that part of the run, "
+                            f"or retrain") from None
         except Exception as e:  # noqa: BLE001 - truncated or foreign files fail in many ways
             raise UserError(f"{path}: unreadable checkpoint ({type(e).__name__}); delete it to restart that part "
                             f"of the run, or retrain") from None
@@ -276,4 +351,4 @@ class RunView(RunDir):
         return None
 
     create = lock = unlock = append_history = truncate_history = write_record = record_failure = _nothing
-    write_predictions = save_checkpoint = remove_checkpoints = save_weights = _nothing
+    write_predictions = save_checkpoint = remove_checkpoints = save_weights = write_card = _nothing

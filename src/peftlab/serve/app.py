@@ -43,6 +43,7 @@ class ServeSettings:
     max_texts: int = 128            # texts per request
     max_chars: int = 10_000         # characters per text (beyond: 422, never silently cut)
     max_body_bytes: int = 1 << 20   # request body (beyond: 413)
+    precision: str = "auto"         # auto: bf16 where the device multiplies bf16 in hardware, else fp32
     batch: BatchSettings = field(default_factory=BatchSettings)
     connections: ConnectionLimits = field(default_factory=ConnectionLimits)  # applied by the server (cli/serve.py)
 
@@ -232,6 +233,11 @@ class Guard:
             refusal = self._refusal(scope)
             if refusal is not None:  # the body, if any, is not read: the connection closes after the answer
                 return await refuse(refusal[0], refusal[1], {**refusal[2], "connection": "close"})
+            encoding = dict(scope["headers"]).get(b"content-encoding", b"identity").strip().lower()
+            if scope["method"] in ("POST", "PUT", "PATCH") and encoding not in (b"", b"identity"):
+                return await refuse(415, f"Content-Encoding {encoding.decode('latin-1')[:40]} is not accepted: "
+                                         f"send the JSON body uncompressed", {"accept-encoding": "identity",
+                                                                             "connection": "close"})
             if scope["method"] in ("POST", "PUT", "PATCH"):
                 body = await self._body(scope, receive)
                 if isinstance(body, tuple):
@@ -271,11 +277,20 @@ def _errors(*codes: int) -> dict:
             403: "admin routes are off: the server has no --api-key", 404: "no such adapter (or run directory)",
             409: "conflicts with what is served: a run of that name is served already (/admin/runs), or "
                  "no adapter was named while several runs are served (/predict)", 413: "request body too large",
+            415: "a compressed body (Content-Encoding gzip, deflate, ...): send it uncompressed",
             408: "the body did not arrive within the server's --body-timeout of its headers (the connection is closed)",
             422: "invalid request (the detail names the field)",
             503: "busy: the texts waiting for a forward pass reach --max-queue-texts; retry after the Retry-After "
                  "header's seconds"}
     return {c: {"model": Error, "description": text[c]} for c in codes}
+
+
+def check_api_key(key: str | None) -> None:
+    """A key a client can send: HTTP header values are ASCII, so a key with other characters could never
+    be matched (and the two checks would read such bytes differently)."""
+    if key is not None and not (key and key.isascii() and key.isprintable() and " " not in key):
+        raise UserError("--api-key (or PEFTLAB_API_KEY): use printable ASCII characters without spaces (letters, "
+                        "digits, punctuation): an HTTP header carries ASCII, so no client could send this key")
 
 
 def create_app(run_dirs: list[str], device: torch.device | None = None, settings: ServeSettings | None = None):
@@ -287,10 +302,11 @@ def create_app(run_dirs: list[str], device: torch.device | None = None, settings
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     settings = settings or ServeSettings()
+    check_api_key(settings.api_key)
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     metrics = Metrics()
     batchers: dict[int, Batcher] = {}
-    registry = Registry(device,
+    registry = Registry(device, precision=settings.precision,
                         on_group_added=lambda g: batchers.__setitem__(g.index, Batcher(g, settings.batch, metrics.batch)),
                         on_group_removed=lambda g: batchers.pop(g.index).stop())
     try:
@@ -353,7 +369,7 @@ def create_app(run_dirs: list[str], device: torch.device | None = None, settings
         return [s.describe() for s in list(registry.served.values())]
 
     @app.post("/predict", response_model=PredictResponse, dependencies=[Depends(authorized)],
-              responses=_errors(400, 401, 404, 408, 409, 413, 422, 503), summary="classify texts with one served run")
+              responses=_errors(400, 401, 404, 408, 409, 413, 415, 422, 503), summary="classify texts with one served run")
     async def predict(req: PredictRequest):
         served = registry.served.get(req.adapter) if req.adapter is not None else None
         if req.adapter is None:
@@ -388,7 +404,7 @@ def create_app(run_dirs: list[str], device: torch.device | None = None, settings
         return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/admin/runs", response_model=AdapterInfo, status_code=201, dependencies=[Depends(admin)],
-              responses=_errors(400, 401, 403, 404, 408, 409, 413, 422), summary="load a run while serving")
+              responses=_errors(400, 401, 403, 404, 408, 409, 413, 415, 422), summary="load a run while serving")
     async def load_run(body: LoadRun):
         if "\0" in body.run_dir or not Path(body.run_dir).is_dir():
             raise HTTPException(404, f"run_dir: no directory {body.run_dir!r} on the server")

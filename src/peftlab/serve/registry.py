@@ -20,7 +20,8 @@ import torch
 
 from peftlab.errors import UserError
 from peftlab.evaluation.predict import Predictor
-from peftlab.models.loading import is_random, load_classifier
+from peftlab.models.loading import is_random, load_classifier, quiet_transformers
+from peftlab.models.speed import linear_weights_to
 from peftlab.runs.trained import completed_run, load_trained
 from peftlab.runtime import Runtime
 
@@ -126,8 +127,9 @@ class Registry:
     """Served runs by name. add() and remove() may run while requests are served: model changes
     happen under the group's lock, the dictionaries under the registry's."""
 
-    def __init__(self, device: torch.device, on_group_added=None, on_group_removed=None):
-        self.device, self.runtime = device, Runtime(device, torch.float32)
+    def __init__(self, device: torch.device, on_group_added=None, on_group_removed=None, precision: str = "auto"):
+        # auto: bf16 where the device multiplies bf16 in hardware (runtime.auto_precision), else fp32
+        self.device, self.runtime = device, Runtime.pick(device, precision)
         self.served: dict[str, Served] = {}
         self.groups: dict[tuple, Group] = {}
         self.lock = threading.RLock()
@@ -168,24 +170,29 @@ class Registry:
         # peft adapter names must be valid module attribute names; served names are free text
         adapter = f"adapter{next(self._ids)}"
         labels = record.label_names
+        quiet_transformers()
         try:
-            tokenizer = AutoTokenizer.from_pretrained(weights)
+            tokenizer = AutoTokenizer.from_pretrained(weights, trust_remote_code=False)
             peft_type = json.loads((weights / "adapter_config.json").read_text())["peft_type"]
             # runs whose heads read different things cannot share a base (the pooled head is the base's)
             key = (cfg.model.name, peft_type, json.dumps(record.head, sort_keys=True))
             group = self.groups.get(key)
             if group is None:
                 base = load_classifier(cfg.model.name, labels, task=record.kind, head=record.head,
-                                       pad_token_id=tokenizer.pad_token_id)
+                                       pad_token_id=tokenizer.pad_token_id,
+                                       trust_remote_code=cfg.model.trust_remote_code)
                 model = PeftModel.from_pretrained(base, weights, adapter_name=adapter)
                 if peft_type == "LORA":
                     route_heads_per_row(model)
-                group = self._new_group(key, model.to(self.device).eval(), mixable=peft_type == "LORA")
+                model = model.to(self.device).eval()
+                linear_weights_to(model, self.runtime.dtype)  # the same outputs under autocast, no re-cast per batch
+                group = self._new_group(key, model, mixable=peft_type == "LORA")
             else:
                 # a head of another width (other label count) comes from a model built for this run's labels:
                 # a temporary second copy of the base, at load time only, outside the lock
                 own = None if len(labels) == group.model.config.num_labels else PeftModel.from_pretrained(
-                    load_classifier(cfg.model.name, labels, head=record.head, pad_token_id=tokenizer.pad_token_id),
+                    load_classifier(cfg.model.name, labels, head=record.head, pad_token_id=tokenizer.pad_token_id,
+                                    trust_remote_code=cfg.model.trust_remote_code),
                     weights, adapter_name=adapter)
                 with group.lock:
                     _load_adapter(group.model, adapter, weights, own)

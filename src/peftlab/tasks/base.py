@@ -25,6 +25,8 @@ class Task:
     setting: str = "data.multi_label"  # the config setting that chooses the task
     order: int = 0              # where its sections come in a report, after those of the same dataset
     problem_type: str = ""      # transformers' config.problem_type of the classifier
+    probabilities_code: str = ""  # its probabilities of `logits` in torch, as a model card writes them
+    probabilities_words: str = ""  # and in words
     label_noun: str = "class"   # what one label is called in messages
     empty_label_ok: bool = False  # an empty label cell is a valid (empty) label set
     metrics_names: tuple = ()   # the figures of a score (history.jsonl, sweeps)

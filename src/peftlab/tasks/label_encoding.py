@@ -56,6 +56,7 @@ def encode_label_sets(labels: dict[str, pd.Series], raw,
             for s, series in labels.items()}
     seen = {n for row in sets["train"] for n in row}
     names = [n for n in raw.label_names if n in seen] if raw.label_names else sorted(seen)
+    check_names(names, raw.where["train"])
     if len(names) < 2:
         raise UserError(f"{raw.where['train']}: {len(names)} distinct label(s) in column {raw.label_column!r} with "
                         f"data.multi_label=true; multi-label classification needs at least 2 labels: check "
@@ -75,6 +76,52 @@ def encode_label_sets(labels: dict[str, pd.Series], raw,
     return names, ids
 
 
+def check_names(names: list[str], where: str, what: str = "label") -> None:
+    """Label names that can be told apart: none blank, none twice, and no two that differ only in case
+    ("Sport" and "sport" are one label written two ways, or two labels that need better names)."""
+    blank = [i for i, n in enumerate(names) if not str(n).strip()]
+    if blank:
+        raise UserError(f"{where}: {what} {blank[0] + 1} of {len(names)} is blank; every {what} needs a name")
+    seen: dict[str, str] = {}
+    for name in names:
+        key = str(name).strip().casefold()
+        if key in seen:
+            how = "twice" if seen[key] == name else f"as {seen[key]!r} and {name!r}, which differ only in case"
+            raise UserError(f"{where}: {what} {name!r} is named {how}; give each {what} one name, written one way")
+        seen[key] = name
+
+
+def _split_values(series: pd.Series, where: str, column: str) -> tuple[np.ndarray | None, list[str]]:
+    """One split's labels as (int64 ids when they are whole numbers else None, their names as written:
+    whole numbers as "1", text stripped of surrounding whitespace). A column that mixes numbers and text,
+    or holds lists, cannot be one class per text: one line."""
+    ints = int_ids(series)
+    if ints is not None:
+        return ints, [str(v) for v in ints.tolist()]
+    values = series.tolist()
+    kinds = {"number" if isinstance(v, (int, float, np.number)) and not isinstance(v, (bool, np.bool_)) else
+             "list" if isinstance(v, (list, tuple, dict, np.ndarray)) else "text" for v in values}
+    if "list" in kinds:
+        row = next(i for i, v in enumerate(values) if isinstance(v, (list, tuple, dict, np.ndarray)))
+        raise UserError(f"{where}: row {row + 1} has label {_shown(values[row])} in column {column!r}, a list; one "
+                        f"class per text needs one label (several labels per text: data.multi_label=true)")
+    if kinds == {"number", "text"}:
+        number = next(v for v in values if not isinstance(v, str))
+        text = next(v for v in values if isinstance(v, str))
+        raise UserError(f"{where}: column {column!r} mixes numbers ({number!r}) and text ({text!r}); write every "
+                        f"label the same way (all names, or all class ids)")
+    if kinds == {"number"}:  # whole numbers in an object column (JSON Lines with some null-free mix of types)
+        as_numbers = int_ids(pd.Series(values, dtype=np.float64))
+        if as_numbers is not None:
+            return as_numbers, [str(v) for v in as_numbers.tolist()]
+    return None, [str(v).strip() for v in values]
+
+
+def _shown(value) -> str:
+    text = repr(value.tolist() if isinstance(value, np.ndarray) else value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def int_ids(labels: pd.Series) -> np.ndarray | None:
     """Labels as int64 when they are whole numbers (1, 2.0), else None: they are names then."""
     if pd.api.types.is_bool_dtype(labels) or not pd.api.types.is_numeric_dtype(labels):
@@ -86,9 +133,15 @@ def int_ids(labels: pd.Series) -> np.ndarray | None:
 
 
 def encode_classes(labels: dict[str, pd.Series], raw) -> tuple[list[str], dict[str, np.ndarray]]:
-    """Label names (index = id) and the ids of every split. Names come from train, never from eval splits."""
+    """Label names (index = id) and the ids of every split. Names come from train, never from eval splits.
+
+    A label is what is written, compared as text: 1, 1.0 and "1" are one label wherever they occur (a CSV
+    reads numbers, a JSON file may quote them), and surrounding whitespace is not part of a name. Integer
+    labels are class ids into labels.json (or the hub's names) when there are names; else the values that
+    occur are the classes, each named by its value. Two names that differ only in case are refused."""
     column, where = raw.label_column, raw.where
-    train_ids = int_ids(labels["train"])
+    read = {s: _split_values(series, where[s], column) for s, series in labels.items()}
+    train_ids, train_names = read["train"]
     if train_ids is not None and raw.label_names is not None:
         # Integer labels with names (labels.json, the hub's ClassLabel): the integers are the ids.
         if train_ids.min() < 0:
@@ -98,38 +151,29 @@ def encode_classes(labels: dict[str, pd.Series], raw) -> tuple[list[str], dict[s
         if train_ids.max() >= len(names):
             raise UserError(f"{where['train']}: label {train_ids.max()} has no name in the {len(names)} class names "
                             "given (labels.json or the dataset's features); fix the names or the labels")
-        known = set(train_ids.tolist())
-        ids, unseen = {"train": train_ids}, {}
-        for split in [s for s in labels if s != "train"]:
-            ids[split] = int_ids(labels[split])  # None (names where train has numbers): all unseen below
-            found = set(labels[split].astype(str)) if ids[split] is None else set(ids[split].tolist())
-            unseen[split] = sorted(found - known)
+        # another split may give the ids, or the names themselves
+        index = {**{n: i for i, n in enumerate(names)}, **{str(i): i for i in sorted(set(train_ids.tolist()))}}
     elif train_ids is not None:
         # Unnamed integers: the values that occur, in numeric order, are the classes (gaps such as
         # {1, 5, 10} or negatives such as {-1, 1} make no phantom classes); each is named by its value.
-        values = sorted(set(train_ids.tolist()))
-        names, index = [str(v) for v in values], {v: i for i, v in enumerate(values)}
-        ids, unseen = {}, {}
-        for split, series in labels.items():
-            ints = train_ids if split == "train" else int_ids(series)
-            found = set(series.astype(str)) if ints is None else set(ints.tolist())
-            unseen[split] = sorted(found - set(values), key=str)
-            ids[split] = (np.array([index.get(v, -1) for v in ints.tolist()], dtype=np.int64) if ints is not None
-                          else np.full(len(series), -1, dtype=np.int64))
-        unseen.pop("train")
+        names = [str(v) for v in sorted(set(train_ids.tolist()))]
+        index = {n: i for i, n in enumerate(names)}
     else:
         # Names: their sorted order gives the ids, so the mapping does not depend on row order.
-        as_text = {s: v.astype(str).to_numpy() for s, v in labels.items()}
-        names = sorted(set(as_text["train"]))
+        names = sorted(set(train_names))
+        check_names(names, where["train"])
         index = {n: i for i, n in enumerate(names)}
-        unseen = {s: sorted(set(v) - set(names)) for s, v in as_text.items() if s != "train"}
-        ids = {s: np.array([index.get(n, -1) for n in v], dtype=np.int64) for s, v in as_text.items()}
-
-    for split, values in unseen.items():
-        if values:
-            shown = ", ".join(repr(v) for v in values[:5]) + (", ..." if len(values) > 5 else "")
-            raise UserError(f"{where[split]}: label(s) {shown} in column {column!r} never occur in the train split; "
-                            "remove those rows or add examples of them to train")
+    ids = {}
+    for split, (numbers, written) in read.items():
+        ids[split] = np.array([index.get(n, -1) for n in written], dtype=np.int64)
+        unseen = sorted({n for n, i in zip(written, ids[split]) if i < 0}, key=int if numbers is not None else str)
+        if unseen:  # as written: numbers bare, names quoted
+            shown = ", ".join(v if numbers is not None else repr(v) for v in unseen[:5]) + (", ..." if len(unseen) > 5 else "")
+            folded = {n.casefold(): n for n in index}
+            near = next((f" (train has {folded[v.casefold()]!r}: write it one way)" for v in unseen
+                         if v.casefold() in folded), "")
+            raise UserError(f"{where[split]}: label(s) {shown} in column {column!r} never occur in the train split"
+                            f"{near}; remove those rows or add examples of them to train")
     classes = np.unique(ids["train"])
     if len(classes) < 2:
         raise UserError(f"{where['train']}: only one class ({names[classes[0]]!r}) in column {column!r}; "

@@ -16,6 +16,8 @@ class MultiLabel(Task):
     multi_label = True
     order = 1  # after the single-label section of the same dataset
     problem_type = "multi_label_classification"
+    probabilities_code = "torch.sigmoid(logits)  # one probability per label"
+    probabilities_words = "a sigmoid per label"
     label_noun = "label"
     empty_label_ok = True  # an empty cell is the empty label set
     metrics_names = ("accuracy", "macro_f1", "micro_f1", "samples_f1", "hamming_loss")

@@ -15,6 +15,8 @@ class SingleLabel(Task):
     title = "single-label"
     multi_label = False
     problem_type = "single_label_classification"
+    probabilities_code = "torch.softmax(logits, -1)"
+    probabilities_words = "softmax over the classes"
     label_noun = "class"
     empty_label_ok = False
     metrics_names = ("accuracy", "macro_f1")

@@ -46,6 +46,35 @@ def make_pairs(labels: np.ndarray, iterations: int, seed: int) -> np.ndarray:
     return np.array(pairs, dtype=np.int64).reshape(-1, 3)
 
 
+def in_batch_rows(labels: np.ndarray, batch: int, steps: int, seed: int) -> list[np.ndarray]:
+    """pair_objective=in_batch: the labelled rows of each step, class-balanced (the same share of every
+    class, at least 2 rows of each where it has them, so that every row has a partner of its class); all
+    rows where there are no more than `batch`."""
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(labels)
+    if len(labels) <= batch:
+        return [np.arange(len(labels))] * steps
+    by_class = [np.flatnonzero(labels == c) for c in np.unique(labels)]
+    per = max(2, batch // len(by_class))
+    return [np.sort(np.concatenate([rng.choice(rows, min(per, len(rows)), replace=False) for rows in by_class]))
+            for _ in range(steps)]
+
+
+def supervised_contrastive(emb: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Every pair of the batch at once (Khosla et al. 2020; FastFit's batch objective on sentence
+    embeddings): per row, the mean log-probability of its own class's rows under a softmax over the cosine
+    similarities to every other row of the batch."""
+    z = torch.nn.functional.normalize(emb, dim=-1)
+    sim = z @ z.T / temperature
+    self_mask = torch.eye(len(z), dtype=torch.bool, device=z.device)
+    sim = sim.masked_fill(self_mask, float("-inf"))
+    log_prob = sim - torch.logsumexp(sim, dim=1, keepdim=True)
+    positive = (labels[:, None] == labels[None, :]) & ~self_mask
+    has = positive.any(dim=1)
+    mean_pos = log_prob.masked_fill(~positive, 0).sum(dim=1) / positive.sum(dim=1).clamp(min=1)
+    return -mean_pos[has].mean()
+
+
 def _hf_model(model: torch.nn.Module) -> torch.nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
@@ -73,8 +102,14 @@ class ContrastiveTrainer(Trainer):
         tunes_body = "pair_iterations" in self.built.method.hyperparameters
         labels = self.encoded["train"].labels
         self.pairs = make_pairs(labels, mc.pair_iterations, tc.seed) if tunes_body else np.zeros((0, 3), np.int64)
-        steps = max(1, math.ceil(len(self.pairs) / tc.batch_size))
+        if mc.pair_objective == "in_batch":
+            # as many steps as give the pair budget (2 x pair_iterations x rows pairs), every pair of a batch at once
+            rows = min(tc.batch_size, len(labels))
+            steps = max(1, math.ceil(len(self.pairs) / (rows * (rows - 1) // 2 or 1)))
+        else:
+            steps = max(1, math.ceil(len(self.pairs) / tc.batch_size))
         total = (tc.max_steps or math.ceil(mc.body_epochs * steps)) if tunes_body else 0
+        self.batches = in_batch_rows(labels, tc.batch_size, total, tc.seed) if mc.pair_objective == "in_batch" else None
         lr = tc.learning_rate or self.built.method.default_learning_rate
         self.schedule = Schedule(steps, steps, total, 1, lr)
         heads = set(head_module_names(_hf_model(self.model)))
@@ -95,16 +130,23 @@ class ContrastiveTrainer(Trainer):
         if self.state.epoch:  # resumed after the one validation: nothing left but finish()
             return
         t0 = time.perf_counter()
-        loss = self._tune_body() if self.schedule.total_steps else float("nan")
+        tuned = bool(self.schedule.total_steps)
+        # the probe trains no body: no loss
+        loss = (self._tune_body_in_batch() if self.batches is not None else self._tune_body()) if tuned else None
         body_seconds = time.perf_counter() - t0
         head = self._fit_head()
+        mc = self.cfg.method
+        if tuned and mc.end_to_end_epochs:
+            head["end_to_end"] = self._end_to_end()
         self.epoch_seconds = time.perf_counter() - t0
         self.state.train_seconds += self.epoch_seconds
-        mc = self.cfg.method
-        self.few_shot = {"pairs": len(self.pairs), "pair_iterations": mc.pair_iterations if len(self.pairs) else 0,
-                         "body_epochs": mc.body_epochs if len(self.pairs) else 0,
-                         "body_steps": self.state.step, "body_seconds": round(body_seconds, 3),
-                         "body_learning_rate": self.schedule.learning_rate if len(self.pairs) else None, **head}
+        in_batch = self.batches is not None and tuned
+        self.few_shot = {"objective": mc.pair_objective if tuned else None,
+                         "pairs": (sum(len(b) * (len(b) - 1) // 2 for b in self.batches) if in_batch else len(self.pairs)),
+                         "pair_iterations": mc.pair_iterations if tuned else 0,
+                         "body_epochs": mc.body_epochs if tuned else 0,
+                         "body_steps": self.body_steps if tuned else 0, "body_seconds": round(body_seconds, 3),
+                         "body_learning_rate": self.schedule.learning_rate if tuned else None, **head}
         self.end_epoch(0, loss)
 
     def _embed(self, batch: dict) -> torch.Tensor:
@@ -112,7 +154,7 @@ class ContrastiveTrainer(Trainer):
         with self.runtime.autocast():
             return _hf_model(self.model).base_model(**batch)["pooler_output"].float()
 
-    def _tune_body(self) -> float:
+    def _tune_body(self) -> float | None:
         """The pairs, in a fresh random order per pass; returns the mean loss of the last pass."""
         tc, st, device, data = self.cfg.train, self.state, self.runtime.device, self.encoded["train"]
         per_epoch, total = self.schedule.steps_per_epoch, self.schedule.total_steps
@@ -138,7 +180,72 @@ class ContrastiveTrainer(Trainer):
             losses.append(loss.detach())
             if st.step % tc.log_every == 0 or step + 1 == total:
                 self._log_step(epoch + (i + 1) / per_epoch, float(losses[-1]))
-        return float(torch.stack(losses).mean()) if losses else float("nan")
+        self.body_steps = st.step
+        return float(torch.stack(losses).mean()) if losses else None
+
+    def _tune_body_in_batch(self) -> float | None:
+        """pair_objective=in_batch: per step, one class-balanced batch of labelled rows, every pair at once."""
+        tc, st, device, data = self.cfg.train, self.state, self.runtime.device, self.encoded["train"]
+        total, temperature = self.schedule.total_steps, self.cfg.method.pair_temperature
+        self.model.train()
+        losses = []
+        for step, rows in enumerate(self.batches):
+            batch = to_device(collate(data, rows, self.pad_id, self.pad_multiple), device)
+            labels = batch.pop("labels")
+            st.samples += len(rows)
+            st.tokens += int(batch["attention_mask"].sum())
+            loss = supervised_contrastive(self._embed(batch), labels, temperature)
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            self._step()
+            losses.append(loss.detach())
+            if st.step % tc.log_every == 0 or step + 1 == total:
+                self._log_step((step + 1) / total, float(losses[-1]))
+        self.body_steps = st.step
+        return float(torch.stack(losses).mean()) if losses else None
+
+    def _end_to_end(self) -> dict:
+        """SetFit's end-to-end phase: body and the fitted head trained together on the classification loss,
+        over the labelled rows (method.end_to_end_epochs passes, batches of train.batch_size rows); the body at
+        its learning rate, the head at HEAD_LEARNING_RATE / 10 (it starts from the fitted head)."""
+        tc, st, device, data = self.cfg.train, self.state, self.runtime.device, self.encoded["train"]
+        t0 = time.perf_counter()
+        head = _trained_copy(_hf_model(self.model).classifier)
+        head_params = [p for p in head.parameters()]
+        for p in head_params:
+            p.requires_grad_(True)
+        optimizer = torch.optim.AdamW([{"params": self.trainable, "lr": self.schedule.learning_rate},
+                                       {"params": head_params, "lr": HEAD_LEARNING_RATE / 10}],
+                                      weight_decay=tc.weight_decay)
+        batch_size = max(1, min(tc.batch_size, len(data)))
+        per_epoch = math.ceil(len(data) / batch_size)
+        total = max(1, math.ceil(self.cfg.method.end_to_end_epochs * per_epoch))
+        from transformers import get_linear_schedule_with_warmup
+
+        scheduler = get_linear_schedule_with_warmup(optimizer, int(tc.warmup_ratio * total), total)
+        self.model.train()
+        loss, order = None, None
+        for step in range(total):
+            epoch, i = divmod(step, per_epoch)
+            if i == 0:
+                order = np.random.default_rng(tc.seed + 1000 + epoch).permutation(len(data))
+            rows = order[i * batch_size:(i + 1) * batch_size]
+            batch = to_device(collate(data, rows, self.pad_id, self.pad_multiple), device)
+            labels = batch.pop("labels")
+            with self.runtime.autocast():
+                logits = self.model(**batch).logits.float()
+            loss = torch.nn.functional.cross_entropy(logits, labels)
+            loss.backward()
+            if tc.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(self.trainable + head_params, tc.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            st.samples += len(rows)
+            st.tokens += int(batch["attention_mask"].sum())
+        self.model.eval()
+        return {"epochs": self.cfg.method.end_to_end_epochs, "steps": total,
+                "head_learning_rate": HEAD_LEARNING_RATE / 10, "last_loss": round(float(loss.detach()), 6),
+                "seconds": round(time.perf_counter() - t0, 3)}
 
     def _step(self) -> None:
         """One optimizer step of the body: unscale (fp16), clip, step, schedule."""

@@ -25,7 +25,8 @@ def teacher_logits(cfg: DistillConfig, texts: list[str], label_names: list[str],
     tokenizer and max_length, computed once per run."""
     from peftlab.runs.trained import load_predictor
 
-    predictor = load_predictor(cfg.teacher, runtime.device, batch_size=batch_size, what="distill.teacher")
+    predictor = load_predictor(cfg.teacher, runtime.device, batch_size=batch_size, what="distill.teacher",
+                               precision=runtime.setting)  # the student's precision
     if predictor.label_names != label_names:
         raise UserError(f"distill.teacher {cfg.teacher!r} was trained on labels {predictor.label_names}, "
                         f"the student's are {label_names}: use a teacher trained on the same dataset")

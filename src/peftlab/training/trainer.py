@@ -28,14 +28,15 @@ from peftlab.data.sources import read_texts
 from peftlab.data.batching import batch_order, pad_multiple
 from peftlab.data.splits import capped_batch_size, check_not_empty, selection_plan
 from peftlab.data.tokenize import Encoded, encode
-from peftlab.errors import UserError
+from peftlab.errors import UserError, out_of_memory
 from peftlab.evaluation.predict import predict_logits
 from peftlab.models.build import build_model
 from peftlab.models.architectures import check_max_length
-from peftlab.models.loading import load_tokenizer, model_config, model_source
+from peftlab.models.loading import load_tokenizer, max_length_for, model_config, model_source
 from peftlab.models.methods.registry import get as method_named
 from peftlab.models.params import count_parameters
 from peftlab.models.speed import first_token_only
+from peftlab.runs.model_card import model_card
 from peftlab.runs.record import RunRecord
 from peftlab.runs.rundir import RunDir, RunView
 from peftlab.runs.select import RULE, better
@@ -50,6 +51,9 @@ SPLITS = ("train", "validation", "test")
 SCORE_KEYS = ("accuracy", "macro_f1", "loss")
 # the best epoch's, in metrics.json (those the task has)
 RECORD_KEYS = SCORE_KEYS + ("mcc", "roc_auc", "log_loss", "brier", "ece", "micro_f1", "samples_f1", "hamming_loss")
+
+
+RETRY_REASON = "auto: fp32 after a non-finite 16-bit loss (precision_retry)"
 
 
 class NonFiniteLoss(UserError):
@@ -127,7 +131,9 @@ class Trainer:
     def setup(self, resume: bool = False) -> "Trainer":
         self.runtime = rt.Runtime.pick(self.cfg.train.device, self.cfg.train.precision)
         if self.dist.device is not None and self.runtime.device.type == self.dist.device.type:
-            self.runtime = rt.Runtime(self.dist.device, self.runtime.dtype)  # each rank its own GPU
+            self.runtime = rt.Runtime(self.dist.device, self.runtime.dtype, self.runtime.reason)  # each rank its own GPU
+        if slow := rt.emulated_bf16(self.runtime.device, self.runtime.dtype):
+            self._say(f"peftlab: warning: train.precision=bf16 on this CPU is slow ({slow}): fp32 is faster here")
         if self.dist.main and not self.run.config_file.exists():  # made with RunDir.create(), not start()
             save_config(self.cfg, self.run.config_file)
         rt.seed_everything(self.cfg.train.seed)
@@ -151,11 +157,19 @@ class Trainer:
 
     def _setup_data(self) -> None:
         cfg = self.cfg
-        self.tokenizer = load_tokenizer(cfg.model.name, cfg.model.tokenizer)  # first: a wrong name fails fast
-        self.data = load_data(cfg.data, cfg.train.seed)  # data.seed, when set, picks the splits
+        # first: a wrong name fails fast
+        self.tokenizer = load_tokenizer(cfg.model.name, cfg.model.tokenizer, cfg.model.trust_remote_code)
+        # data.seed, when set, picks the splits; rows are spared from a validation split too small to use,
+        # unless the run fits something on held-out validation rows (a temperature, a tuned threshold)
+        held_out = cfg.eval.calibrate != "none" or cfg.eval.threshold == "tune"
+        self.data = load_data(cfg.data, cfg.train.seed, spare_rows=not held_out)
         self.task = self.data.task
         self._plan_selection()
-        check_max_length(model_config(cfg.model.name, self.data.label_names), cfg.data.max_length, cfg.model.name)
+        self.max_length = max_length_for(cfg.data.max_length, cfg.model.name, model_config(
+            cfg.model.name, self.data.label_names, trust_remote_code=cfg.model.trust_remote_code))
+        if cfg.data.max_length is None:  # the number this run reads, in every later use and in the record's config
+            self.cfg = cfg = cfg.model_copy(deep=True)
+            cfg.data.max_length = self.max_length["tokens"]
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.encoded: dict[str, Encoded] = {
             s: encode(self.tokenizer, getattr(self.data, s).texts, getattr(self.data, s).labels,
@@ -172,7 +186,7 @@ class Trainer:
         epoch where validation is too small to tell epochs apart (docs/few-shot.md)."""
         data, dc = self.data, self.cfg.data
         check_not_empty({s: getattr(data, s) for s in SPLITS}, data.split_sources)
-        self.selection = selection_plan(len(data.validation), dc.min_validation_rows)
+        self.selection = selection_plan(len(data.validation), dc.min_validation_rows, data.validation_is_train)
         if self.selection["rule"] == "last epoch":
             self._say(f"peftlab: warning: {self.selection['reason']}; the last epoch is kept (set "
                       f"data.min_validation_rows lower to select by validation anyway)")
@@ -224,9 +238,9 @@ class Trainer:
                 raise UserError(f"train.frozen_dtype=bf16 needs train.precision=bf16 (this run computes in "
                                 f"{self.runtime.precision}); use frozen_dtype=auto or fp32")
             return torch.bfloat16
-        trains_backbone = method_named(method).trains_backbone
-        bf16_gpu = self.runtime.device.type == "cuda" and self.runtime.dtype == torch.bfloat16
-        return torch.bfloat16 if bf16_gpu and not trains_backbone else None
+        # a bf16 run (GPU or CPU) that freezes the backbone: no re-cast of the frozen weights each step
+        bf16 = self.runtime.dtype == torch.bfloat16
+        return torch.bfloat16 if bf16 and not method_named(method).trains_backbone else None
 
     def _setup_model(self) -> None:
         frozen = self._frozen_dtype()
@@ -310,7 +324,7 @@ class Trainer:
             self.scaler.load_state_dict(checkpoint["scaler"])
         self.state.load_state_dict(checkpoint["state"])
         if self.state.precision_retry:  # the run had started again in fp32
-            self.runtime = rt.Runtime(self.runtime.device, torch.float32)
+            self.runtime = rt.Runtime(self.runtime.device, torch.float32, RETRY_REASON)
         self.run.truncate_history(self.state.step)
         self._say(f"resuming {self.run.path} after epoch {self.state.epoch} (step {self.state.step})")
 
@@ -425,8 +439,9 @@ class Trainer:
             raise ValueError(f"unknown checkpoint kind {kind!r}")
         self.dist.barrier()  # written before any rank may read it
 
-    def end_epoch(self, epoch: int, train_loss: float) -> bool:
-        """Validate, keep the best weights, record the epoch; False when training should stop."""
+    def end_epoch(self, epoch: int, train_loss: float | None) -> bool:
+        """Validate, keep the best weights, record the epoch; False when training should stop. `train_loss`
+        is None where nothing was trained by a loss (the probe fits its head alone)."""
         st, metric = self.state, self.cfg.eval.metric
         scores = self.evaluate("validation")
         # the last epoch, where validation is too small to choose; else runs.select's rule (ties: lower loss)
@@ -440,7 +455,8 @@ class Trainer:
         self.run.append_history({"kind": "epoch", "epoch": epoch + 1, "step": st.step, "train_loss": train_loss,
                                  "validation": {k: scores[k] for k in SCORE_KEYS + self.task.metrics_names if k in scores},
                                  "seconds": self.epoch_seconds})
-        self._say(f"epoch {epoch + 1}/{self.schedule.epochs}  train loss {train_loss:.4f}  val loss {scores['loss']:.4f}  "
+        trained = f"train loss {train_loss:.4f}  " if train_loss is not None else ""
+        self._say(f"epoch {epoch + 1}/{self.schedule.epochs}  {trained}val loss {scores['loss']:.4f}  "
               f"val acc {scores['accuracy']:.4f}  val macro-F1 {scores['macro_f1']:.4f}  "
               f"{self.epoch_seconds:.1f}s{'  *best' if improved else ''}")
         if self.cfg.train.checkpoint_every_epoch:
@@ -459,7 +475,7 @@ class Trainer:
 
     # --- the end -------------------------------------------------------------------------------
     def finish(self) -> RunRecord:
-        """Test the best epoch's weights once; write predictions, weights, plots and metrics.json (last)."""
+        """Test the best epoch's weights once; write predictions, weights, card and metrics.json, then the plots."""
         if self.state.stopped and self.state.stopped.startswith("pruned"):
             return self._finished(self._finish_pruned())
         best = self.run.load_checkpoint("best")
@@ -477,13 +493,23 @@ class Trainer:
         weights = self.run.save_weights(self.built.method, self.model, self.tokenizer)
         adapter_bytes = sum(f.stat().st_size for f in weights.iterdir() if f.suffix in (".safetensors", ".bin"))
         record = self._record(test, best["validation"], adapter_bytes, decision)
-        if self.cfg.output.plots:
-            from peftlab.runs.plots import write_plots
-
-            write_plots(self.run.path, record)
-        self.run.write_record(record)
+        self.run.write_card(model_card(record, self.cfg, weights, self.run.path))
+        self.run.write_record(record)  # the run is complete here: nothing optional comes before
         self.run.remove_checkpoints()
+        if self.cfg.output.plots:
+            self._plots(record)
         return self._finished(record)
+
+    def _plots(self, record: RunRecord) -> None:
+        """plots/, after the record: a plot that cannot be drawn is a warning, never a lost run."""
+        from peftlab.runs.plots import write_plots
+
+        try:
+            write_plots(self.run.path, record)
+        except Exception as e:  # noqa: BLE001 - matplotlib, memory, disk: the run itself is complete
+            self._say(f"peftlab: warning: the plots of {self.run.path} could not be drawn "
+                      f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); the run is complete "
+                      f"(metrics.json); peftlab.runs.plots.write_plots({str(self.run.path)!r}) draws them again")
 
     def _finished(self, record: RunRecord) -> RunRecord:
         for cb in self.callbacks:
@@ -537,7 +563,7 @@ class Trainer:
                 "train_samples_per_second": round(st.samples / max(st.train_seconds, 1e-9), 2),
                 "train_tokens_per_second": round(st.tokens / max(st.train_seconds, 1e-9), 1),
                 "peak_memory_bytes": memory, "peak_memory_kind": memory_kind, "device": rt.device_name(device),
-                "precision": self.runtime.precision, "optimizer_steps": st.step, "world_size": self.dist.world_size,
+                "precision": self.runtime.precision, "precision_reason": self.runtime.reason, "optimizer_steps": st.step, "world_size": self.dist.world_size,
                 "step_engine": self.engine_name, "step_engine_reason": self.engine_reason,
                 "graph_capture_seconds": round(getattr(self.engine, "capture_seconds", 0.0), 3)
                 if self.engine_name == "cuda_graphs" else None,
@@ -548,7 +574,7 @@ class Trainer:
                       "unlabeled": cfg.distill.unlabeled, "unlabeled_rows": len(self.unlabeled)}
                      if cfg.distill.teacher else None),
             precision_retry=st.precision_retry, selection=self.selection, head=self.built.head,
-            model_source=model_source(cfg.model.name), **(decision or {}))
+            max_length=self.max_length, model_source=model_source(cfg.model.name), **(decision or {}))
 
     def _finish_pruned(self) -> RunRecord:
         record = RunRecord(status="pruned", reason=self.state.stopped.removeprefix("pruned: "),
@@ -571,10 +597,23 @@ class Trainer:
                 self._epochs()
             return self.finish()
         except BaseException as e:
-            self.run.record_failure(e, self.cfg)
-            raise
+            memory = out_of_memory(e)
+            if memory is None:
+                self.run.record_failure(e, self.cfg)
+                raise
+            error = self._out_of_memory(memory)
+            self.run.record_failure(error, self.cfg)
+            raise error from None
         finally:
             self.run.unlock()
+
+    def _out_of_memory(self, what: str) -> UserError:
+        c = self.cfg
+        return UserError(f"out of {what} on {self.runtime.device if hasattr(self, 'runtime') else 'this machine'}: "
+                         f"lower train.batch_size (now {c.train.batch_size}; train.gradient_accumulation_steps keeps "
+                         f"the batch the optimizer sees) or data.max_length (now {c.data.max_length}), and "
+                         f"eval.batch_size (now {c.eval.batch_size}) for evaluation; the model with its method "
+                         f"(model.name, method.r) must fit as well")
 
     def _epochs(self) -> None:
         for epoch in range(self.state.epoch, self.schedule.epochs):
@@ -592,7 +631,7 @@ class Trainer:
                  "reason": str(error)}
         self._say(f"{error}; train.precision=auto: starting again in fp32")
         self.state = TrainState(baseline=self.state.baseline, precision_retry=retry)
-        self.runtime = rt.Runtime(self.runtime.device, torch.float32)
+        self.runtime = rt.Runtime(self.runtime.device, torch.float32, RETRY_REASON)
         if self.dist.main:
             for name in ("best", "last"):
                 (self.run.checkpoints / f"{name}.pt").unlink(missing_ok=True)

@@ -13,7 +13,7 @@ from peftlab.models.methods import full, ia3, lora  # noqa: F401  (registered be
 from peftlab.models.methods.registry import Method, get, register
 
 TRAINER = "peftlab.training.contrastive:ContrastiveTrainer"
-FEW_SHOT = ("pair_iterations", "body_epochs", "head_fit", "head_c")
+FEW_SHOT = ("pair_iterations", "body_epochs", "pair_objective", "pair_temperature", "end_to_end_epochs", "head_fit", "head_c")
 # the body's learning rates for the pairs: full fine-tuning SetFit's 2e-5; adapters higher, as in their own runs
 BODY_LEARNING_RATE = {"lora": 2e-4, "ia3": 3e-3, "full": 2e-5}
 
