@@ -49,7 +49,8 @@ def build_model(cfg: Config, label_names: list[str], device: torch.device, task:
                 frozen_dtype: torch.dtype | None = None, tokenizer=None) -> BuiltModel:
     """`tokenizer`: the run's (load_tokenizer); loaded here when not given. A decoder's pad id is its."""
     method = registry.get(cfg.method.name)
-    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.model.name, cfg.model.tokenizer)
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.model.name, cfg.model.tokenizer,
+                                                                       cfg.model.trust_remote_code)
     extra, request = method.load_kwargs(cfg.method, device, cfg.model.name, label_names)
     if extra:  # bitsandbytes places (and packs) on load
         extra = {**extra, "device_map": {"": device.index or 0} if device.type == "cuda" else {"": device.type}}

@@ -99,7 +99,7 @@ def _not_found(what: str, name: str, err: Exception) -> UserError:
 
 
 def load_tokenizer(model_name: str, tokenizer_name: str | None = None, trust_remote_code: bool = False):
-    """The tokenizer, with a pad token: one that has none (most decoders' ) pads with its end-of-text token,
+    """The tokenizer, with a pad token: one that has none (most decoders') pads with its end-of-text token,
     and `padding(tokenizer)` says so."""
     quiet_transformers()
     if is_random(model_name) and not tokenizer_name:
@@ -261,12 +261,14 @@ def load_classifier(model_name: str, label_names: list[str], extra_kwargs: dict 
     extra = dict(extra_kwargs or {})
     try:
         # a checkpoint may carry a head for other labels: ours replaces it (hence ignore_mismatched_sizes)
-        tensors = _read_tensor_by_tensor(source) if "quantization_config" in extra else None
-        if tensors is not None:
-            from transformers import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
+        from transformers import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING as CLASSES
 
-            model = MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING[type(config)].from_pretrained(
-                None, config=config, state_dict=tensors, ignore_mismatched_sizes=True, **extra)
+        # a model class transformers knows (a folder's own code goes the usual way)
+        known = type(config) in CLASSES and "quantization_config" in extra
+        tensors = _read_tensor_by_tensor(source) if known else None
+        if tensors is not None:
+            model = CLASSES[type(config)].from_pretrained(None, config=config, state_dict=tensors,
+                                                         ignore_mismatched_sizes=True, **extra)
             del tensors
             return install(model, head)
         return install(AutoModelForSequenceClassification.from_pretrained(
