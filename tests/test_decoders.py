@@ -73,6 +73,9 @@ def test_runs_learn_and_record_the_head_and_the_4bit_backbone(runs):
     # a real NF4 backbone on the CPU: every linear layer of both blocks, counted from the built modules
     assert q["requested"] == "4bit" and q["used"] == "4bit" and q["reason"] is None
     assert q["modules_4bit"] == 2 * LINEARS_PER_LAYER and q["bytes_4bit"] > 0
+    # QLoRA's recipe recomputes activations (model.gradient_checkpointing unset); LoRA's keeps them
+    assert metrics(runs["qlora"])["efficiency"]["gradient_checkpointing"] is True
+    assert metrics(runs["lora"])["efficiency"]["gradient_checkpointing"] is False
     # the trained score head is saved with the adapter and comes back with it
     from safetensors import safe_open
 

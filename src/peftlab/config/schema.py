@@ -91,7 +91,11 @@ class DataConfig(Section):
 class ModelConfig(Section):
     name: str = Field("minilm-l6", description="hub id, local folder, built-in alias (minilm-l6), or random:SHAPE (random weights: speed and memory only)")
     tokenizer: str | None = Field(None, description="tokenizer to use when it differs from the model (needed for random:SHAPE)")
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | None = Field(
+        None, description="recompute each layer's activations in the backward pass instead of keeping them: much "
+                          "less memory, about a third more compute. Unset: the method's choice, on for qlora (the "
+                          "QLoRA recipe, as peft's prepare_model_for_kbit_training), off for the others. Recorded "
+                          "in metrics.json efficiency.gradient_checkpointing")
     head: Literal["auto", "pooled", "cls"] = Field(
         "auto", description="what the classifier reads. auto: the pooled sentence embedding where the checkpoint is a "
                             "sentence-transformers one (its modules.json and 1_Pooling/config.json say how: mean "

@@ -21,6 +21,7 @@ class BuiltModel:
     method: registry.Method
     quantization: dict
     head: dict  # what the classifier reads (models.loading.head_for), recorded in metrics.json
+    gradient_checkpointing: bool = False  # model.gradient_checkpointing, or the method's choice where unset
 
 
 def frozen_to(model: torch.nn.Module, dtype: torch.dtype | None) -> int:
@@ -65,7 +66,9 @@ def build_model(cfg: Config, label_names: list[str], device: torch.device, task:
                         f"token, and its tokenizer has neither a pad nor an end-of-text token: set model.tokenizer "
                         f"to one that has")
     head = {**head, **decoder_reading(model, tokenizer)}
-    if cfg.model.gradient_checkpointing:
+    checkpointing = (method.gradient_checkpointing if cfg.model.gradient_checkpointing is None
+                     else cfg.model.gradient_checkpointing)
+    if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # without this, a frozen embedding gives "element 0 of tensors does not require grad" (peft #137)
         model.enable_input_require_grads()
@@ -77,4 +80,5 @@ def build_model(cfg: Config, label_names: list[str], device: torch.device, task:
             if p.device != device and type(p).__name__ not in QUANTIZED_PARAMETERS:
                 p.data = p.data.to(device)
     frozen_to(model, frozen_dtype)
-    return BuiltModel(model=model, method=method, quantization=quantization_record(model, request), head=head)
+    return BuiltModel(model=model, method=method, quantization=quantization_record(model, request), head=head,
+                      gradient_checkpointing=checkpointing)

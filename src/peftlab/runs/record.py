@@ -100,6 +100,7 @@ class Efficiency(Record):
     step_engine_reason: str | None = None  # why it is not the one train.step_engine asked for
     graph_capture_seconds: float | None = None  # cuda_graphs: warm-up and capture, part of train_seconds
     frozen_dtype: str | None = None  # the dtype the frozen weights were stored in
+    gradient_checkpointing: bool | None = None  # activations recomputed in the backward pass (None: older records)
 
 
 class Quantization(Record):

@@ -299,7 +299,7 @@ class Trainer:
         return RunFacts(device=device, world_size=self.dist.world_size, fp16_scaler=self.scaler is not None,
                         accumulation=tc.gradient_accumulation_steps, distill=bool(self.cfg.distill.teacher),
                         task=self.task, loss=tc.loss, compile=tc.compile,
-                        gradient_checkpointing=self.cfg.model.gradient_checkpointing,
+                        gradient_checkpointing=self.built.gradient_checkpointing,
                         quantized=bool(self.built.quantization.get("modules_4bit") or self.built.quantization.get("modules_8bit")))
 
     def _make_engine(self, name: str) -> engines.StepEngine:
@@ -567,7 +567,7 @@ class Trainer:
                 "step_engine": self.engine_name, "step_engine_reason": self.engine_reason,
                 "graph_capture_seconds": round(getattr(self.engine, "capture_seconds", 0.0), 3)
                 if self.engine_name == "cuda_graphs" else None,
-                "frozen_dtype": self.frozen_dtype,
+                "frozen_dtype": self.frozen_dtype, "gradient_checkpointing": self.built.gradient_checkpointing,
                 "wall_seconds": round(time.time() - self.started, 3)},
             quantization=self.built.quantization,
             distill=({"teacher": cfg.distill.teacher, "alpha": cfg.distill.alpha, "temperature": cfg.distill.temperature,

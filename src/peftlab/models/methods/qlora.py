@@ -123,4 +123,7 @@ def apply(model, cfg, device):
 
 register(Method(name="qlora", summary="LoRA on a 4-bit NF4 backbone", default_learning_rate=1e-3,
                 apply=apply, load_kwargs=load_kwargs,
-                hyperparameters=lora.HYPERPARAMETERS + ("bits",), adapter_kind="LoRA"))
+                hyperparameters=lora.HYPERPARAMETERS + ("bits",), adapter_kind="LoRA",
+                # the QLoRA recipe (Dettmers et al. 2023; peft's prepare_model_for_kbit_training): activations,
+                # not weights, are most of a training step's memory, so a 4-bit backbone alone saves little
+                gradient_checkpointing=True))

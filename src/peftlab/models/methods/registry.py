@@ -28,6 +28,7 @@ class Method:
     # "module:Class" of its own training recipe (a Trainer subclass in peftlab.training); "": the standard loop
     trainer: str = ""
     pooled_head: bool = False  # classifies from the pooled embedding even where model.head=auto would not
+    gradient_checkpointing: bool = False  # its recipe recomputes activations (unless model.gradient_checkpointing says)
 
     @property
     def has_rank(self) -> bool:
