@@ -27,7 +27,9 @@ test: $(STAMP)
 		{ [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && export DEBIAN_FRONTEND=noninteractive && \
 		(apt-get install -y -q postgresql >/dev/null 2>&1 || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q postgresql >/dev/null 2>&1)) ; } || \
 		echo "postgresql not installed: the PostgreSQL sweep tests will be skipped"
-	$(BIN)/python -m pytest -q
+	@# two workers, one per core (each test pins torch to one thread); a file's tests share a worker, as they
+	@# share its module fixtures
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=25
 
 bench-cpu: $(STAMP)
 	$(BIN)/peftlab bench --scenario cpu-sst2

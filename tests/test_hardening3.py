@@ -345,21 +345,20 @@ def test_assigning_a_bad_config_value_is_a_user_error():
 # --- E: SIGTERM is Ctrl-C ---------------------------------------------------------------------------------
 # The commands run in this process (main(), as `peftlab ...` does) and a thread sends the real signal to
 # it once the run is in epoch 2 with its epoch-1 checkpoint: what docker stop or Ctrl-C deliver.
-def _signal_in_epoch_two(run: Path, how: int) -> threading.Thread:
-    from peftlab.runs.rundir import RunDir
+def _signal_in_epoch_two(monkeypatch, run: Path, how: int) -> None:
+    """The process sends itself `how` at the first logged step of epoch two (the checkpoint of epoch one on
+    disk), from the training loop itself: a watching thread raced the tiny run's end on a loaded machine."""
+    from peftlab.training.trainer import Trainer
 
-    def watch():
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            rows = RunDir(run).history() if run.exists() else []
-            if any(r["kind"] == "step" and r["epoch"] > 1.1 for r in rows) and (run / "checkpoints" / "last.pt").exists():
-                os.kill(os.getpid(), how)
-                return
-            time.sleep(0.01)
+    log_step, sent = Trainer._log_step, []
 
-    thread = threading.Thread(target=watch, daemon=True)
-    thread.start()
-    return thread
+    def and_signal(self, epoch, loss):
+        log_step(self, epoch, loss)
+        if not sent and epoch > 1.1 and Path(self.run.path) == run and (run / "checkpoints" / "last.pt").exists():
+            sent.append(how)
+            os.kill(os.getpid(), how)  # handled in the main thread as the call returns
+
+    monkeypatch.setattr(Trainer, "_log_step", and_signal)
 
 
 def _epochs(run: Path) -> list[int]:
@@ -370,9 +369,9 @@ def _three_epochs(tiny_overrides: list[str]) -> list[str]:
     return [o for o in tiny_overrides if not o.startswith("train.epochs")] + ["train.epochs=3", "train.log_every=1"]
 
 
-def test_sigterm_to_train_is_an_interruption_that_resumes(tmp_path, tiny_overrides, capsys):
+def test_sigterm_to_train_is_an_interruption_that_resumes(tmp_path, tiny_overrides, capsys, monkeypatch):
     run = tmp_path / "run"
-    _signal_in_epoch_two(run, signal.SIGTERM)
+    _signal_in_epoch_two(monkeypatch, run, signal.SIGTERM)
     assert train(run, *_three_epochs(tiny_overrides)) == 143
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert "interrupted (SIGTERM)" in line and f"--resume {run}" in line, line
@@ -382,7 +381,7 @@ def test_sigterm_to_train_is_an_interruption_that_resumes(tmp_path, tiny_overrid
     assert json.loads((run / "metrics.json").read_text())["status"] == "completed" and _epochs(run) == [1, 2, 3]
 
 
-def test_ctrl_c_in_a_sweep_resumes_the_trial(tmp_path, tiny_overrides, capsys):
+def test_ctrl_c_in_a_sweep_resumes_the_trial(tmp_path, tiny_overrides, capsys, monkeypatch):
     import yaml
 
     tree: dict = {}
@@ -395,7 +394,7 @@ def test_ctrl_c_in_a_sweep_resumes_the_trial(tmp_path, tiny_overrides, capsys):
     config.write_text(yaml.safe_dump(tree))
     out, trial = tmp_path / "sweep", tmp_path / "sweep" / "trials" / "lora-r4"
     command = ["sweep", str(config), "--output-dir", str(out), "--no-progress"]
-    _signal_in_epoch_two(trial, signal.SIGINT)
+    _signal_in_epoch_two(monkeypatch, trial, signal.SIGINT)
     assert main(command) == 130
     assert capsys.readouterr().err.strip().splitlines()[-1] == "peftlab sweep: interrupted"
     assert main(command) == 0

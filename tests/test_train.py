@@ -60,10 +60,10 @@ def test_every_method_trains_and_records(tmp_path, tiny_overrides, method):
     assert (out / "config.yaml").exists() and (out / "predictions.csv").exists()
     epochs = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in epochs if r["kind"] == "epoch"] == [1, 2]
-    if method == "qlora":  # no CUDA here: recorded fallback, not silence
-        assert m["quantization"]["requested"] == "4bit"
-        if not torch.cuda.is_available():
-            assert m["quantization"]["used"] == "none" and "CUDA" in m["quantization"]["reason"]
+    if method == "qlora":  # the tiny BERT's widths (not multiples of 64) stay unquantized: said, not silent
+        q = m["quantization"]
+        assert q["requested"] == "4bit" and q["used"] == "none" and q["modules_4bit"] == 0
+        assert "multiples of 64" in q["reason"]
 
 
 def test_lora_learns_the_topics(lora_run):
