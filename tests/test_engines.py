@@ -152,6 +152,34 @@ def test_qlora_on_layers_too_narrow_records_no_quantization_with_the_reason(tmp_
     q = json.loads((out / "metrics.json").read_text())["quantization"]
     assert q["requested"] == "4bit" and q["used"] == "none" and "multiples of 64" in q["reason"]
     assert q["modules_4bit"] == 0 and q["modules_8bit"] == 0 and q["frozen_linear_unquantized"] > 0
+    # QLoRA's recipe checkpoints activations where transformers can (BERT can)
+    assert json.loads((out / "metrics.json").read_text())["efficiency"]["gradient_checkpointing"] is True
+
+
+def test_qlora_checkpoints_only_what_transformers_can(tmp_path, tiny_model_dir):
+    """Unset, model.gradient_checkpointing is the method's choice where the architecture allows it (MPNet
+    does not: its QLoRA run trains without); asked for on such a model, it is one line."""
+    import shutil
+
+    from transformers import MPNetConfig, MPNetForMaskedLM
+
+    from peftlab.errors import UserError
+    from peftlab.models.build import build_model
+
+    mpnet = tmp_path / "tiny-mpnet"
+    vocab = json.loads((tiny_model_dir / "config.json").read_text())["vocab_size"]
+    MPNetForMaskedLM(MPNetConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                 intermediate_size=37)).save_pretrained(mpnet)
+    for f in tiny_model_dir.iterdir():
+        if "token" in f.name or f.name.startswith("vocab"):
+            shutil.copy(f, mpnet / f.name)
+    cpu = torch.device("cpu")
+    for folder, method, want in ((mpnet, "qlora", False), (tiny_model_dir, "lora", False)):
+        cfg = load_config(None, [f"model.name={folder}", f"method.name={method}"])
+        assert build_model(cfg, ["a", "b"], cpu).gradient_checkpointing is want, (folder.name, method)
+    cfg = load_config(None, [f"model.name={mpnet}", "method.name=qlora", "model.gradient_checkpointing=true"])
+    with pytest.raises(UserError, match="cannot checkpoint MPNetForSequenceClassification"):
+        build_model(cfg, ["a", "b"], cpu)
 
 
 def test_random_shapes_load_through_the_pretrained_path(tmp_path, monkeypatch):

@@ -94,7 +94,8 @@ class ModelConfig(Section):
     gradient_checkpointing: bool | None = Field(
         None, description="recompute each layer's activations in the backward pass instead of keeping them: much "
                           "less memory, about a third more compute. Unset: the method's choice, on for qlora (the "
-                          "QLoRA recipe, as peft's prepare_model_for_kbit_training), off for the others. Recorded "
+                          "QLoRA recipe, as peft's prepare_model_for_kbit_training) where transformers can "
+                          "checkpoint the architecture (not MPNet), off for the others. Recorded "
                           "in metrics.json efficiency.gradient_checkpointing")
     head: Literal["auto", "pooled", "cls"] = Field(
         "auto", description="what the classifier reads. auto: the pooled sentence embedding where the checkpoint is a "

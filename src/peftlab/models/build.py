@@ -66,8 +66,12 @@ def build_model(cfg: Config, label_names: list[str], device: torch.device, task:
                         f"token, and its tokenizer has neither a pad nor an end-of-text token: set model.tokenizer "
                         f"to one that has")
     head = {**head, **decoder_reading(model, tokenizer)}
-    checkpointing = (method.gradient_checkpointing if cfg.model.gradient_checkpointing is None
-                     else cfg.model.gradient_checkpointing)
+    checkpointing = cfg.model.gradient_checkpointing
+    if checkpointing is None:  # the method's choice, where transformers can checkpoint the architecture
+        checkpointing = method.gradient_checkpointing and model.supports_gradient_checkpointing
+    elif checkpointing and not model.supports_gradient_checkpointing:
+        raise UserError(f"model.gradient_checkpointing: transformers cannot checkpoint {type(model).__name__} "
+                        f"({cfg.model.name}): set it to false or leave it unset")
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # without this, a frozen embedding gives "element 0 of tensors does not require grad" (peft #137)
