@@ -395,7 +395,12 @@ def test_ctrl_c_in_a_sweep_resumes_the_trial(tmp_path, tiny_overrides, capsys, m
     out, trial = tmp_path / "sweep", tmp_path / "sweep" / "trials" / "lora-r4"
     command = ["sweep", str(config), "--output-dir", str(out), "--no-progress"]
     _signal_in_epoch_two(monkeypatch, trial, signal.SIGINT)
-    assert main(command) == 130
+    # a pytest-xdist worker ignores SIGINT (its controller takes Ctrl-C); a terminal's process does not
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        assert main(command) == 130
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert capsys.readouterr().err.strip().splitlines()[-1] == "peftlab sweep: interrupted"
     assert main(command) == 0
     assert "after epoch 1" in capsys.readouterr().out  # resumed from its checkpoint, not from epoch 1

@@ -14,7 +14,6 @@ from pathlib import Path
 from peftlab.cli._checks import non_negative_float
 from peftlab.errors import UserError
 from peftlab.files import write_text
-from peftlab.runs.rundir import RunDir
 
 
 def add_parser(sub):
@@ -53,6 +52,8 @@ def machine() -> str:
 def _texts(run_dirs: list[str]) -> dict[str, list[str]]:
     """Served name -> texts to send (the run's own test texts)."""
     import pandas as pd
+
+    from peftlab.runs.rundir import RunDir  # (torch: imported when the command runs)
 
     out = {}
     for path in run_dirs:

@@ -7,10 +7,8 @@ import sys
 from pathlib import Path
 
 from peftlab.cli._checks import PRECISIONS, output_file, positive_int
-from peftlab.data.tokenize import valid_text
 from peftlab.errors import UserError
 from peftlab.files import clean_stale, replacing, write_text
-from peftlab.runs.rundir import RunDir
 
 
 # out of memory: what to lower (cli/__init__.py prints it in one line)
@@ -75,6 +73,9 @@ def write_rows(path: str | None, texts: list[str], rows: list[dict], names: list
 
 
 def run(args) -> int:
+    from peftlab.data.tokenize import valid_text  # (torch: imported when the command runs)
+    from peftlab.runs.rundir import RunDir
+
     from peftlab.data.sources import read_texts
     from peftlab.runs.trained import load_predictor
 

@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING
 
 from peftlab.cli import add_config_arguments, exit_code, interrupted
 from peftlab.cli._checks import positive_int
 from peftlab.config import load_config
 from peftlab.errors import UserError
-from peftlab.runs.record import RunRecord
-from peftlab.runs.rundir import RunDir, default_run_dir
+
+if TYPE_CHECKING:  # the run directory brings torch and transformers: imported when a command runs
+    from peftlab.runs.record import RunRecord
 
 
 # out of memory: what to lower (cli/__init__.py prints it in one line)
@@ -75,6 +77,8 @@ def _launch(args, out: str | None) -> int:
 
 
 def run(args) -> int:
+    from peftlab.runs.rundir import RunDir, default_run_dir
+
     from peftlab.training.distributed import launched, setup, start_run
     from peftlab.training.trainer import train
 
