@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -128,6 +129,8 @@ def test_a_second_writer_of_the_same_run_directory_is_refused(tmp_path, tiny_ove
         deadline = time.time() + 120
         while not (out / "history.jsonl").exists() and time.time() < deadline:
             time.sleep(0.1)
+        # stopped, the writer keeps its claim on the folder and stops taking a core from the commands below
+        first.send_signal(signal.SIGSTOP)
         second = subprocess.run(cmd, capture_output=True, text=True)
         assert second.returncode == 2
         assert "is being written by peftlab process" in second.stderr.strip().splitlines()[-1]
