@@ -28,6 +28,7 @@ import argparse
 import gzip
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -52,6 +53,11 @@ ORDER = ("setfit", "contrastive-lora", "contrastive-full", "probe", "lora")  # t
 PINNED = ["train.precision=fp32"]  # comparable on any CPU (a bf16 default would change peftlab's side only)
 THREADS = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}  # the same for both sides
 SETFIT_PACKAGES = ["torch==2.13.0", "setfit==1.2.0"]
+SETFIT_AT = re.compile(r"setfit-i(\d+)$")  # SetFit at a fixed pair budget: num_iterations N, 2 x N x rows pairs
+
+
+def is_setfit(system: str) -> bool:
+    return system == "setfit" or bool(SETFIT_AT.match(system))
 
 
 # --- data ----------------------------------------------------------------------------------------------
@@ -139,13 +145,16 @@ def setfit_python(venv: Path) -> Path:
     return python
 
 
-def run_setfit(python: Path, folder: Path, seed: int, out: Path) -> dict:
-    """SetFit 1.2 with its own defaults (few_shot_setfit.py), on the same rows and seed."""
+def run_setfit(python: Path, system: str, folder: Path, seed: int, out: Path) -> dict:
+    """SetFit 1.2 with its own defaults (few_shot_setfit.py), on the same rows and seed; `setfit-iN` sets
+    only its num_iterations (the pair budget of peftlab's method.pair_iterations=N)."""
     from peftlab.models.loading import resolve
 
-    result = out / "runs" / f"{folder.name}-setfit.json"
+    result = out / "runs" / f"{folder.name}-{system}.json"
     cmd = [str(python), str(REPO / "examples" / "few_shot_setfit.py"), "--model", resolve("minilm-l6"),
            "--data", str(folder), "--seed", str(seed), "--output", str(result)]
+    if SETFIT_AT.match(system):
+        cmd += ["--iterations", SETFIT_AT.match(system).group(1)]
     result.parent.mkdir(parents=True, exist_ok=True)
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1",
                                                                   "TRANSFORMERS_OFFLINE": "1", **THREADS})
@@ -169,7 +178,7 @@ def done(results: Path) -> set[tuple]:
 def study(out: Path, venv: Path, systems: list[str], datasets, sizes, seeds) -> None:
     out.mkdir(parents=True, exist_ok=True)
     results, cache = out / "results.jsonl", {}
-    python = setfit_python(venv) if "setfit" in systems else None
+    python = setfit_python(venv) if any(map(is_setfit, systems)) else None
     finished = done(results)
     for name, k, system, seed in cells(systems, datasets, sizes, seeds):
         if (name, k, system, seed) in finished:
@@ -177,7 +186,7 @@ def study(out: Path, venv: Path, systems: list[str], datasets, sizes, seeds) -> 
         folder = cell_data(out, name, k, seed, cache)
         start, load = time.time(), os.getloadavg()[0]
         try:
-            figures = (run_setfit(python, folder, seed, out) if system == "setfit"
+            figures = (run_setfit(python, system, folder, seed, out) if is_setfit(system)
                        else run_peftlab(system, folder, seed, out))
         except subprocess.CalledProcessError as e:
             print(f"{name} {k}/class {system} seed {seed}: failed ({e})", flush=True)
@@ -191,9 +200,9 @@ def study(out: Path, venv: Path, systems: list[str], datasets, sizes, seeds) -> 
               f"train {row['train_seconds']:.1f}s (load {row['load'][0]}-{row['load'][1]})", flush=True)
 
 
-def table(out: Path, systems: list[str] | None = None) -> str:
+def table(out: Path, systems: list[str] | None = None, reference: str = "setfit") -> str:
     """Per dataset and size: each system's accuracy mean +- std over its seeds (n), train seconds, and the
-    ratio of its train time to SetFit's on the same seeds (mean of per-seed ratios)."""
+    ratio of its train time to the reference's (SetFit's) on the same seeds (mean of per-seed ratios)."""
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines() if line.strip()]
     present = list(dict.fromkeys(r["system"] for r in rows))
     systems = [s for s in (systems or [*ORDER, *present]) if s in present]
@@ -211,9 +220,9 @@ def table(out: Path, systems: list[str] | None = None) -> str:
                 acc = [r["accuracy"] for r in got]
                 std = statistics.stdev(acc) if len(acc) > 1 else 0.0
                 secs = statistics.fmean(r["train_seconds"] for r in got)
-                ratios = [r["train_seconds"] / here[("setfit", r["seed"])]["train_seconds"]
-                          for r in got if ("setfit", r["seed"]) in here and s != "setfit"]
-                ratio = f", x{statistics.fmean(ratios):.2f} of SetFit's time" if ratios else ""
+                ratios = [r["train_seconds"] / here[(reference, r["seed"])]["train_seconds"]
+                          for r in got if (reference, r["seed"]) in here and s != reference]
+                ratio = f", x{statistics.fmean(ratios):.2f} of {reference}'s time" if ratios else ""
                 pairs = [r.get("pairs") or (r.get("few_shot") or {}).get("pairs") or 0 for r in got]
                 cell.append(f"**{statistics.fmean(acc):.3f}** ± {std:.3f} (n={len(acc)}; {secs:.0f}s{ratio}; "
                             f"{statistics.fmean(pairs):,.0f} pairs)")
@@ -226,7 +235,8 @@ def main() -> None:
     parser.add_argument("--out", default=str(REPO / "runs" / "few-shot-study"), help="results and runs (default runs/few-shot-study)")
     parser.add_argument("--setfit-venv", default=str(Path.home() / ".cache" / "peftlab" / "setfit-venv"))
     parser.add_argument("--systems", default="setfit,contrastive-lora,contrastive-full",
-                        help="comma-separated: setfit, peftlab's " + ", ".join(PEFTLAB) + ", and --variant names")
+                        help="comma-separated: setfit (its defaults), setfit-iN (num_iterations N), peftlab's "
+                             + ", ".join(PEFTLAB) + ", and --variant names")
     parser.add_argument("--variant", nargs="+", action="append", default=[], metavar=("NAME", "KEY=VALUE"),
                         help="a peftlab system: contrastive-lora's config with these --set overrides "
                              "(e.g. --variant inbatch method.pair_objective=in_batch); name it in --systems")
@@ -234,17 +244,18 @@ def main() -> None:
     parser.add_argument("--sizes", default=",".join(map(str, SIZES)), help="labelled rows per class, comma-separated")
     parser.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="comma-separated")
     parser.add_argument("--table", action="store_true", help="print the results table and stop")
+    parser.add_argument("--reference", default="setfit", help="the system whose train time the ratios divide by")
     args = parser.parse_args()
     for name, *overrides in args.variant:
         PEFTLAB[name] = (PEFTLAB["contrastive-lora"][0], overrides)
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     if not args.table:
-        unknown = [s for s in systems if s != "setfit" and s not in PEFTLAB]
+        unknown = [s for s in systems if not is_setfit(s) and s not in PEFTLAB]
         if unknown:
-            parser.error(f"unknown system {unknown[0]!r}: setfit, " + ", ".join(PEFTLAB))
+            parser.error(f"unknown system {unknown[0]!r}: setfit, setfit-iN, " + ", ".join(PEFTLAB))
         study(Path(args.out), Path(args.setfit_venv), systems, args.datasets.split(","),
               [int(k) for k in args.sizes.split(",")], [int(x) for x in args.seeds.split(",")])
-    print(table(Path(args.out), systems if not args.table or "--systems" in sys.argv else None))
+    print(table(Path(args.out), systems if not args.table or "--systems" in sys.argv else None, args.reference))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Decoder language models as classifiers (docs/decoders.md), on tiny random llama and qwen3 shapes (2
 layers of width 64, MiniLM's vocabulary in a decoder's kind of tokenizer without a pad token): the head
-reads the last real token whatever the padding, the pad token is set and recorded, every method trains,
+reads the last real token whatever the padding (a pooled head: every real token), the pad token is set and recorded, every method trains,
 counts are exact, the 4-bit backbone is real on a CPU, and predict, serve and the merged export give the
 run's figures."""
 from __future__ import annotations
@@ -184,11 +184,16 @@ def test_qlora_falls_back_to_8bit_then_none_with_the_reasons(tiny_llama_dir, top
     assert (q["used"], q["reason"], q["modules_4bit"], q["modules_8bit"]) == ("none", "no 4-bit here", 0, 0)
 
 
-def test_probe_on_a_decoder(tmp_path, tiny_qwen_dir, topic_data_dir):
-    """A few-shot method on a decoder: the head (a bias-free score layer) fitted on mean-pooled states."""
-    run = train_cli(tmp_path, overrides(tiny_qwen_dir, topic_data_dir, "method.name=probe", "eval.baseline=false"))
+@pytest.mark.parametrize("method", ["probe", "contrastive-lora"])
+def test_few_shot_methods_on_a_decoder(method, tmp_path, tiny_qwen_dir, topic_data_dir):
+    """A few-shot method on a decoder: the head (a bias-free score layer) fitted on mean-pooled states,
+    the body (contrastive-lora) tuned through LoRA on them; the record says what the head reads."""
+    run = train_cli(tmp_path, overrides(tiny_qwen_dir, topic_data_dir, f"method.name={method}", "eval.baseline=false",
+                                        "method.pair_iterations=2"))
     m = metrics(run)
     assert m["head"]["kind"] == "pooled" and m["head"]["pooling"] == "mean" and m["test"]["accuracy"] > 0.5
+    assert m["head"]["reads"].startswith("the mean of the real tokens") and m["head"]["set_from_eos"]
+    assert bool(m["few_shot"].get("body_steps")) == (method != "probe")  # the probe leaves the body as it was
     from peftlab.runs.trained import load_predictor
 
     predictor = load_predictor(run, torch.device("cpu"))

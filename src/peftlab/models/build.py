@@ -38,12 +38,15 @@ def frozen_to(model: torch.nn.Module, dtype: torch.dtype | None) -> int:
     return cast
 
 
-def decoder_reading(model: torch.nn.Module, tokenizer) -> dict:
-    """For a decoder's record (metrics.json head): the token its head reads, and the pad token that finds it
-    (set from the end-of-text token where the tokenizer had none). Nothing for an encoder."""
+def decoder_reading(model: torch.nn.Module, tokenizer, head: dict) -> dict:
+    """For a decoder's record (metrics.json head): what its head reads (its own head: the last real token; a
+    pooled head: every real token), and the pad token that tells padding apart (set from the end-of-text
+    token where the tokenizer had none). Nothing for an encoder."""
     if not is_decoder(model.config):
         return {}
-    return {"reads": "the last real token (the rightmost one that is not padding)", **padding(tokenizer)}
+    reads = ("the mean of the real tokens' states (padding left out)" if head.get("kind") == "pooled"
+             else "the last real token (the rightmost one that is not padding)")
+    return {"reads": reads, **padding(tokenizer)}
 
 
 def build_model(cfg: Config, label_names: list[str], device: torch.device, task: Task = SINGLE_LABEL,
@@ -65,7 +68,7 @@ def build_model(cfg: Config, label_names: list[str], device: torch.device, task:
         raise UserError(f"model {cfg.model.name!r} is a decoder, whose head finds the last real token by the pad "
                         f"token, and its tokenizer has neither a pad nor an end-of-text token: set model.tokenizer "
                         f"to one that has")
-    head = {**head, **decoder_reading(model, tokenizer)}
+    head = {**head, **decoder_reading(model, tokenizer, head)}
     checkpointing = cfg.model.gradient_checkpointing
     if checkpointing is None:  # the method's choice, where transformers can checkpoint the architecture
         checkpointing = method.gradient_checkpointing and model.supports_gradient_checkpointing
