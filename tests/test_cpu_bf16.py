@@ -131,3 +131,17 @@ def test_cpu_bf16_detection_and_its_override(monkeypatch):
     monkeypatch.setenv(rt.CPU_BF16_ENV, "yes")
     with pytest.raises(rt.UserError, match=r"PEFTLAB_CPU_BF16='yes': use 1 \(this CPU has bf16 units\), 0"):
         rt.cpu_bf16()
+
+
+@pytest.mark.skipif(not NATIVE_BF16, reason="bitsandbytes looks for its hub kernel only on a CPU with AVX512-BF16")
+def test_no_bitsandbytes_hub_kernel_warning_on_a_bf16_cpu():
+    """On such a CPU bitsandbytes' import (peft's, on every command) warns that its optional hub kernel
+    cannot be fetched; the pure-PyTorch path peftlab uses needs none, so peftlab keeps the line out."""
+    import subprocess
+    import sys
+
+    bare = subprocess.run([sys.executable, "-c", "import bitsandbytes"], capture_output=True, text=True)
+    if "kernels-community" not in bare.stderr:
+        pytest.skip("this bitsandbytes found its kernel or did not look: nothing to keep out")
+    ours = subprocess.run([sys.executable, "-c", "import peftlab, bitsandbytes"], capture_output=True, text=True)
+    assert ours.returncode == 0 and "kernels-community" not in ours.stderr, ours.stderr

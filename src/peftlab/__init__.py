@@ -10,6 +10,14 @@ command needs them.
 
 __version__ = "0.1.0"
 
+import logging as _logging  # noqa: E402
+
+# On a CPU with AVX512-BF16, importing bitsandbytes (peft does, for every method) asks the `kernels` package
+# for an optional 4-bit kernel from the Hugging Face hub, and both warn on every command when it cannot be
+# had; the pure-PyTorch CPU path is the one peftlab's QLoRA uses and records (metrics.json quantization).
+for _name in ("bitsandbytes.backends.cpu.ops", "kernels._internals.hf_hub"):
+    _logging.getLogger(_name).setLevel(_logging.ERROR)
+
 from peftlab.errors import UserError  # noqa: E402
 from peftlab.models.methods import registry as _methods  # noqa: E402,F401  (registers method.name's choices)
 
