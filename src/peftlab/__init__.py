@@ -17,6 +17,7 @@ import logging as _logging  # noqa: E402
 # had; the pure-PyTorch CPU path is the one peftlab's QLoRA uses and records (metrics.json quantization).
 for _name in ("bitsandbytes.backends.cpu.ops", "kernels._internals.hf_hub"):
     _logging.getLogger(_name).setLevel(_logging.ERROR)
+del _name
 
 from peftlab.errors import UserError  # noqa: E402
 from peftlab.models.methods import registry as _methods  # noqa: E402,F401  (registers method.name's choices)
